@@ -1,0 +1,95 @@
+"""The build's variables (`doit build model=X mode=Y ...`), parsed and validated in one place."""
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import PROJECT_ROOT
+from .errors import PipelineError
+from .model_config import ModelConfig, load_model_config
+
+DEFAULT_MODEL = "tiny-qwen2"  # builds anywhere: the project generates its weights
+# mode -> TPU-MLIR --quantize. Embedding and lm_head stay in the float type of the mode.
+MODES = {
+    "bf16": "BF16",
+    "f16": "F16",
+    "int8": "W8BF16",
+    "int4": "W4BF16",
+    "int8f16": "W8F16",
+    "int4f16": "W4F16",
+}
+DEVICE_COUNTS = (1, 2, 4, 8)
+CHIPS = ("bm1684x", "bm1688", "cv186x")
+SEQ_MULTIPLE = 8
+SEQ_MIN = 16
+VARIABLES = ("model", "mode", "devices", "seq", "chip", "path", "group_size", "build_dir")
+
+
+@dataclass(frozen=True)
+class BuildConfig:
+    model: ModelConfig
+    mode: str
+    devices: int
+    seq: int
+    chip: str
+    path: Path | None
+    group_size: int
+    build_dir: Path
+
+    @property
+    def model_dir(self) -> Path:
+        """Everything built for this model (any seq, mode, device count)."""
+        return self.build_dir / self.model.name
+
+    @property
+    def seq_dir(self) -> Path:
+        """What depends on the checkpoint and seq only: shared by every mode and device count."""
+        return self.model_dir / f"seq{self.seq}"
+
+
+def _int(name: str, value: str) -> int:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise PipelineError(f"{name}={value!r} is not a whole number") from None
+
+
+def _choice(name: str, value: str, allowed) -> str:
+    if value not in allowed:
+        raise PipelineError(f"{name}={value!r} is not allowed; use one of: {', '.join(map(str, allowed))}")
+    return value
+
+
+def parse_build_config(variables: dict[str, str | None]) -> BuildConfig:
+    """Validate every variable; errors name the variable, the value given and what is allowed."""
+    given = {k: v for k, v in variables.items() if v is not None}
+    unknown = sorted(set(given) - set(VARIABLES))
+    if unknown:
+        raise PipelineError(f"unknown variable {', '.join(unknown)}; known variables: {', '.join(VARIABLES)}")
+    model = load_model_config(given.get("model", DEFAULT_MODEL))
+    mode = _choice("mode", given.get("mode", "int8"), list(MODES))
+    devices = _int("devices", given.get("devices", "1"))
+    if devices not in DEVICE_COUNTS:
+        raise PipelineError(f"devices={devices} is not allowed; use one of: {', '.join(map(str, DEVICE_COUNTS))}")
+    seq = _int("seq", given.get("seq", str(model.seq.default)))
+    if not (SEQ_MIN <= seq <= model.seq.max and seq % SEQ_MULTIPLE == 0):
+        raise PipelineError(
+            f"seq={seq} is not allowed for {model.name}: use a multiple of {SEQ_MULTIPLE} "
+            f"from {SEQ_MIN} to {model.seq.max} (the checkpoint's trained context)")
+    chip = _choice("chip", given.get("chip", "bm1684x"), CHIPS)
+    group_size = _int("group_size", given.get("group_size", "64"))
+    if group_size <= 0 or group_size % 32:
+        raise PipelineError(f"group_size={group_size} is not allowed; use a positive multiple of 32 (default 64)")
+    path = None
+    if "path" in given:
+        path = Path(given["path"]).expanduser().resolve()
+        if not path.is_dir():
+            raise PipelineError(f"path={given['path']!r} is not a folder; pass the folder of a local checkpoint")
+    build_dir = Path(given.get("build_dir") or os.environ.get("QWEN_TPU_BUILD_DIR") or PROJECT_ROOT / "build")
+    return BuildConfig(model, mode, devices, seq, chip, path, group_size, build_dir.expanduser().resolve())
+
+
+def variables_given() -> dict[str, str]:
+    """Every `name=value` word of the doit command line (unknown names included, to report them)."""
+    from doit import doit_cmd
+
+    return dict(doit_cmd._CMDLINE_VARS or {})

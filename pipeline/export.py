@@ -1,0 +1,84 @@
+"""Export stage: one ONNX file per piece, fp32, TorchScript exporter at an opset TPU-MLIR accepts.
+
+Each piece reads only its own tensors. Pieces whose weights exceed what a protobuf can hold
+(2 GB) keep their weights in `<piece>.onnx.data` beside the graph (ONNX external data).
+"""
+import contextlib
+import io
+import os
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+
+from .checkpoint import Checkpoint
+from .patch import load_tensor
+from .pieces import Dims, Piece, io_spec
+
+OPSET = 15  # TPU-MLIR 1.30 rejects opset 18 (the dynamo exporter's only choice)
+EXTERNAL_DATA_BYTES = 1_800_000_000  # below protobuf's 2 GB limit, with room for the graph
+
+
+def example_inputs(kind: str, dims: Dims):
+    import torch
+
+    inputs, _ = io_spec(kind, dims)
+    return tuple(torch.zeros(shape, dtype=getattr(torch, dtype)) for _, shape, dtype in inputs)
+
+
+def export_piece(piece: Piece, config: dict, source: Path, mapping: dict, out: Path, log: Path,
+                 external_data_bytes: int = EXTERNAL_DATA_BYTES) -> None:
+    """Build the piece's torch module from its own tensors and write `out` atomically."""
+    import torch
+
+    from .torch_pieces import build_piece
+
+    ckpt = Checkpoint(source)
+    module = build_piece(piece.kind, piece.layer, config,
+                         lambda name: load_tensor(ckpt, mapping, name).to(torch.float32))
+    dims = Dims.from_config(config)
+    inputs, outputs = io_spec(piece.kind, dims)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{piece.name}.", dir=out.parent))
+    captured, caught = io.StringIO(), []
+    try:
+        with warnings.catch_warnings(record=True) as caught, contextlib.redirect_stdout(captured), \
+                contextlib.redirect_stderr(captured), torch.no_grad():
+            warnings.simplefilter("always")
+            torch.onnx.export(module, example_inputs(piece.kind, dims), str(tmp / out.name),
+                              input_names=[n for n, _, _ in inputs], output_names=outputs,
+                              opset_version=OPSET, dynamo=False, do_constant_folding=True)
+        weight_bytes = sum(t.numel() * t.element_size() for t in module.state_dict().values())
+        del module
+        if weight_bytes > external_data_bytes:
+            _to_single_external_file(tmp / out.name)
+        _publish(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        # The exporter's own messages go to the piece's log, not the terminal.
+        log.parent.mkdir(parents=True, exist_ok=True)
+        log.write_text(captured.getvalue() + "".join(f"{w.category.__name__}: {w.message}\n" for w in caught),
+                       encoding="utf-8")
+
+
+def _to_single_external_file(path: Path) -> None:
+    """Whatever torch wrote (one file per tensor, or inline), keep the weights in one .data file."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=True)
+    for f in path.parent.iterdir():
+        f.unlink()
+    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=path.name + ".data", size_threshold=1024)
+
+
+def _publish(tmp: Path, out: Path) -> None:
+    """Move the data file first and the graph last: the graph (the doit target) appears only
+    when its weights are already in place."""
+    data = tmp / (out.name + ".data")
+    stale = out.with_name(out.name + ".data")
+    if data.exists():
+        os.replace(data, stale)
+    else:
+        stale.unlink(missing_ok=True)
+    os.replace(tmp / out.name, out)

@@ -1,0 +1,103 @@
+"""Model registry: one YAML per model in model_configs/, validated when loaded."""
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+
+from . import PROJECT_ROOT
+from .errors import PipelineError
+
+MODEL_CONFIG_DIR = PROJECT_ROOT / "model_configs"
+FAMILIES = ("qwen", "qwen2", "qwen3")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class HubSource(_Strict):
+    hub: str
+    revision: str = "main"
+
+
+class GenerateSpec(_Strict):
+    """A random-weight checkpoint the project writes itself (deterministic from `seed`)."""
+    seed: int = 0
+    initializer_range: float = 0.2
+    dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    shards: int = 1
+
+
+class GeneratedSource(_Strict):
+    generate: GenerateSpec
+
+
+class Architecture(_Strict):
+    """Canonical (Qwen2-layout) numbers. For Qwen v1, intermediate_size is the real MLP width,
+    half of what the v1 config.json declares."""
+    num_layers: int
+    hidden_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    vocab_size: int
+    tie_word_embeddings: bool
+    rope_theta: float
+    rms_norm_eps: float
+    max_position_embeddings: int
+
+    @model_validator(mode="after")
+    def _heads_divide(self):
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
+        return self
+
+
+class SeqSpec(_Strict):
+    default: int
+    max: int
+
+    @model_validator(mode="after")
+    def _default_within_max(self):
+        if not 0 < self.default <= self.max:
+            raise ValueError(f"seq.default {self.default} must be in 1..seq.max {self.max}")
+        return self
+
+
+class ModelConfig(_Strict):
+    name: str
+    display_name: str
+    family: Literal["qwen", "qwen2", "qwen3"]
+    source: HubSource | GeneratedSource
+    architecture: Architecture
+    seq: SeqSpec
+
+    @property
+    def generated(self) -> bool:
+        return isinstance(self.source, GeneratedSource)
+
+    @property
+    def yaml_path(self) -> Path:
+        return MODEL_CONFIG_DIR / f"{self.name}.yaml"
+
+
+def known_models() -> list[str]:
+    return sorted(p.stem for p in MODEL_CONFIG_DIR.glob("*.yaml"))
+
+
+@lru_cache(maxsize=None)
+def load_model_config(name: str) -> ModelConfig:
+    path = MODEL_CONFIG_DIR / f"{name}.yaml"
+    if not path.is_file():
+        raise PipelineError(f"unknown model '{name}'; known models: {', '.join(known_models())}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        config = ModelConfig.model_validate(data)
+    except (yaml.YAMLError, ValidationError) as err:
+        raise PipelineError(f"{path} is not a valid model config:\n{err}") from None
+    if config.name != name:
+        raise PipelineError(f"{path}: name '{config.name}' does not match the file name '{name}'")
+    return config

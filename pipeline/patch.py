@@ -1,0 +1,155 @@
+"""Patch stage: the export-ready view of a checkpoint, without touching the checkpoint.
+
+Writes (1) the canonical config (Qwen v1 mapped onto transformers' Qwen2 layout, following the
+data in patches/<family>.yaml), (2) a tensor map: canonical tensor name -> source tensor (and row
+range, for Qwen v1's fused c_attn), (3) a fingerprint per weight group (embedding, each layer,
+head) so that a changed layer re-exports only its own pieces, and (4) per seq, the export config
+with the overrides of patches/overrides.yaml.
+"""
+import hashlib
+from pathlib import Path
+
+import yaml
+
+from . import PROJECT_ROOT
+from .checkpoint import Checkpoint
+from .errors import PipelineError
+from .model_config import ModelConfig
+
+PATCH_DIR = PROJECT_ROOT / "patches"
+# canonical config key -> Architecture field: what a checkpoint must agree on with its YAML
+CHECKED_KEYS = {
+    "num_hidden_layers": "num_layers",
+    "hidden_size": "hidden_size",
+    "num_attention_heads": "num_heads",
+    "num_key_value_heads": "num_kv_heads",
+    "intermediate_size": "intermediate_size",
+    "vocab_size": "vocab_size",
+}
+
+
+def patch_rules(family: str) -> dict:
+    return yaml.safe_load((PATCH_DIR / f"{family}.yaml").read_text(encoding="utf-8"))
+
+
+def canonical_config(source: dict, family: str) -> dict:
+    """The checkpoint's config.json expressed in the canonical (transformers) layout."""
+    rules = patch_rules(family)
+    if source.get("model_type") != rules["source_model_type"]:
+        raise PipelineError(
+            f"the checkpoint's config.json has model_type {source.get('model_type')!r}, but family "
+            f"{family} expects {rules['source_model_type']!r}: is it the checkpoint of another model?")
+    if "config" not in rules:  # already canonical
+        config = dict(source)
+    else:
+        for key, want in rules.get("require", {}).items():
+            if source.get(key) != want:
+                raise PipelineError(f"{family} checkpoint has {key}={source.get(key)!r}; only {want!r} is supported")
+        config = dict(rules["constants"])
+        for key, spec in rules["config"].items():
+            src_key = spec["key"] if isinstance(spec, dict) else spec
+            if src_key not in source:
+                raise PipelineError(f"{family} checkpoint config.json lacks '{src_key}'")
+            value = source[src_key]
+            config[key] = value // 2 if isinstance(spec, dict) and spec.get("half") else value
+    rope = config.get("rope_scaling") or config.get("rope_parameters") or {}
+    rope_type = rope.get("rope_type", rope.get("type", "default")) if isinstance(rope, dict) else "default"
+    if rope_type != "default":
+        raise PipelineError(f"rope scaling '{rope_type}' is not supported yet (only plain RoPE)")
+    return config
+
+
+def check_against_model_config(config: dict, model: ModelConfig, folder: Path) -> None:
+    arch = model.architecture
+    wrong = [f"{key} is {config.get(key)} in the checkpoint but {getattr(arch, field)} in {model.yaml_path.name}"
+             for key, field in CHECKED_KEYS.items() if config.get(key) != getattr(arch, field)]
+    if wrong:
+        raise PipelineError(f"checkpoint {folder} does not match model {model.name}: " + "; ".join(wrong))
+
+
+def tensor_map(ckpt: Checkpoint, config: dict, family: str) -> dict:
+    """canonical name -> {"name": source tensor, "rows": [start, stop] or None}."""
+    rules = patch_rules(family)
+    if "tensors" in rules:
+        specs = dict(rules["tensors"])
+        for i in range(config["num_hidden_layers"]):
+            specs.update({k.format(i=i): _format(v, i) for k, v in rules["layer_tensors"].items()})
+    else:
+        specs = {name: name for name in ckpt.tensor_index}
+    if config.get("tie_word_embeddings"):
+        specs.pop("lm_head.weight", None)
+    mapping = {}
+    for canonical, spec in specs.items():
+        if isinstance(spec, str):
+            mapping[canonical] = {"name": spec, "rows": None}
+        else:
+            rows = ckpt.shape(spec["name"])[0]
+            if rows % spec["of"]:
+                raise PipelineError(f"{spec['name']} has {rows} rows, not divisible into {spec['of']} parts")
+            step = rows // spec["of"]
+            mapping[canonical] = {"name": spec["name"], "rows": [spec["part"] * step, (spec["part"] + 1) * step]}
+    _check_complete(mapping, config, ckpt)
+    return mapping
+
+
+def _format(spec, i):
+    return spec.format(i=i) if isinstance(spec, str) else {**spec, "name": spec["name"].format(i=i)}
+
+
+def _check_complete(mapping: dict, config: dict, ckpt: Checkpoint) -> None:
+    """The map must give exactly what transformers' model expects (checked on the meta device)."""
+    import torch
+
+    from .families import family_classes, load_hf_config
+
+    with torch.device("meta"):
+        model = family_classes(config["model_type"]).causal_lm(load_hf_config(config))
+    expected = set(model.state_dict())
+    if config.get("tie_word_embeddings"):
+        expected.discard("lm_head.weight")
+    missing = sorted(expected - set(mapping))
+    absent_sources = sorted({m["name"] for m in mapping.values()} - set(ckpt.tensor_index))
+    if missing or absent_sources:
+        what = missing or absent_sources
+        raise PipelineError(
+            f"checkpoint {ckpt.folder} lacks {len(what)} tensors the model needs (first: {what[0]}); "
+            "is it complete, and the right model?")
+    extra = set(mapping) - expected
+    for name in extra:  # e.g. rotary inv_freq buffers saved by old exports
+        del mapping[name]
+
+
+def weight_groups(num_layers: int, mapping: dict) -> dict[str, list[str]]:
+    """Group canonical tensors by the pieces that use them."""
+    groups = {"embed": ["model.embed_tokens.weight"],
+              "head": ["model.norm.weight", "lm_head.weight" if "lm_head.weight" in mapping
+                       else "model.embed_tokens.weight"]}
+    for i in range(num_layers):
+        prefix = f"model.layers.{i}."
+        groups[f"layer_{i}"] = sorted(n for n in mapping if n.startswith(prefix))
+    return groups
+
+
+def load_tensor(ckpt: Checkpoint, mapping: dict, canonical: str):
+    entry = mapping[canonical]
+    rows = tuple(entry["rows"]) if entry["rows"] else None
+    return ckpt.load(entry["name"], rows)
+
+
+def fingerprint(ckpt: Checkpoint, mapping: dict, names: list[str]) -> str:
+    """sha256 over the names, dtypes, shapes and bytes of a group's tensors (one at a time)."""
+    import torch
+
+    h = hashlib.sha256()
+    for name in names:
+        tensor = load_tensor(ckpt, mapping, name).contiguous()
+        h.update(f"{name}|{tensor.dtype}|{list(tensor.shape)}|".encode())
+        h.update(tensor.view(-1).view(torch.uint8).numpy())  # the buffer itself, no copy
+    return h.hexdigest()
+
+
+def export_config(config: dict, seq: int) -> dict:
+    overrides = yaml.safe_load((PATCH_DIR / "overrides.yaml").read_text(encoding="utf-8"))
+    out = dict(config)
+    out.update({k: seq if v == "SEQ" else v for k, v in overrides.items()})
+    return out

@@ -1,0 +1,62 @@
+"""The net interface (DESIGN.md): which pieces a model is cut into, their inputs and outputs,
+and the torch modules that wrap transformers' own layers for each piece.
+
+SEQ = seq_length, H = hidden, KVH = key/value heads, D = head dim, V = vocabulary.
+  embedding        input_ids [1,SEQ] int32                        -> hidden_states [1,SEQ,H]
+  embedding_cache  input_ids [1,1] int32                          -> hidden_states [1,1,H]
+  block_i          input_states [1,SEQ,H], position_ids [1,SEQ], attention_mask [1,1,SEQ,SEQ]
+                                                                   -> hidden_states, past_k, past_v [1,SEQ,KVH,D]
+  block_cache_i    input_states [1,1,H], position_ids [1,1], attention_mask [1,1,1,SEQ+1],
+                   history_k, history_v [1,SEQ,KVH,D]             -> hidden_states [1,1,H], past_k, past_v [1,1,KVH,D]
+  lm_head          hidden_states [1,H] (final norm inside)        -> logits [1,V]
+Masks are additive: 0 attends, runtime.engine.MASK_VALUE masks (see its mask builders).
+"""
+from dataclasses import dataclass
+
+@dataclass(frozen=True)
+class Piece:
+    name: str
+    kind: str            # embedding | embedding_cache | block | block_cache | lm_head
+    group: str           # the weight group it reads (see patch.weight_groups)
+    layer: int | None = None
+
+
+def model_pieces(num_layers: int) -> list[Piece]:
+    pieces = [Piece("embedding", "embedding", "embed"), Piece("embedding_cache", "embedding_cache", "embed")]
+    for i in range(num_layers):
+        pieces.append(Piece(f"block_{i}", "block", f"layer_{i}", i))
+        pieces.append(Piece(f"block_cache_{i}", "block_cache", f"layer_{i}", i))
+    pieces.append(Piece("lm_head", "lm_head", "head"))
+    return pieces
+
+
+@dataclass(frozen=True)
+class Dims:
+    seq: int
+    num_layers: int
+    hidden: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+
+    @classmethod
+    def from_config(cls, config: dict) -> "Dims":
+        head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+        return cls(config["seq_length"], config["num_hidden_layers"], config["hidden_size"],
+                   config["num_key_value_heads"], head_dim, config["vocab_size"])
+
+
+def io_spec(kind: str, d: Dims) -> tuple[list[tuple[str, tuple, str]], list[str]]:
+    """(inputs as (name, shape, dtype), output names) of a piece kind."""
+    kv = (1, d.seq, d.kv_heads, d.head_dim)
+    block_out = ["hidden_states", "past_k", "past_v"]
+    return {
+        "embedding": ([("input_ids", (1, d.seq), "int32")], ["hidden_states"]),
+        "embedding_cache": ([("input_ids", (1, 1), "int32")], ["hidden_states"]),
+        "block": ([("input_states", (1, d.seq, d.hidden), "float32"), ("position_ids", (1, d.seq), "int32"),
+                   ("attention_mask", (1, 1, d.seq, d.seq), "float32")], block_out),
+        "block_cache": ([("input_states", (1, 1, d.hidden), "float32"), ("position_ids", (1, 1), "int32"),
+                         ("attention_mask", (1, 1, 1, d.seq + 1), "float32"),
+                         ("history_k", kv, "float32"), ("history_v", kv, "float32")], block_out),
+        "lm_head": ([("hidden_states", (1, d.hidden), "float32")], ["logits"]),
+    }[kind]

@@ -1,0 +1,182 @@
+"""Verify stage: every ONNX piece in onnxruntime against its torch module on real activations,
+then a whole greedy decode through the ONNX pieces against transformers' `generate()`.
+
+Real activations: a real prompt, tokenized by the checkpoint's tokenizer, passed through the
+torch pieces in order; each piece's ONNX gets exactly the inputs its torch module got.
+"""
+import time
+from pathlib import Path
+
+import numpy as np
+
+from runtime.engine import Engine, decode_mask, pad_ids, prefill_mask
+from runtime.onnx_backend import OnnxBackend
+from runtime.tokenizer import load_tokenizer
+
+from .checkpoint import Checkpoint
+from .errors import PipelineError
+from .patch import load_tensor
+from .pieces import Dims, io_spec
+
+PROMPT = "Give me a short introduction to large language models."
+SYSTEM = "You are a helpful assistant."
+NEW_TOKENS = 16
+MIN_COSINE = 0.99999      # fp32 against fp32: anything less is a broken export
+MAX_ABS_RELATIVE = 1e-3   # max abs error, relative to the largest reference value (at least 1)
+
+
+def chatml(prompt: str) -> str:
+    return (f"<|im_start|>system\n{SYSTEM}<|im_end|>\n<|im_start|>user\n{prompt}<|im_end|>\n"
+            "<|im_start|>assistant\n")
+
+
+def compare(ref: np.ndarray, got: np.ndarray) -> dict:
+    ref, got = ref.astype(np.float64).ravel(), got.astype(np.float64).ravel()
+    cosine = float(ref @ got / max(np.linalg.norm(ref) * np.linalg.norm(got), 1e-30))
+    max_abs = float(np.max(np.abs(ref - got)))
+    scale = max(1.0, float(np.max(np.abs(ref))))
+    return {"cosine": cosine, "max_abs": max_abs, "ref_max": scale,
+            "ok": cosine >= MIN_COSINE and max_abs <= MAX_ABS_RELATIVE * scale}
+
+
+class _Pieces:
+    """torch pieces built one at a time from the checkpoint (only their own tensors)."""
+
+    def __init__(self, config: dict, source: Path, mapping: dict):
+        import torch
+
+        from .torch_pieces import build_piece
+
+        ckpt = Checkpoint(source)
+        self._build = lambda kind, layer: build_piece(
+            kind, layer, config, lambda n: load_tensor(ckpt, mapping, n).to(torch.float32))
+
+    def run(self, kind: str, layer: int | None, feeds: dict) -> list[np.ndarray]:
+        import torch
+
+        with torch.no_grad():
+            out = self._build(kind, layer)(*(torch.from_numpy(v) for v in feeds.values()))
+        return [t.numpy() for t in (out if isinstance(out, tuple) else (out,))]
+
+
+def prompt_ids(source: Path, seq: int, new_tokens: int) -> list[int]:
+    ids = load_tokenizer(source).encode(chatml(PROMPT))
+    return ids[-(seq - new_tokens):]  # keep the end of the prompt if seq is short
+
+
+def check_pieces(config: dict, source: Path, mapping: dict, onnx_dir: Path, ids: list[int], progress) -> dict:
+    """Per-piece comparison on the activations of `ids` (prefill) and its next token (decode)."""
+    seq, layers = config["seq_length"], config["num_hidden_layers"]
+    torch_pieces, onnx = _Pieces(config, source, mapping), OnnxBackend(onnx_dir)
+    results, n, dims = {}, len(ids), Dims.from_config(config)
+
+    def check(net, kind, layer, feeds):
+        start = time.perf_counter()
+        ref = torch_pieces.run(kind, layer, feeds)
+        got = onnx.run(net, feeds)
+        onnx.close(net)
+        outputs = io_spec(kind, dims)[1]
+        results[net] = {name: compare(r, g) for name, r, g in zip(outputs, ref, got, strict=True)}
+        progress(net, time.perf_counter() - start)
+        return ref
+
+    (hidden,) = check("embedding", "embedding", None, {"input_ids": pad_ids(ids, seq)})
+    positions, mask = np.arange(seq, dtype=np.int32)[None], prefill_mask(n, seq)
+    history = []
+    for i in range(layers):
+        hidden, k, v = check(f"block_{i}", "block", i,
+                             {"input_states": hidden, "position_ids": positions, "attention_mask": mask})
+        history.append((k, v))
+    (logits,) = check("lm_head", "lm_head", None, {"hidden_states": np.ascontiguousarray(hidden[:, n - 1])})
+    token = int(np.argmax(logits[0]))
+    (hidden,) = check("embedding_cache", "embedding_cache", None, {"input_ids": np.array([[token]], np.int32)})
+    position, mask = np.array([[n]], np.int32), decode_mask(n, seq)
+    for i in range(layers):
+        hidden, _, _ = check(f"block_cache_{i}", "block_cache", i, {
+            "input_states": hidden, "position_ids": position, "attention_mask": mask,
+            "history_k": history[i][0], "history_v": history[i][1]})
+    return results
+
+
+def reference_generate(config: dict, source: Path, mapping: dict, family: str, ids: list[int], new_tokens: int):
+    """transformers' own model and generate(): from_pretrained for canonical checkpoints; for
+    Qwen v1 (remote code only), transformers' Qwen2 model filled through the mapping."""
+    import torch
+
+    from .families import family_classes, load_hf_config
+
+    if family == "qwen":
+        ckpt = Checkpoint(source)
+        with torch.device("meta"):
+            model = family_classes(config["model_type"]).causal_lm(load_hf_config(config))
+        weights = {name: load_tensor(ckpt, mapping, name).to(torch.float32) for name in mapping}
+        missing = model.load_state_dict(weights, strict=False, assign=True).missing_keys
+        if set(missing) - {"lm_head.weight"}:
+            raise PipelineError(f"the mapped weights lack {sorted(missing)[:3]}")
+        model.tie_weights()
+        model.model.rotary_emb = type(model.model.rotary_emb)(model.config)  # meta buffers -> real
+    else:
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, attn_implementation="eager")
+    model.eval()
+    with torch.no_grad():
+        out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                             do_sample=False, eos_token_id=None, pad_token_id=0,
+                             min_new_tokens=new_tokens, max_new_tokens=new_tokens)
+        first_logits = model(torch.tensor([ids])).logits[0, -1].numpy()
+    return out[0, len(ids):].tolist(), first_logits
+
+
+def model_bytes_fp32(source: Path) -> int:
+    ckpt = Checkpoint(source)
+    return sum(4 * int(np.prod(info["shape"])) for _, info in ckpt.tensor_index.values())
+
+
+def decode_check(config, source, mapping, family, onnx_dir, ids, new_tokens) -> dict:
+    import psutil
+
+    need = int(model_bytes_fp32(source) * 2.5)  # transformers' model + every onnxruntime session
+    available = psutil.virtual_memory().available
+    if need > available:
+        return {"run": False, "reason": f"needs about {need / 2**30:.1f} GiB, {available / 2**30:.1f} GiB available"}
+    start = time.perf_counter()
+    ref_tokens, ref_logits = reference_generate(config, source, mapping, family, ids, new_tokens)
+    backend = OnnxBackend(onnx_dir)
+    onnx_logits = Engine(backend).prefill(ids)
+    onnx_tokens = Engine(backend).greedy(ids, new_tokens)
+    return {"run": True, "reference": ref_tokens, "onnx": onnx_tokens, "match": ref_tokens == onnx_tokens,
+            "first_logits_max_abs": float(np.max(np.abs(ref_logits - onnx_logits))),
+            "seconds": round(time.perf_counter() - start, 2)}
+
+
+def summarize(report: dict) -> list[str]:
+    """The failures of a report, in words (empty when everything passed)."""
+    failures = [f"{net}.{out}: cosine {r['cosine']:.6f}, max abs {r['max_abs']:.3g}"
+                for net, outs in report["pieces"].items() for out, r in outs.items() if not r["ok"]]
+    decode = report["decode"]
+    if decode.get("run") and not decode["match"]:
+        failures.append(f"greedy tokens differ: onnx {decode['onnx']} vs transformers {decode['reference']}")
+    return failures
+
+
+def markdown(report: dict) -> str:
+    lines = [f"# Verification of {report['model']} (seq {report['seq']})", "",
+             f"Prompt: {len(report['prompt_ids'])} tokens of a ChatML prompt; thresholds: cosine >= {MIN_COSINE}, "
+             f"max abs <= {MAX_ABS_RELATIVE} x max(1, |reference|).", "",
+             "| piece | output | cosine | max abs error | reference max | ok |", "|---|---|---|---|---|---|"]
+    for net, outs in report["pieces"].items():
+        for out, r in outs.items():
+            lines.append(f"| {net} | {out} | {r['cosine']:.7f} | {r['max_abs']:.2e} | {r['ref_max']:.3g} | "
+                         f"{'yes' if r['ok'] else '**NO**'} |")
+    d = report["decode"]
+    lines += ["", "## Greedy decode: onnxruntime pieces vs transformers generate()", ""]
+    if d.get("run"):
+        lines += [f"- tokens ({len(d['reference'])}): {'identical' if d['match'] else '**differ**'}",
+                  f"- transformers: {d['reference']}", f"- onnx pieces:  {d['onnx']}",
+                  f"- first-token logits, max abs difference: {d['first_logits_max_abs']:.2e}"]
+    else:
+        lines.append(f"- not run: {d['reason']}")
+    failures = summarize(report)
+    lines += ["", f"**Result: {'PASS' if not failures else 'FAIL'}**"] + [f"- {f}" for f in failures]
+    return "\n".join(lines) + "\n"

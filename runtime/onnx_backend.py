@@ -1,0 +1,36 @@
+"""The onnxruntime backend: runs the exported pieces on the CPU, one session per piece."""
+import json
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+MANIFEST = "model.json"
+
+
+class OnnxBackend:
+    """Pieces in a folder with a model.json (dims of the net interface), as the export writes."""
+
+    def __init__(self, folder: Path, threads: int = 1):
+        self.folder = Path(folder)
+        self.info = json.loads((self.folder / MANIFEST).read_text(encoding="utf-8"))
+        self.threads = threads
+        self._sessions = {}
+
+    def session(self, net: str) -> ort.InferenceSession:
+        if net not in self._sessions:
+            options = ort.SessionOptions()
+            # Dozens of sessions on 2 cores: spinning threads make a decode loop 10x slower.
+            options.intra_op_num_threads = self.threads
+            options.inter_op_num_threads = 1
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            self._sessions[net] = ort.InferenceSession(str(self.folder / f"{net}.onnx"), options,
+                                                       providers=["CPUExecutionProvider"])
+        return self._sessions[net]
+
+    def run(self, net: str, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        return self.session(net).run(None, feeds)
+
+    def close(self, net: str | None = None) -> None:
+        for name in [net] if net else list(self._sessions):
+            self._sessions.pop(name, None)
