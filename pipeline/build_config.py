@@ -21,7 +21,7 @@ DEVICE_COUNTS = (1, 2, 4, 8)
 CHIPS = ("bm1684x", "bm1688", "cv186x")
 SEQ_MULTIPLE = 8
 SEQ_MIN = 16
-VARIABLES = ("model", "mode", "devices", "seq", "chip", "path", "group_size", "build_dir")
+VARIABLES = ("model", "mode", "devices", "seq", "chip", "path", "group_size", "build_dir", "layers")
 
 
 @dataclass(frozen=True)
@@ -66,6 +66,13 @@ def parse_build_config(variables: dict[str, str | None]) -> BuildConfig:
     if unknown:
         raise PipelineError(f"unknown variable {', '.join(unknown)}; known variables: {', '.join(VARIABLES)}")
     model = load_model_config(given.get("model", DEFAULT_MODEL))
+    if "layers" in given:
+        layers = _int("layers", given["layers"])
+        if not model.generated or "path" in given:
+            raise PipelineError(f"layers= only applies to generated test models, not to {model.name}")
+        if layers < 1:
+            raise PipelineError(f"layers={layers} is not allowed; use a positive number of layers")
+        model = model.with_layers(layers)
     mode = _choice("mode", given.get("mode", "int8"), list(MODES))
     devices = _int("devices", given.get("devices", "1"))
     if devices not in DEVICE_COUNTS:

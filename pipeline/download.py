@@ -20,7 +20,8 @@ def source_spec(build: BuildConfig) -> dict:
     if build.path:
         return {"kind": "path", "path": str(build.path)}
     if build.model.generated:
-        return {"kind": "generated", **build.model.source.generate.model_dump()}
+        return {"kind": "generated", "num_layers": build.model.architecture.num_layers,
+                **build.model.source.generate.model_dump()}
     return {"kind": "hub", "hub": build.model.source.hub, "revision": build.model.source.revision}
 
 

@@ -6,6 +6,7 @@ layout for `qwen2` / `qwen3`. Weights are spread wide (initializer_range ~0.2) s
 are not near-ties, and every bias and norm is random, so no mapping is tested against zeros.
 """
 import json
+import zlib
 from pathlib import Path
 
 from .fsutil import atomic_dir
@@ -25,50 +26,42 @@ SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
 
 def generate_checkpoint(model: ModelConfig, folder: Path) -> None:
-    """Write the model's random checkpoint to `folder` (atomically: whole or not at all)."""
-    import torch
-
-    spec = model.source.generate
-    gen = torch.Generator().manual_seed(spec.seed)
+    """Write the model's random checkpoint to `folder` (atomically: whole or not at all).
+    Each tensor has its own seed (from its name), so shards are made and written one at a time
+    and memory stays at one shard, whatever the model's size."""
+    arch = model.architecture
+    if model.family == "qwen":
+        config, shapes = _qwen_v1(model, arch)
+    else:
+        config, shapes = _canonical(model, arch)
     with atomic_dir(folder) as tmp:
-        if model.family == "qwen":
-            config, tensors = _qwen_v1(model, gen)
-        else:
-            config, tensors = _canonical(model, gen)
-        dtype = getattr(torch, spec.dtype)
-        tensors = {k: v.to(dtype).contiguous() for k, v in tensors.items()}
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-        _write_shards(tensors, tmp, spec.shards)
-        _write_tokenizer(tmp, model.architecture.vocab_size)
+        _write_shards(model.source.generate, shapes, tmp)
+        _write_tokenizer(tmp, arch.vocab_size)
 
 
-def _rand(gen, shape, scale):
+def _random_tensor(spec, name: str, shape: tuple):
+    """Deterministic in (seed, name): norms near 1, everything else spread by initializer_range."""
     import torch
-    return torch.randn(shape, generator=gen) * scale
+
+    gen = torch.Generator().manual_seed(spec.seed * 1_000_003 + zlib.crc32(name.encode()))
+    if name.endswith("norm.weight") or name.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight")):
+        values = 1.0 + torch.randn(shape, generator=gen) * 0.1
+    else:
+        values = torch.randn(shape, generator=gen) * spec.initializer_range
+    return values.to(getattr(torch, spec.dtype))
 
 
-def _norm(gen, n):
-    return 1.0 + _rand(gen, (n,), 0.1)
-
-
-def _qwen_v1(model: ModelConfig, gen):
+def _qwen_v1(model: ModelConfig, a):
     """Qwen v1 names and shapes (FACTS.md section 5), written without the mapping under test."""
-    a, r = model.architecture, model.source.generate.initializer_range
     h, f, v = a.hidden_size, a.intermediate_size, a.vocab_size
     assert a.num_kv_heads == a.num_heads and a.head_dim * a.num_heads == h, "Qwen v1 has no GQA"
-    t = {"transformer.wte.weight": _rand(gen, (v, h), r)}
+    shapes = {"transformer.wte.weight": (v, h), "transformer.ln_f.weight": (h,), "lm_head.weight": (v, h)}
     for i in range(a.num_layers):
         p = f"transformer.h.{i}."
-        t[p + "ln_1.weight"] = _norm(gen, h)
-        t[p + "attn.c_attn.weight"] = _rand(gen, (3 * h, h), r)
-        t[p + "attn.c_attn.bias"] = _rand(gen, (3 * h,), r)
-        t[p + "attn.c_proj.weight"] = _rand(gen, (h, h), r)
-        t[p + "ln_2.weight"] = _norm(gen, h)
-        t[p + "mlp.w1.weight"] = _rand(gen, (f, h), r)
-        t[p + "mlp.w2.weight"] = _rand(gen, (f, h), r)
-        t[p + "mlp.c_proj.weight"] = _rand(gen, (h, f), r)
-    t["transformer.ln_f.weight"] = _norm(gen, h)
-    t["lm_head.weight"] = _rand(gen, (v, h), r)
+        shapes.update({p + "ln_1.weight": (h,), p + "attn.c_attn.weight": (3 * h, h), p + "attn.c_attn.bias": (3 * h,),
+                       p + "attn.c_proj.weight": (h, h), p + "ln_2.weight": (h,), p + "mlp.w1.weight": (f, h),
+                       p + "mlp.w2.weight": (f, h), p + "mlp.c_proj.weight": (h, f)})
     config = {
         "architectures": ["QWenLMHeadModel"],
         "auto_map": {"AutoConfig": "configuration_qwen.QWenConfig",
@@ -81,50 +74,49 @@ def _qwen_v1(model: ModelConfig, gen):
         "bf16": False, "fp16": False, "fp32": False, "tie_word_embeddings": False,
         "initializer_range": model.source.generate.initializer_range,
     }
-    return config, t
+    return config, shapes
 
 
-def _canonical(model: ModelConfig, gen):
-    """transformers' own layout: names from the real model class (built on the meta device)."""
+def _canonical(model: ModelConfig, a):
+    """transformers' own layout: names and shapes from the real model class (on the meta device)."""
     import torch
 
     from .families import family_classes
 
-    a, r = model.architecture, model.source.generate.initializer_range
     classes = family_classes(model.family)
     config = classes.config(
         hidden_size=a.hidden_size, intermediate_size=a.intermediate_size, num_hidden_layers=a.num_layers,
         num_attention_heads=a.num_heads, num_key_value_heads=a.num_kv_heads, head_dim=a.head_dim,
         vocab_size=a.vocab_size, tie_word_embeddings=a.tie_word_embeddings, rms_norm_eps=a.rms_norm_eps,
         rope_parameters={"rope_type": "default", "rope_theta": a.rope_theta},
-        max_position_embeddings=a.max_position_embeddings, initializer_range=r,
+        max_position_embeddings=a.max_position_embeddings,
+        initializer_range=model.source.generate.initializer_range,
         bos_token_id=None, eos_token_id=2, pad_token_id=0)
     with torch.device("meta"):
         shapes = {k: tuple(v.shape) for k, v in classes.causal_lm(config).state_dict().items()}
     if a.tie_word_embeddings:
         shapes.pop("lm_head.weight", None)
-    tensors = {k: _norm(gen, s[0]) if k.endswith("norm.weight") else _rand(gen, s, r)
-               for k, s in sorted(shapes.items())}
     config_dict = config.to_dict()
     config_dict["architectures"] = [classes.causal_lm.__name__]
-    return config_dict, tensors
+    return config_dict, shapes
 
 
-def _write_shards(tensors: dict, folder: Path, shards: int) -> None:
+def _write_shards(spec, shapes: dict, folder: Path) -> None:
     from safetensors.torch import save_file
 
-    names = sorted(tensors)
-    if shards <= 1:
-        save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    names = sorted(shapes)
+    if spec.shards <= 1:
+        save_file({n: _random_tensor(spec, n, shapes[n]) for n in names}, folder / "model.safetensors",
+                  metadata={"format": "pt"})
         return
-    per = -(-len(names) // shards)
+    per = -(-len(names) // spec.shards)
     weight_map, total = {}, 0
-    for k in range(shards):
-        part = names[k * per:(k + 1) * per]
-        file = f"model-{k + 1:05d}-of-{shards:05d}.safetensors"
-        save_file({n: tensors[n] for n in part}, folder / file, metadata={"format": "pt"})
-        weight_map.update({n: file for n in part})
-        total += sum(tensors[n].numel() * tensors[n].element_size() for n in part)
+    for k in range(spec.shards):
+        file = f"model-{k + 1:05d}-of-{spec.shards:05d}.safetensors"
+        part = {n: _random_tensor(spec, n, shapes[n]) for n in names[k * per:(k + 1) * per]}
+        save_file(part, folder / file, metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(part, file))
+        total += sum(t.numel() * t.element_size() for t in part.values())
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
 

@@ -74,6 +74,12 @@ class ModelConfig(_Strict):
     source: HubSource | GeneratedSource
     architecture: Architecture
     seq: SeqSpec
+    variant_of: str | None = None  # set for a generated model built with another layer count
+
+    def with_layers(self, layers: int) -> "ModelConfig":
+        """The same generated model with `layers` layers (a variant with its own build folder)."""
+        arch = self.architecture.model_copy(update={"num_layers": layers})
+        return self.model_copy(update={"architecture": arch, "name": f"{self.name}-{layers}l", "variant_of": self.name})
 
     @property
     def generated(self) -> bool:
@@ -81,7 +87,7 @@ class ModelConfig(_Strict):
 
     @property
     def yaml_path(self) -> Path:
-        return MODEL_CONFIG_DIR / f"{self.name}.yaml"
+        return MODEL_CONFIG_DIR / f"{self.variant_of or self.name}.yaml"
 
 
 def known_models() -> list[str]:

@@ -62,7 +62,7 @@ class Paths:
         self.report = self.seq / "verify" / "report.json"
 
     def fingerprint(self, group: str) -> Path:
-        return self.weights / f"{group}.sha256"
+        return self.weights / f"{group}.json"
 
 
 class CheckpointTasks:

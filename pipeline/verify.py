@@ -60,7 +60,11 @@ class _Pieces:
 
 
 def prompt_ids(source: Path, seq: int, new_tokens: int) -> list[int]:
-    ids = load_tokenizer(source).encode(chatml(PROMPT))
+    try:
+        tokenizer = load_tokenizer(source)
+    except FileNotFoundError as err:
+        raise PipelineError(f"cannot verify on a real prompt: {err}") from None
+    ids = tokenizer.encode(chatml(PROMPT))
     return ids[-(seq - new_tokens):]  # keep the end of the prompt if seq is short
 
 
@@ -98,9 +102,9 @@ def check_pieces(config: dict, source: Path, mapping: dict, onnx_dir: Path, ids:
     return results
 
 
-def reference_generate(config: dict, source: Path, mapping: dict, family: str, ids: list[int], new_tokens: int):
-    """transformers' own model and generate(): from_pretrained for canonical checkpoints; for
-    Qwen v1 (remote code only), transformers' Qwen2 model filled through the mapping."""
+def reference_model(config: dict, source: Path, mapping: dict, family: str):
+    """transformers' own model: from_pretrained for canonical checkpoints; for Qwen v1 (remote
+    code only), transformers' Qwen2 model filled through the mapping."""
     import torch
 
     from .families import family_classes, load_hf_config
@@ -119,7 +123,14 @@ def reference_generate(config: dict, source: Path, mapping: dict, family: str, i
         from transformers import AutoModelForCausalLM
 
         model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, attn_implementation="eager")
-    model.eval()
+    return model.eval()
+
+
+def reference_generate(config: dict, source: Path, mapping: dict, family: str, ids: list[int], new_tokens: int):
+    """Greedy tokens of transformers' generate(), and the logits after the prompt."""
+    import torch
+
+    model = reference_model(config, source, mapping, family)
     with torch.no_grad():
         out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
                              do_sample=False, eos_token_id=None, pad_token_id=0,

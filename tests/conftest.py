@@ -1,0 +1,70 @@
+"""Shared helpers: run the doit graph in-process (as dodo.py would) and see which tasks ran."""
+import contextlib
+import hashlib
+import io
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from doit.cmd_base import ModuleTaskLoader
+from doit.doit_cmd import DoitMain
+
+from pipeline.build_config import parse_build_config
+from pipeline.tasks import doit_config, make_tasks
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class DoitResult:
+    def __init__(self, code: int, output: str):
+        self.code, self.output = code, output
+        self.ran = re.findall(r"^\.  (\S+)", output, re.M)
+        self.skipped = re.findall(r"^-- (\S+)", output, re.M)
+
+    def ran_basename(self, basename: str) -> list[str]:
+        return [t for t in self.ran if t.split(":")[0] == basename]
+
+
+def run_doit(build_dir: Path, command: list[str], **variables) -> DoitResult:
+    """`doit <command> name=value...` in this process, with the state in build_dir."""
+    variables = {k: str(v) for k, v in variables.items()}
+    build = parse_build_config({**variables, "build_dir": str(build_dir)})
+    namespace = {**make_tasks(build), "DOIT_CONFIG": doit_config(build)}
+    report = build_dir / "doit-output.txt"  # doit's reporter holds the original stdout
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+        code = DoitMain(ModuleTaskLoader(namespace)).run(["--output-file", str(report), *command])
+    return DoitResult(code, report.read_text() + out.getvalue())
+
+
+def run_cli(args: list[str], cwd: Path = ROOT, env: dict | None = None) -> subprocess.CompletedProcess:
+    """The real command line: `doit ...` from the project root, as a user types it."""
+    doit = Path(sys.executable).parent / "doit"
+    return subprocess.run([str(doit), *args], cwd=cwd, capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, timeout=900)
+
+
+def tree_digest(folder: Path) -> dict:
+    """Content and mtime of every file: proof that a folder was not modified."""
+    return {str(p.relative_to(folder)): (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns)
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="session")
+def tiny_builds(tmp_path_factory):
+    """Each tiny family built once through export and verification (shared by several tests)."""
+    build_dir = tmp_path_factory.mktemp("tiny-builds")
+    results = {m: run_doit(build_dir, ["build"], model=m) for m in ("tiny-qwen-v1", "tiny-qwen2", "tiny-qwen3")}
+    return build_dir, results
+
+
+@pytest.fixture(scope="session")
+def generated_checkpoint(tmp_path_factory):
+    """A generated tiny checkpoint folder to use as a user's `path=` (copied per test as needed)."""
+    build_dir = tmp_path_factory.mktemp("generated")
+    result = run_doit(build_dir, ["checkpoint"], model="tiny-qwen2")
+    assert result.code == 0, result.output
+    return build_dir / "tiny-qwen2" / "checkpoint"

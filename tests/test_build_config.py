@@ -1,0 +1,42 @@
+import pytest
+
+from pipeline.build_config import parse_build_config
+from pipeline.errors import PipelineError
+
+from .conftest import run_cli
+
+pytestmark = pytest.mark.fast
+
+
+def test_defaults():
+    build = parse_build_config({"model": "tiny-qwen2"})
+    assert (build.mode, build.devices, build.seq, build.chip, build.group_size) == ("int8", 1, 32, "bm1684x", 64)
+    assert parse_build_config({"model": "qwen-14b"}).seq == 512
+
+
+@pytest.mark.parametrize("variables, message", [
+    ({"model": "nope"}, "unknown model 'nope'; known models:"),
+    ({"mode": "int3"}, "mode='int3' is not allowed; use one of: bf16, f16, int8, int4"),
+    ({"devices": "3"}, "devices=3 is not allowed; use one of: 1, 2, 4, 8"),
+    ({"devices": "two"}, "devices='two' is not a whole number"),
+    ({"seq": "1000"}, "seq=1000 is not allowed for tiny-qwen2: use a multiple of 8 from 16 to 256"),
+    ({"seq": "33"}, "seq=33 is not allowed"),
+    ({"model": "qwen-14b", "seq": "4096"}, "seq=4096 is not allowed for qwen-14b"),
+    ({"chip": "bm9999"}, "chip='bm9999' is not allowed; use one of: bm1684x"),
+    ({"group_size": "50"}, "group_size=50 is not allowed"),
+    ({"path": "/no/such/folder"}, "path='/no/such/folder' is not a folder"),
+    ({"modle": "x"}, "unknown variable modle; known variables: model, mode"),
+    ({"model": "qwen-7b", "layers": "2"}, "layers= only applies to generated test models"),
+])
+def test_bad_variables_name_variable_value_and_choices(variables, message):
+    with pytest.raises(PipelineError) as err:
+        parse_build_config({"model": "tiny-qwen2", **variables})
+    assert message in str(err.value)
+
+
+def test_cli_reports_bad_variable_without_traceback(tmp_path):
+    result = run_cli(["build", "model=tiny-qwen2", "mode=int3", f"build_dir={tmp_path}"])
+    assert result.returncode != 0
+    assert "error: mode='int3' is not allowed" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert list(tmp_path.iterdir()) == []  # nothing written

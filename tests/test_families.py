@@ -1,0 +1,74 @@
+"""Each family's tiny model through checkpoint, patch, export and verification."""
+import json
+
+import numpy as np
+import onnx
+import pytest
+
+from pipeline.export import OPSET
+from pipeline.model_config import load_model_config
+from pipeline.pieces import Dims, io_spec, model_pieces
+
+pytestmark = pytest.mark.fast
+MODELS = ("tiny-qwen-v1", "tiny-qwen2", "tiny-qwen3")
+ONNX_TYPES = {"float32": onnx.TensorProto.FLOAT, "int32": onnx.TensorProto.INT32}
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_build_passes_verification_with_exact_tokens(tiny_builds, model):
+    build_dir, results = tiny_builds
+    assert results[model].code == 0, results[model].output
+    report = json.loads((build_dir / model / "seq32" / "verify" / "report.json").read_text())
+    pieces = [p.name for p in model_pieces(load_model_config(model).architecture.num_layers)]
+    assert sorted(report["pieces"]) == sorted(pieces)
+    for net, outputs in report["pieces"].items():
+        for name, r in outputs.items():
+            assert r["ok"] and r["cosine"] > 0.99999 and r["max_abs"] < 1e-3 * r["ref_max"], (net, name, r)
+    decode = report["decode"]
+    assert decode["run"] and decode["match"]
+    assert len(decode["onnx"]) == 16 and decode["onnx"] == decode["reference"]
+    # a random model that repeats one token would make the match meaningless
+    assert len(set(decode["reference"])) > 3
+    assert "PASS" in (build_dir / model / "seq32" / "verify" / "report.md").read_text()
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_onnx_pieces_follow_the_net_interface(tiny_builds, model):
+    build_dir, _ = tiny_builds
+    seq_dir = build_dir / model / "seq32"
+    config = json.loads((seq_dir / "config.json").read_text())
+    dims = Dims.from_config(config)
+    arch = load_model_config(model).architecture
+    assert (dims.hidden, dims.kv_heads, dims.head_dim, dims.seq) == (arch.hidden_size, arch.num_kv_heads,
+                                                                     arch.head_dim, 32)
+    for piece in model_pieces(arch.num_layers):
+        graph = onnx.load(str(seq_dir / "onnx" / f"{piece.name}.onnx"))
+        assert graph.opset_import[0].version == OPSET
+        inputs, outputs = io_spec(piece.kind, dims)
+        got = [(i.name, tuple(d.dim_value for d in i.type.tensor_type.shape.dim), i.type.tensor_type.elem_type)
+               for i in graph.graph.input]
+        assert got == [(n, s, ONNX_TYPES[t]) for n, s, t in inputs], piece.name
+        assert [o.name for o in graph.graph.output] == outputs
+        out_shapes = [tuple(d.dim_value for d in o.type.tensor_type.shape.dim) for o in graph.graph.output]
+        kv_new = (1, 1 if piece.kind == "block_cache" else dims.seq, dims.kv_heads, dims.head_dim)
+        expected = {"embedding": [(1, dims.seq, dims.hidden)], "embedding_cache": [(1, 1, dims.hidden)],
+                    "block": [(1, dims.seq, dims.hidden), kv_new, kv_new],
+                    "block_cache": [(1, 1, dims.hidden), kv_new, kv_new], "lm_head": [(1, dims.vocab)]}
+        assert out_shapes == expected[piece.kind], piece.name
+
+
+def test_qwen_v1_patch_maps_onto_qwen2_without_touching_the_checkpoint(tiny_builds):
+    build_dir, _ = tiny_builds
+    config = json.loads((build_dir / "tiny-qwen-v1" / "patched" / "config.json").read_text())
+    source = json.loads((build_dir / "tiny-qwen-v1" / "checkpoint" / "config.json").read_text())
+    assert config["model_type"] == "qwen2" and source["model_type"] == "qwen"
+    assert config["intermediate_size"] * 2 == source["intermediate_size"]
+    assert config["num_key_value_heads"] == source["num_attention_heads"]
+    assert config["rope_theta"] == source["rotary_emb_base"]
+    mapping = json.loads((build_dir / "tiny-qwen-v1" / "patched" / "tensor_map.json").read_text())
+    h = source["hidden_size"]
+    assert mapping["model.layers.1.self_attn.k_proj.bias"] == {"name": "transformer.h.1.attn.c_attn.bias",
+                                                              "rows": [h, 2 * h]}
+    assert mapping["model.layers.0.mlp.gate_proj.weight"]["name"] == "transformer.h.0.mlp.w2.weight"
+    export = json.loads((build_dir / "tiny-qwen-v1" / "seq32" / "config.json").read_text())
+    assert (export["seq_length"], export["max_position_embeddings"], export["dtype"]) == (32, 32, "float32")
