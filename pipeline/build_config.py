@@ -21,7 +21,7 @@ DEVICE_COUNTS = (1, 2, 4, 8)
 CHIPS = ("bm1684x", "bm1688", "cv186x")
 SEQ_MULTIPLE = 8
 SEQ_MIN = 16
-VARIABLES = ("model", "mode", "devices", "seq", "chip", "path", "group_size", "build_dir", "layers")
+VARIABLES = ("model", "mode", "devices", "seq", "chip", "path", "group_size", "build_dir", "dist_dir", "layers")
 
 
 @dataclass(frozen=True)
@@ -34,6 +34,7 @@ class BuildConfig:
     path: Path | None
     group_size: int
     build_dir: Path
+    dist_dir: Path
 
     @property
     def model_dir(self) -> Path:
@@ -44,6 +45,18 @@ class BuildConfig:
     def seq_dir(self) -> Path:
         """What depends on the checkpoint and seq only: shared by every mode and device count."""
         return self.model_dir / f"seq{self.seq}"
+
+    @property
+    def variant(self) -> str:
+        """What a compiled piece depends on beyond its MLIR (group size only matters for int4)."""
+        group = f"_g{self.group_size}" if MODES[self.mode].startswith("W4") else ""
+        return f"{self.mode}{group}_{self.devices}dev_{self.chip}"
+
+    @property
+    def dist_name(self) -> str:
+        chip = "" if self.chip == "bm1684x" else f"_{self.chip}"
+        group = "" if self.group_size == 64 or not MODES[self.mode].startswith("W4") else f"_g{self.group_size}"
+        return f"{self.model.name}_{self.mode}{group}_seq{self.seq}_{self.devices}dev{chip}"
 
 
 def _int(name: str, value: str) -> int:
@@ -92,7 +105,9 @@ def parse_build_config(variables: dict[str, str | None]) -> BuildConfig:
         if not path.is_dir():
             raise PipelineError(f"path={given['path']!r} is not a folder; pass the folder of a local checkpoint")
     build_dir = Path(given.get("build_dir") or os.environ.get("QWEN_TPU_BUILD_DIR") or PROJECT_ROOT / "build")
-    return BuildConfig(model, mode, devices, seq, chip, path, group_size, build_dir.expanduser().resolve())
+    dist_dir = Path(given.get("dist_dir") or os.environ.get("QWEN_TPU_DIST_DIR") or PROJECT_ROOT / "dist")
+    return BuildConfig(model, mode, devices, seq, chip, path, group_size, build_dir.expanduser().resolve(),
+                       dist_dir.expanduser().resolve())
 
 
 def variables_given() -> dict[str, str]:

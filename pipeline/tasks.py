@@ -6,6 +6,7 @@ collects them. Every artifact is keyed so that:
   - a seq has its own folder and task names, so switching seq keeps the other seq's artifacts valid,
   - a layer's pieces re-export only when that layer's weight fingerprint changes.
 """
+import json
 import sys
 import time
 from importlib.metadata import version
@@ -19,16 +20,32 @@ from .build_config import BuildConfig
 from .errors import PipelineError
 from .fsutil import read_json, write_json, write_json_if_changed
 from .pieces import Dims, model_pieces
+from .toolchain.install import expected_version
 
-P = PROJECT_ROOT / "pipeline"
+def portable(path: Path) -> Path:
+    """Paths inside the checkout relative to it (doit runs from the checkout's root), so that the
+    state of a build folder restored into a fresh clone at another path still matches."""
+    path = Path(path)
+    try:
+        return path.resolve().relative_to(PROJECT_ROOT)
+    except ValueError:
+        return path
+
+
+P = Path("pipeline")
 CODE = {
     "checkpoint": [P / "download.py", P / "checkpoint.py", P / "patch.py"],
-    "patch": [P / "patch.py", P / "checkpoint.py", P / "families.py", PROJECT_ROOT / "patches" / "overrides.yaml"],
+    "patch": [P / "patch.py", P / "checkpoint.py", P / "families.py", Path("patches/overrides.yaml")],
     "export": [P / "export.py", P / "torch_pieces.py", P / "pieces.py", P / "families.py", P / "patch.py"],
-    "verify": [P / "verify.py", PROJECT_ROOT / "runtime" / "engine.py", PROJECT_ROOT / "runtime" / "onnx_backend.py",
-               PROJECT_ROOT / "runtime" / "tokenizer.py"],
+    "transform": [P / "compile.py", P / "toolchain" / "tools.py", P / "toolchain" / "worker.py"],
+    "deploy": [P / "compile.py", P / "toolchain" / "tools.py", P / "toolchain" / "worker.py"],
+    "combine": [P / "compile.py", P / "toolchain" / "tools.py"],
+    "verify": [P / "verify.py", Path("runtime/engine.py"), Path("runtime/onnx_backend.py"), Path("runtime/tokenizer.py")],
+    "verify_sim": [P / "verify_sim.py", P / "verify.py", P / "toolchain" / "tools.py", P / "toolchain" / "worker.py",
+                   Path("runtime/engine.py"), Path("runtime/onnx_backend.py")],
 }
 TOOL_VERSIONS = {name: version(name) for name in ("torch", "transformers", "onnx")}
+COMPILER = {"tpu-mlir": expected_version()}  # part of every compiled artifact's key
 
 
 def say(message: str) -> None:
@@ -51,7 +68,7 @@ class Paths:
     """Where each artifact of a build lives."""
 
     def __init__(self, build: BuildConfig):
-        self.model, self.seq = build.model_dir, build.seq_dir
+        self.model, self.seq = portable(build.model_dir), portable(build.seq_dir)
         self.source = self.model / "source.json"
         self.canonical_config = self.model / "patched" / "config.json"
         self.tensor_map = self.model / "patched" / "tensor_map.json"
@@ -60,6 +77,9 @@ class Paths:
         self.onnx = self.seq / "onnx"
         self.logs = self.seq / "logs"
         self.report = self.seq / "verify" / "report.json"
+        self.transform = self.seq / "transform"
+        self.deploy = self.seq / "deploy" / build.variant
+        self.dist = portable(build.dist_dir) / f"{build.dist_name}.bmodel"
 
     def fingerprint(self, group: str) -> Path:
         return self.weights / f"{group}.json"
@@ -76,7 +96,7 @@ class CheckpointTasks:
         from .download import source_spec
 
         spec = source_spec(self.build)
-        file_dep = [self.build.model.yaml_path, *CODE["checkpoint"]]
+        file_dep = [portable(self.build.model.yaml_path), *CODE["checkpoint"]]
         if spec["kind"] == "generated":
             file_dep.append(P / "generate.py")
         yield {"name": self.build.model.name,
@@ -112,7 +132,7 @@ class PatchTasks:
     def tasks(self):
         """canonical config, tensor map, weight fingerprints, export config"""
         name = self.build.model.name
-        family_rules = PROJECT_ROOT / "patches" / f"{self.build.model.family}.yaml"
+        family_rules = Path("patches") / f"{self.build.model.family}.yaml"
         yield {"name": f"{name}/weights",
                "doc": "map the checkpoint onto the canonical layout; fingerprint each weight group",
                "actions": [guarded(self.patch_weights)],
@@ -188,11 +208,138 @@ class ExportTasks:
         say(f"[export {index}/{len(self.pieces)}] {piece.name} done in {time.perf_counter() - start:.1f} s (log {log})")
 
 
-class VerifyTasks:
-    """verify: each ONNX piece against torch, then greedy decode against transformers."""
+class TransformTasks:
+    """transform: model_transform.py per piece, shared by every mode, device count and chip."""
 
     def __init__(self, build: BuildConfig, paths: Paths, export: ExportTasks):
         self.build, self.paths, self.export = build, paths, export
+
+    def mlir(self, piece) -> Path:
+        return self.paths.transform / piece.name / f"{piece.name}.mlir"
+
+    def tasks(self):
+        """model_transform.py per piece (one long-lived toolchain process for all)"""
+        for k, piece in enumerate(self.export.pieces, 1):
+            yield {"name": f"{self.build.model.name}/seq{self.build.seq}/{piece.name}",
+                   "doc": f"transform {piece.name} to MLIR", "actions": [(guarded(self.run), [piece, k])],
+                   "file_dep": [self.export.target(piece), *CODE["transform"]], "targets": [self.mlir(piece)],
+                   "uptodate": [config_changed(COMPILER)], "clean": [(_rmtree, [self.mlir(piece).parent])]}
+
+    def run(self, piece, index):
+        from .compile import transform
+
+        start, total = time.perf_counter(), len(self.export.pieces)
+        log = self.paths.logs / "transform" / f"{piece.name}.log"
+        say(f"[transform {index}/{total}] {piece.name} ...")
+        transform(piece, self.export.target(piece), self.mlir(piece).parent, log, self.paths.logs)
+        say(f"[transform {index}/{total}] {piece.name} done in {time.perf_counter() - start:.1f} s (log {log})")
+
+
+class DeployTasks:
+    """deploy: model_deploy.py per (piece, mode, devices, chip)."""
+
+    def __init__(self, build: BuildConfig, paths: Paths, transform: TransformTasks):
+        self.build, self.paths, self.transform = build, paths, transform
+        self.pieces = transform.export.pieces
+
+    def bmodel(self, piece) -> Path:
+        return self.paths.deploy / f"{piece.name}.bmodel"
+
+    def tasks(self):
+        """model_deploy.py per piece for this mode, device count and chip"""
+        from .compile import deploy_args
+
+        b = self.build
+        for k, piece in enumerate(self.pieces, 1):
+            args = deploy_args(piece, b.mode, b.devices, b.chip, b.group_size)
+            yield {"name": f"{b.model.name}/seq{b.seq}/{b.variant}/{piece.name}",
+                   "doc": f"deploy {piece.name} ({b.mode}, {b.devices} device(s), {b.chip})",
+                   "actions": [(guarded(self.run), [piece, args, k])],
+                   "file_dep": [self.transform.mlir(piece), *CODE["deploy"]], "targets": [self.bmodel(piece)],
+                   "uptodate": [config_changed({**COMPILER, "args": args})], "clean": True}
+
+    def run(self, piece, args, index):
+        from .compile import deploy
+
+        start, total = time.perf_counter(), len(self.pieces)
+        log = self.paths.logs / "deploy" / self.build.variant / f"{piece.name}.log"
+        say(f"[deploy {index}/{total}] {piece.name} {' '.join(args[:2])} ...")
+        deploy(piece, self.transform.mlir(piece).parent, args, self.bmodel(piece), log, self.paths.logs)
+        say(f"[deploy {index}/{total}] {piece.name} done in {time.perf_counter() - start:.1f} s (log {log})")
+
+
+class CombineTasks:
+    """combine: one bmodel in dist/, with a description beside it."""
+
+    def __init__(self, build: BuildConfig, paths: Paths, deploy: DeployTasks):
+        self.build, self.paths, self.deploy = build, paths, deploy
+
+    def tasks(self):
+        """model_tool --combine into dist/, checked against the net contract, with a description"""
+        b = self.build
+        yield {"name": f"{b.model.name}/seq{b.seq}/{b.variant}", "doc": f"combine into {self.paths.dist.name}",
+               "actions": [guarded(self.run)],
+               "file_dep": [*(self.deploy.bmodel(p) for p in self.deploy.pieces), *CODE["combine"]],
+               "targets": [self.paths.dist, self.paths.dist.with_suffix(".json"), self.paths.dist.with_suffix(".md")],
+               "uptodate": [config_changed(COMPILER)], "clean": True}
+
+    def run(self):
+        from .compile import MODES, combine
+        from .fsutil import write_text
+
+        start, b = time.perf_counter(), self.build
+        pieces = self.deploy.pieces
+        log = self.paths.logs / "combine" / f"{b.variant}.log"
+        info = combine([self.deploy.bmodel(p) for p in pieces], self.paths.dist, [p.name for p in pieces], log)
+        fingerprints = {g.stem: read_json(g)["sha256"] for g in sorted(self.paths.weights.glob("*.json"))}
+        description = {
+            "file": self.paths.dist.name, "model": b.model.name, "display_name": b.model.display_name,
+            "family": b.model.family, "mode": b.mode, "quantize": MODES[b.mode], "group_size": b.group_size,
+            "devices": b.devices, "chip": b.chip, "seq": b.seq, "bytes": self.paths.dist.stat().st_size,
+            "source": {"folder": read_json(self.paths.source)["folder"],
+                       "fingerprint": _sha256_text(json.dumps(fingerprints, sort_keys=True))},
+            "tools": {**TOOL_VERSIONS, **COMPILER}, "device_count_in_file": info["devices"],
+            "nets": [{k: v for k, v in net.items()} for net in info["nets"]],
+        }
+        write_json(self.paths.dist.with_suffix(".json"), description)
+        write_text(self.paths.dist.with_suffix(".md"), _describe_markdown(description))
+        say(f"[combine] {self.paths.dist} ({description['bytes'] / 2**20:.1f} MiB, {len(info['nets'])} nets) "
+            f"in {time.perf_counter() - start:.1f} s")
+
+
+def _sha256_text(text: str) -> str:
+    import hashlib
+
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _describe_markdown(d: dict) -> str:
+    lines = [f"# {d['file']}", "",
+             f"{d['display_name']} ({d['family']}), mode {d['mode']} ({d['quantize']}"
+             f"{', group ' + str(d['group_size']) if d['quantize'].startswith('W4') else ''}), "
+             f"seq {d['seq']}, {d['devices']} device(s), chip {d['chip']}, {d['bytes'] / 2**20:.1f} MiB.", "",
+             f"Source: {d['source']['folder']} (weights fingerprint {d['source']['fingerprint'][:16]}).",
+             "Tools: " + ", ".join(f"{k} {v}" for k, v in d["tools"].items()) + ".", "",
+             "| net | inputs | outputs |", "|---|---|---|"]
+    fmt = lambda ts: "<br>".join(  # noqa: E731
+        f"{'device %d: ' % t['device'] if 'device' in t else ''}{t['name']} {t['shape']} {t['dtype']}" for t in ts)
+    lines += [f"| {n['name']} | {fmt(n['inputs'])} | {fmt(n['outputs'])} |" for n in d["nets"]]
+    return "\n".join(lines) + "\n"
+
+
+def _rmtree(path: Path) -> None:
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)
+
+
+class VerifyTasks:
+    """verify: each ONNX piece against torch, then greedy decode against transformers; and on the
+    simulator, each deployed piece against onnxruntime, then the combined bmodel's greedy decode."""
+
+    def __init__(self, build: BuildConfig, paths: Paths, export: ExportTasks, deploy: DeployTasks):
+        self.build, self.paths, self.export, self.deploy = build, paths, export, deploy
+        self.sim_report = paths.seq / "verify" / build.variant / "report.json"
 
     @property
     def name(self) -> str:
@@ -207,6 +354,14 @@ class VerifyTasks:
                             *CODE["verify"]],
                "targets": [self.paths.report, self.paths.report.with_suffix(".md")],
                "uptodate": [config_changed(TOOL_VERSIONS)], "clean": True}
+        yield {"name": f"{self.name}/{self.build.variant}",
+               "doc": "on the simulator: each deployed piece vs onnxruntime; combined bmodel's greedy decode",
+               "actions": [guarded(self.run_simulator)],
+               "file_dep": [self.paths.dist, *(self.deploy.bmodel(p) for p in self.export.pieces),
+                            *(self.export.target(p) for p in self.export.pieces), self.paths.report,
+                            *CODE["verify_sim"]],
+               "targets": [self.sim_report, self.sim_report.with_suffix(".md")],
+               "uptodate": [config_changed(COMPILER)], "clean": True}
 
     def run(self):
         from . import verify
@@ -239,16 +394,63 @@ class VerifyTasks:
             + f"; report {self.paths.report.with_suffix('.md')}")
 
 
+    def run_simulator(self):
+        from . import verify, verify_sim
+        from .fsutil import write_text
+
+        b = self.build
+        total, done = len(self.export.pieces), []
+
+        def progress(net, seconds):
+            done.append(net)
+            say(f"[verify {b.mode} on the simulator {len(done)}/{total}] {net} {seconds:.1f} s")
+
+        ids = read_json(self.paths.report)["prompt_ids"]
+        report = {"model": b.model.name, "seq": b.seq, "mode": b.mode, "variant": b.variant,
+                  "bmodel": self.paths.dist.name, "prompt_ids": ids, "tools": {**TOOL_VERSIONS, **COMPILER}}
+        if b.devices > 1:
+            reason = (f"a {b.devices}-device bmodel cannot run on the cmodel simulator (pyruntime_bm aborts on "
+                      f"multi-device nets); run it on {b.devices} chips with the runtime")
+            report.update(pieces={}, decode={"run": False, "reason": reason}, simulated=False)
+        else:
+            dims = Dims.from_config(read_json(self.paths.export_config))
+            report["pieces"] = verify_sim.check_pieces(b.mode, dims, self.paths.onnx, self.paths.deploy, ids,
+                                                       self.paths.logs, progress)
+            say(f"[verify {b.mode} on the simulator] greedy decode of {self.paths.dist.name} ...")
+            report["decode"] = verify_sim.decode_check(b.mode, self.paths.onnx, self.paths.dist, ids,
+                                                       verify.NEW_TOKENS, self.paths.logs)
+            report["simulated"] = True
+        write_json(self.sim_report, report)
+        write_text(self.sim_report.with_suffix(".md"), verify_sim.markdown(report))
+        if report["simulated"]:
+            reports = [read_json(p) for p in sorted(self.paths.seq.glob("verify/*/report.json"))]
+            verify_sim.plot_layers([r for r in reports if r.get("simulated") and r["pieces"]],
+                                   self.paths.seq / "verify" / "layers.png")
+        failures = verify_sim.summarize(report)
+        if failures:
+            raise PipelineError(f"simulator verification failed ({self.sim_report.with_suffix('.md')}):\n  "
+                                + "\n  ".join(failures))
+        decode = report["decode"]
+        say(f"[verify {b.mode} on the simulator] PASS; " + (
+            f"greedy choices as the ONNX pipeline at {decode['agree']}/{len(decode['onnx'])} steps"
+            if decode["run"] else f"not run: {decode['reason']}") + f"; report {self.sim_report.with_suffix('.md')}")
+
+
 def make_tasks(build: BuildConfig) -> dict:
     """The `task_*` functions for dodo.py's namespace."""
     paths = Paths(build)
     export = ExportTasks(build, paths)
-    verify = VerifyTasks(build, paths, export)
-    generators = [CheckpointTasks(build, paths), PatchTasks(build, paths), export, verify]
+    transform = TransformTasks(build, paths, export)
+    deploy = DeployTasks(build, paths, transform)
+    combine = CombineTasks(build, paths, deploy)
+    verify = VerifyTasks(build, paths, export, deploy)
+    generators = [CheckpointTasks(build, paths), PatchTasks(build, paths), export, transform, deploy, combine,
+                  verify]
 
     def task_build():
         """the whole chain for model=, mode=, devices=, seq=, chip= (default task)"""
-        return {"actions": None, "task_dep": [f"verify:{verify.name}"]}
+        return {"actions": None, "task_dep": [f"verify:{verify.name}",
+                                              f"combine:{build.model.name}/seq{build.seq}/{build.variant}"]}
 
     namespace = {"task_build": task_build}
     for gen in generators:

@@ -30,13 +30,14 @@ def chatml(prompt: str) -> str:
             "<|im_start|>assistant\n")
 
 
-def compare(ref: np.ndarray, got: np.ndarray) -> dict:
+def compare(ref: np.ndarray, got: np.ndarray, min_cosine: float = MIN_COSINE,
+            max_abs_relative: float = MAX_ABS_RELATIVE) -> dict:
     ref, got = ref.astype(np.float64).ravel(), got.astype(np.float64).ravel()
     cosine = float(ref @ got / max(np.linalg.norm(ref) * np.linalg.norm(got), 1e-30))
     max_abs = float(np.max(np.abs(ref - got)))
     scale = max(1.0, float(np.max(np.abs(ref))))
     return {"cosine": cosine, "max_abs": max_abs, "ref_max": scale,
-            "ok": cosine >= MIN_COSINE and max_abs <= MAX_ABS_RELATIVE * scale}
+            "ok": cosine >= min_cosine and max_abs <= max_abs_relative * scale}
 
 
 class _Pieces:
@@ -68,26 +69,25 @@ def prompt_ids(source: Path, seq: int, new_tokens: int) -> list[int]:
     return ids[-(seq - new_tokens):]  # keep the end of the prompt if seq is short
 
 
-def check_pieces(config: dict, source: Path, mapping: dict, onnx_dir: Path, ids: list[int], progress) -> dict:
-    """Per-piece comparison on the activations of `ids` (prefill) and its next token (decode)."""
-    seq, layers = config["seq_length"], config["num_hidden_layers"]
-    torch_pieces, onnx = _Pieces(config, source, mapping), OnnxBackend(onnx_dir)
-    results, n, dims = {}, len(ids), Dims.from_config(config)
+def walk_pieces(dims: Dims, ids: list[int], reference, candidate, judge, progress) -> dict:
+    """Run every piece on the activations of `ids` (prefill) and of its next token (decode).
+    `reference(net, kind, layer, feeds)` gives the outputs that feed the next piece;
+    `candidate(net, feeds)` is what is checked against them; `judge(kind, ref, got)` compares."""
+    results, n, seq = {}, len(ids), dims.seq
 
     def check(net, kind, layer, feeds):
         start = time.perf_counter()
-        ref = torch_pieces.run(kind, layer, feeds)
-        got = onnx.run(net, feeds)
-        onnx.close(net)
+        ref = reference(net, kind, layer, feeds)
+        got = candidate(net, feeds)
         outputs = io_spec(kind, dims)[1]
-        results[net] = {name: compare(r, g) for name, r, g in zip(outputs, ref, got, strict=True)}
+        results[net] = {name: judge(kind, r, g) for name, r, g in zip(outputs, ref, got, strict=True)}
         progress(net, time.perf_counter() - start)
         return ref
 
     (hidden,) = check("embedding", "embedding", None, {"input_ids": pad_ids(ids, seq)})
     positions, mask = np.arange(seq, dtype=np.int32)[None], prefill_mask(n, seq)
     history = []
-    for i in range(layers):
+    for i in range(dims.num_layers):
         hidden, k, v = check(f"block_{i}", "block", i,
                              {"input_states": hidden, "position_ids": positions, "attention_mask": mask})
         history.append((k, v))
@@ -95,11 +95,24 @@ def check_pieces(config: dict, source: Path, mapping: dict, onnx_dir: Path, ids:
     token = int(np.argmax(logits[0]))
     (hidden,) = check("embedding_cache", "embedding_cache", None, {"input_ids": np.array([[token]], np.int32)})
     position, mask = np.array([[n]], np.int32), decode_mask(n, seq)
-    for i in range(layers):
+    for i in range(dims.num_layers):
         hidden, _, _ = check(f"block_cache_{i}", "block_cache", i, {
             "input_states": hidden, "position_ids": position, "attention_mask": mask,
             "history_k": history[i][0], "history_v": history[i][1]})
     return results
+
+
+def check_pieces(config: dict, source: Path, mapping: dict, onnx_dir: Path, ids: list[int], progress) -> dict:
+    """Each ONNX piece in onnxruntime against its torch module, fed the torch pipeline's activations."""
+    torch_pieces, onnx = _Pieces(config, source, mapping), OnnxBackend(onnx_dir)
+
+    def candidate(net, feeds):
+        outputs = onnx.run(net, feeds)
+        onnx.close(net)  # one session at a time: memory follows the largest piece
+        return outputs
+
+    return walk_pieces(Dims.from_config(config), ids, lambda net, kind, layer, feeds: torch_pieces.run(kind, layer, feeds),
+                       candidate, lambda kind, ref, got: compare(ref, got), progress)
 
 
 def reference_model(config: dict, source: Path, mapping: dict, family: str):

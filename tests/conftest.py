@@ -31,12 +31,17 @@ class DoitResult:
 def run_doit(build_dir: Path, command: list[str], **variables) -> DoitResult:
     """`doit <command> name=value...` in this process, with the state in build_dir."""
     variables = {k: str(v) for k, v in variables.items()}
-    build = parse_build_config({**variables, "build_dir": str(build_dir)})
+    build = parse_build_config({"dist_dir": str(build_dir / "dist"), **variables, "build_dir": str(build_dir)})
     namespace = {**make_tasks(build), "DOIT_CONFIG": doit_config(build)}
     report = build_dir / "doit-output.txt"  # doit's reporter holds the original stdout
     out = io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
-        code = DoitMain(ModuleTaskLoader(namespace)).run(["--output-file", str(report), *command])
+    cwd = os.getcwd()
+    os.chdir(ROOT)  # as the doit command does: it runs from dodo.py's folder
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+            code = DoitMain(ModuleTaskLoader(namespace)).run(["--output-file", str(report), *command])
+    finally:
+        os.chdir(cwd)
     return DoitResult(code, report.read_text() + out.getvalue())
 
 
@@ -53,11 +58,19 @@ def tree_digest(folder: Path) -> dict:
             for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
+TINY_MODELS = ("tiny-qwen-v1", "tiny-qwen2", "tiny-qwen3")
+
+
+def onnx_verify_task(model: str, seq: int = 32) -> str:
+    """The task that ends the no-compiler part of the chain: export + onnxruntime verification."""
+    return f"verify:{model}/seq{seq}"
+
+
 @pytest.fixture(scope="session")
 def tiny_builds(tmp_path_factory):
-    """Each tiny family built once through export and verification (shared by several tests)."""
+    """Each tiny family exported and verified in onnxruntime once (no compiler; shared)."""
     build_dir = tmp_path_factory.mktemp("tiny-builds")
-    results = {m: run_doit(build_dir, ["build"], model=m) for m in ("tiny-qwen-v1", "tiny-qwen2", "tiny-qwen3")}
+    results = {m: run_doit(build_dir, [onnx_verify_task(m)], model=m) for m in TINY_MODELS}
     return build_dir, results
 
 

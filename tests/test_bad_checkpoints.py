@@ -5,7 +5,7 @@ import shutil
 
 import pytest
 
-from .conftest import run_cli, run_doit, tree_digest
+from .conftest import onnx_verify_task, run_cli, run_doit, tree_digest
 
 pytestmark = pytest.mark.fast
 MODEL = "tiny-qwen2"
@@ -73,7 +73,7 @@ def test_bad_checkpoint_is_refused_clearly(tmp_path, generated_checkpoint, damag
     damage(user)
     before = tree_digest(user)
     build_dir = tmp_path / "build"
-    result = run_doit(build_dir, ["build"], model=MODEL, path=user)
+    result = run_doit(build_dir, [onnx_verify_task(MODEL)], model=MODEL, path=user)
     assert result.code != 0
     assert message in result.output, result.output
     assert "Traceback" not in result.output
@@ -87,16 +87,16 @@ def test_bad_checkpoint_is_refused_clearly(tmp_path, generated_checkpoint, damag
 def test_good_path_build_never_modifies_the_checkpoint(tmp_path, generated_checkpoint):
     user = _user_copy(generated_checkpoint, tmp_path)
     before = tree_digest(user)
-    assert run_doit(tmp_path / "build", ["build"], model=MODEL, path=user).code == 0
+    assert run_doit(tmp_path / "build", [onnx_verify_task(MODEL)], model=MODEL, path=user).code == 0
     assert tree_digest(user) == before
 
 
 def test_corrupted_after_a_good_build_is_noticed(tmp_path, generated_checkpoint):
     user = _user_copy(generated_checkpoint, tmp_path)
     build_dir = tmp_path / "build"
-    assert run_doit(build_dir, ["build"], model=MODEL, path=user).code == 0
+    assert run_doit(build_dir, [onnx_verify_task(MODEL)], model=MODEL, path=user).code == 0
     _truncate_shard(user)
-    result = run_doit(build_dir, ["build"], model=MODEL, path=user)
+    result = run_doit(build_dir, [onnx_verify_task(MODEL)], model=MODEL, path=user)
     assert result.code != 0 and "corrupt safetensors file" in result.output
 
 

@@ -1,38 +1,40 @@
-"""What reruns: nothing when nothing changed; never the export for mode/devices; everything for
-a new seq while the other seq stays valid; only a layer's pieces when that layer changes."""
+"""What reruns, up to verified ONNX (no compiler): nothing when nothing changed; never the export
+for mode/devices/chip; everything for a new seq while the other seq stays valid; only a layer's
+pieces when that layer changes. tests/test_compile.py checks the compiled stages' rules."""
 import shutil
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from .conftest import run_doit
+from .conftest import onnx_verify_task, run_doit
 
 pytestmark = pytest.mark.fast
 MODEL = "tiny-qwen2"
+ONNX = [onnx_verify_task(MODEL)]
 N_PIECES = 7  # embedding, embedding_cache, 2 x (block, block_cache), lm_head
 
 
 def test_rebuild_rules(tmp_path):
-    first = run_doit(tmp_path, ["build"], model=MODEL)
+    first = run_doit(tmp_path, ONNX, model=MODEL)
     assert first.code == 0, first.output
     assert len(first.ran_basename("export")) == N_PIECES
 
-    again = run_doit(tmp_path, ["build"], model=MODEL)
+    again = run_doit(tmp_path, ONNX, model=MODEL)
     assert again.code == 0 and again.ran == [], again.ran
 
     for variables in ({"mode": "int4"}, {"mode": "bf16", "devices": 2}, {"devices": 8, "chip": "bm1688"}):
-        other = run_doit(tmp_path, ["build"], model=MODEL, **variables)
+        other = run_doit(tmp_path, ONNX, model=MODEL, **variables)
         assert other.code == 0 and other.ran == [], (variables, other.ran)
 
-    seq64 = run_doit(tmp_path, ["build"], model=MODEL, seq=64)
+    seq64 = run_doit(tmp_path, [onnx_verify_task(MODEL, 64)], model=MODEL, seq=64)
     assert seq64.code == 0, seq64.output
     assert sorted(seq64.ran_basename("export")) == sorted(t.replace("seq32", "seq64") for t in
                                                           first.ran_basename("export"))
     assert seq64.ran_basename("checkpoint") == [] and "patch:tiny-qwen2/weights" not in seq64.ran
     assert (tmp_path / MODEL / "seq32" / "onnx" / "block_0.onnx").exists()
 
-    back = run_doit(tmp_path, ["build"], model=MODEL, seq=32)
+    back = run_doit(tmp_path, ONNX, model=MODEL, seq=32)
     assert back.code == 0 and back.ran == [], back.ran
 
 
@@ -40,7 +42,7 @@ def test_changed_layer_reexports_only_its_pieces(tmp_path, generated_checkpoint)
     user = tmp_path / "user-checkpoint"
     shutil.copytree(generated_checkpoint, user)
     build_dir = tmp_path / "build"
-    assert run_doit(build_dir, ["build"], model=MODEL, path=user).code == 0
+    assert run_doit(build_dir, ONNX, model=MODEL, path=user).code == 0
 
     shard = next(f for f in sorted(user.glob("*.safetensors"))
                  if "model.layers.1.mlp.up_proj.weight" in load_file(f))
@@ -48,7 +50,7 @@ def test_changed_layer_reexports_only_its_pieces(tmp_path, generated_checkpoint)
     tensors["model.layers.1.mlp.up_proj.weight"] = tensors["model.layers.1.mlp.up_proj.weight"] * 1.5
     save_file(tensors, shard, metadata={"format": "pt"})
 
-    rebuilt = run_doit(build_dir, ["build"], model=MODEL, path=user)
+    rebuilt = run_doit(build_dir, ONNX, model=MODEL, path=user)
     assert rebuilt.code == 0, rebuilt.output
     assert sorted(rebuilt.ran_basename("export")) == [f"export:{MODEL}/seq32/block_1",
                                                       f"export:{MODEL}/seq32/block_cache_1"]
@@ -60,10 +62,10 @@ def test_touched_but_identical_checkpoint_reexports_nothing(tmp_path, generated_
     user = tmp_path / "user-checkpoint"
     shutil.copytree(generated_checkpoint, user)
     build_dir = tmp_path / "build"
-    assert run_doit(build_dir, ["build"], model=MODEL, path=user).code == 0
+    assert run_doit(build_dir, ONNX, model=MODEL, path=user).code == 0
     for f in user.iterdir():
         f.touch()
-    again = run_doit(build_dir, ["build"], model=MODEL, path=user)
+    again = run_doit(build_dir, ONNX, model=MODEL, path=user)
     assert again.code == 0
     assert again.ran_basename("export") == [] and again.ran_basename("verify") == []
     assert again.ran_basename("checkpoint") == [f"checkpoint:{MODEL}"]

@@ -1,0 +1,102 @@
+"""Compile stages, with the TPU-MLIR toolchain:
+  transform  ONNX piece -> top-level MLIR (shared by every mode, device count and chip)
+  deploy     MLIR -> one-piece bmodel for (mode, devices, chip)
+  combine    the pieces -> dist/<model>_<mode>_seq<L>_<N>dev[_<chip>].bmodel + its description
+
+Deploy flags follow Sophgo's Qwen-TPU compile.sh and tpu-mlir's llm_convert: embedding and lm_head
+in the mode's float type, blocks in the mode, --quant_input/--quant_output so hidden states and
+K/V move between nets as bf16/f16, io_alone addressing for cache blocks.
+"""
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+from .build_config import MODES
+from .errors import PipelineError
+from .fsutil import atomic_dir, atomic_path
+from .pieces import Piece
+from .toolchain.tools import run_binary, run_python_tool
+
+
+def transform(piece: Piece, onnx: Path, out_dir: Path, log: Path, log_dir: Path) -> None:
+    """model_transform.py into `out_dir` (<piece>.mlir + its weight file), atomically."""
+    with atomic_dir(out_dir) as tmp:
+        run_python_tool("model_transform", ["--model_name", piece.name, "--model_def", str(onnx.resolve()),
+                                            "--mlir", f"{piece.name}.mlir"], tmp, log, log_dir)
+        for leftover in tmp.glob("*_origin.mlir"):  # an intermediate, as large as the weights' text
+            leftover.unlink()
+
+
+def float_type(mode: str) -> str:
+    """The float type of a mode: embedding and lm_head are deployed in it."""
+    return "F16" if mode in ("f16", "int8f16", "int4f16") else "BF16"
+
+
+def deploy_args(piece: Piece, mode: str, devices: int, chip: str, group_size: int) -> list[str]:
+    if piece.kind in ("embedding", "embedding_cache", "lm_head"):
+        args = ["--quantize", float_type(mode), "--quant_input"]
+        if piece.kind != "lm_head":  # logits stay float32 for host-side sampling
+            args.append("--quant_output")
+    else:
+        quantize = MODES[mode]
+        args = ["--quantize", quantize, "--quant_input", "--quant_output"]
+        if quantize.startswith("W4"):
+            args += ["--q_group_size", str(group_size)]
+        if piece.kind == "block_cache":  # K/V stay in the net's own input buffers
+            args += ["--addr_mode", "io_alone"]
+    args += ["--chip", chip, "--high_precision", "--disable_gdma_check"]
+    if devices > 1:
+        args += ["--num_device", str(devices)]
+    return args
+
+
+def deploy(piece: Piece, mlir_dir: Path, args: list[str], out: Path, log: Path, log_dir: Path) -> None:
+    """model_deploy.py in a scratch folder; only the bmodel is kept, renamed into place."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=f".{piece.name}.", dir=out.parent))
+    try:
+        for f in mlir_dir.iterdir():  # the mlir names its weight file relative to the working folder
+            (scratch / f.name).symlink_to(f.resolve())
+        run_python_tool("model_deploy", ["--mlir", f"{piece.name}.mlir", *args,
+                                         "--model", f"{piece.name}.bmodel"], scratch, log, log_dir)
+        built = scratch / f"{piece.name}.bmodel"
+        if not built.exists():
+            raise PipelineError(f"model_deploy.py reported success but wrote no {built.name} (log: {log})")
+        os.replace(built, out)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def combine(bmodels: list[Path], out: Path, expected_nets: list[str], log: Path) -> dict:
+    """model_tool --combine; the result is published only if it holds exactly the expected nets."""
+    with atomic_path(out) as tmp:
+        run_binary(["model_tool", "--combine", *(str(b.resolve()) for b in bmodels), "-o", str(tmp.resolve())],
+                   out.parent, log)
+        info = bmodel_info(tmp, log.with_name(log.stem + ".info.log"))
+        nets = [net["name"] for net in info["nets"]]
+        if sorted(set(nets)) != sorted(expected_nets):
+            missing, extra = sorted(set(expected_nets) - set(nets)), sorted(set(nets) - set(expected_nets))
+            raise PipelineError(f"the combined bmodel does not hold the nets of the contract: missing {missing}, "
+                                f"unexpected {extra} (log: {log})")
+    return info
+
+
+def bmodel_info(path: Path, log: Path) -> dict:
+    """Nets with their inputs/outputs (name, dtype, shape) and the device count, from model_tool --info."""
+    text = run_binary(["model_tool", "--info", str(Path(path).resolve())], path.parent, log)
+    nets, net = [], None
+    for line in text.splitlines():
+        if m := re.match(r"\s*net\s*\d*:\s*\[(\S+)\]", line):  # "net 0: [x] static" / "net: [x] cascade"
+            net = {"name": m[1], "inputs": [], "outputs": []}
+            nets.append(net)
+        elif net is not None and (m := re.match(
+                r"\s*(input|output):\s*(?:devid\((\d+)\)\s*)?([^,]+),\s*\[([\d,\s]*)\],\s*(\w+)", line)):
+            shape = [int(x) for x in m[4].replace(" ", "").split(",") if x]
+            tensor = {"name": m[3], "shape": shape, "dtype": m[5]}
+            if m[2] is not None:  # multi-device ("cascade") nets list each device's tensors
+                tensor["device"] = int(m[2])
+            net[m[1] + "s"].append(tensor)
+    device = re.search(r"device num:\s*(\d+)", text)
+    return {"nets": nets, "devices": int(device[1]) if device else 1, "text": text}

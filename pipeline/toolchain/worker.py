@@ -1,0 +1,133 @@
+"""A long-lived process inside the TPU-MLIR toolchain (Python 3.10): runs the toolchain's Python
+tools in-process, so torch and tpu_mlir are imported once instead of once per piece (a
+model_transform.py start-up costs ~5 s; a transform in this process ~0.1 s for a small piece),
+and runs bmodel nets on the cmodel simulator with the models kept loaded.
+
+Protocol: one JSON request per line on stdin, one JSON answer per line on the original stdout.
+While a request runs, fds 1 and 2 point at the request's log file (tools and the tpuc-opt
+subprocesses they start write there). Standalone: stdlib, numpy and tpu_mlir only.
+"""
+import contextlib
+import json
+import os
+import runpy
+import sys
+import time
+import traceback
+
+import numpy as np
+import tpu_mlir  # noqa: F401  (sets TPUC_ROOT, PATH, LD_LIBRARY_PATH for child processes)
+
+TOOLS = {}
+MODELS = {}
+
+
+@contextlib.contextmanager
+def output_to(log_path):
+    sys.stdout.flush()
+    sys.stderr.flush()
+    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    saved = os.dup(1), os.dup(2)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    try:
+        yield
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for f in (fd, *saved):
+            os.close(f)
+
+
+def run_tool(request):
+    """A console tool (model_transform / model_deploy) as `python tool.py argv...` would run it."""
+    if request["tool"] not in TOOLS:
+        module = __import__(f"tpu_mlir.python.tools.{request['tool']}", fromlist=["_"])
+        TOOLS[request["tool"]] = module.__file__
+    cwd = os.getcwd()
+    os.chdir(request["cwd"])
+    code = 0
+    with output_to(request["log"]):
+        sys.argv = [f"{request['tool']}.py", *request["argv"]]
+        try:
+            runpy.run_path(TOOLS[request["tool"]], run_name="__main__")
+        except SystemExit as exit_:
+            code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
+        except BaseException:  # the tool's own error: to its log, as its own process would
+            traceback.print_exc()
+            code = 1
+        finally:
+            os.chdir(cwd)
+    return {"code": code}
+
+
+def load_model(path):
+    if path not in MODELS:
+        import ctypes
+
+        from tpu_mlir.python.tools.model_runner import (bind_cmodel_so, get_chip_from_model, link_bmlib_so,
+                                                        link_cmodel_so)
+        from filelock import FileLock
+
+        chip = get_chip_from_model(path)
+        with FileLock("/tmp/cmodel_so.lock"):  # the simulator's library links are shared
+            link_cmodel_so(chip)
+            link_bmlib_so(chip)
+            # by absolute path: LD_LIBRARY_PATH set after start-up is not seen by the loader
+            ctypes.CDLL(os.path.join(os.environ["TPUC_ROOT"], "lib", "libcmodel.so"), mode=ctypes.RTLD_GLOBAL)
+            import pyruntime_bm
+            bind_cmodel_so(chip)
+        MODELS[path] = pyruntime_bm.Model(path, 0, "")
+    return MODELS[path]
+
+
+def run_net(request):
+    """One forward of a net on the simulator; inputs and outputs as float32/int32 npz files."""
+    from tpu_mlir.python.utils.lowering import bf16_to_fp32, lowering
+
+    net = load_model(request["bmodel"]).Net(request["net"])
+    inputs = np.load(request["inputs"])
+    for tensor in net.inputs:
+        value = inputs[tensor.name]
+        tensor.data.reshape(-1)[:] = lowering(value, pdtype=tensor.dtype, pshape=value.shape,
+                                              pzero_point=tensor.qzero_point, pscale=tensor.qscale).flatten()
+    start = time.perf_counter()
+    net.forward()
+    seconds = time.perf_counter() - start
+    outputs, dtypes = {}, {}
+    for k, tensor in enumerate(net.outputs):
+        dtypes[tensor.name] = str(tensor.dtype)
+        if tensor.dtype == "bf16":
+            value = bf16_to_fp32(tensor.data)
+        elif tensor.dtype in ("f16", "u16"):
+            value = tensor.data.astype(np.float32)
+        else:
+            value = np.array(tensor.data)
+        outputs[f"output_{k}"] = value
+    np.savez(request["outputs"], **outputs)
+    return {"code": 0, "seconds": seconds, "names": [t.name for t in net.outputs], "dtypes": dtypes,
+            "input_dtypes": {t.name: str(t.dtype) for t in net.inputs}}
+
+
+def main():
+    answers = os.fdopen(os.dup(1), "w")
+    log = os.environ.get("QWEN_TPU_WORKER_LOG", os.devnull)
+    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(fd, 1)  # stray prints between requests must not corrupt the answers
+    os.dup2(fd, 2)
+    handlers = {"tool": run_tool, "run_net": run_net, "ping": lambda r: {"code": 0, "pid": os.getpid()}}
+    for line in sys.stdin:
+        request = json.loads(line)
+        try:
+            answer = handlers[request["op"]](request)
+        except Exception as err:
+            traceback.print_exc()
+            answer = {"code": 1, "error": f"{type(err).__name__}: {err}"}
+        answers.write(json.dumps(answer) + "\n")
+        answers.flush()
+
+
+if __name__ == "__main__":
+    main()

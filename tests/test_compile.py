@@ -1,0 +1,132 @@
+"""The compiled stages with the real TPU-MLIR compiler, checked on its BM1684X simulator."""
+import json
+import shutil
+
+import pytest
+from safetensors.torch import load_file, save_file
+
+from pipeline.pieces import model_pieces
+from pipeline.model_config import load_model_config
+from pipeline.verify_sim import THRESHOLDS
+
+from .conftest import TINY_MODELS, run_doit
+
+pytestmark = pytest.mark.compiler
+MODES = ("int8", "int4", "bf16")
+
+
+@pytest.fixture(scope="session")
+def compiled(tmp_path_factory):
+    """Each tiny family built and verified (simulator included) in int8, int4 and bf16."""
+    build_dir = tmp_path_factory.mktemp("compiled")
+    results = {(m, mode): run_doit(build_dir, ["verify"], model=m, mode=mode) for m in TINY_MODELS for mode in MODES}
+    return build_dir, results
+
+
+@pytest.mark.parametrize("model", TINY_MODELS)
+@pytest.mark.parametrize("mode", MODES)
+def test_family_compiles_and_passes_the_simulator(compiled, model, mode):
+    build_dir, results = compiled
+    result = results[(model, mode)]
+    assert result.code == 0, result.output
+    pieces = [p.name for p in model_pieces(load_model_config(model).architecture.num_layers)]
+    dist = build_dir / "dist" / f"{model}_{mode}_seq32_1dev.bmodel"
+    description = json.loads(dist.with_suffix(".json").read_text())
+    assert sorted(n["name"] for n in description["nets"]) == sorted(pieces)
+    assert description["mode"] == mode and description["devices"] == 1 and description["tools"]["tpu-mlir"]
+    block = next(n for n in description["nets"] if n["name"] == "block_cache_0")
+    assert [t["name"] for t in block["inputs"]] == ["input_states", "position_ids", "attention_mask",
+                                                    "history_k", "history_v"]
+
+    variant = f"{mode}{'_g64' if mode == 'int4' else ''}_1dev_bm1684x"
+    report = json.loads((build_dir / model / "seq32" / "verify" / variant / "report.json").read_text())
+    min_cosine, _ = THRESHOLDS[mode]
+    assert sorted(report["pieces"]) == sorted(pieces)
+    for net, outputs in report["pieces"].items():
+        for name, r in outputs.items():
+            assert r["ok"] and r["cosine"] >= min_cosine, (net, name, r)
+    decode = report["decode"]
+    assert decode["run"] and len(decode["simulator"]) == len(decode["onnx"]) == 16
+    if mode == "bf16":  # the same choice wherever fp32 is not a near-tie; int8/int4 agreement is reported
+        decisive = [k for k, m in enumerate(decode["margins"]) if m >= 0.1]
+        assert len(decisive) >= 8
+        assert all(decode["simulator"][k] == decode["onnx"][k] for k in decisive)
+        assert decode["agree"] >= 13
+    assert (build_dir / model / "seq32" / "verify" / "layers.png").stat().st_size > 5000
+
+
+def test_broken_build_fails_the_simulator_check(tmp_path):
+    model = "tiny-qwen2"
+    assert run_doit(tmp_path, ["build"], model=model, mode="bf16").code == 0
+    deploy = tmp_path / model / "seq32" / "deploy" / "bf16_1dev_bm1684x"
+    shutil.copy(deploy / "block_1.bmodel", deploy / "block_0.bmodel")  # layer 1's weights in block_0
+    result = run_doit(tmp_path, ["verify"], model=model, mode="bf16")
+    assert result.code != 0
+    assert "simulator verification failed" in result.output and "block_0.hidden_states: cosine" in result.output
+
+
+def test_two_devices_build_and_report(tmp_path):
+    model = "tiny-qwen3"
+    result = run_doit(tmp_path, ["verify"], model=model, mode="int8", devices=2)
+    assert result.code == 0, result.output
+    description = json.loads((tmp_path / "dist" / f"{model}_int8_seq32_2dev.json").read_text())
+    assert description["device_count_in_file"] == 2
+    assert {t.get("device") for t in description["nets"][0]["inputs"]} == {0, 1}
+    report = json.loads((tmp_path / model / "seq32" / "verify" / "int8_2dev_bm1684x" / "report.json").read_text())
+    assert report["simulated"] is False and "cannot run on the cmodel simulator" in report["decode"]["reason"]
+
+
+def test_compiled_rebuild_rules(tmp_path):
+    model = "tiny-qwen2"
+    first = run_doit(tmp_path, ["build"], model=model)
+    assert first.code == 0, first.output
+    assert len(first.ran_basename("transform")) == 7 and len(first.ran_basename("deploy")) == 7
+
+    noop = run_doit(tmp_path, ["build"], model=model)
+    assert noop.code == 0 and noop.ran == []
+
+    for variables in ({"mode": "int4"}, {"devices": 2}, {"mode": "bf16", "group_size": 128}):
+        switched = run_doit(tmp_path, ["build"], model=model, **variables)
+        assert switched.code == 0, switched.output
+        assert {t.split(":")[0] for t in switched.ran} == {"deploy", "combine"}, (variables, switched.ran)
+        assert len(switched.ran_basename("deploy")) == 7
+
+    # group_size matters only for int4: bf16 with another group size is the same build
+    assert run_doit(tmp_path, ["build"], model=model, mode="bf16").ran == []
+
+    # one layer's weights change: that layer's pieces and the combine rerun, nothing else compiled
+    user = tmp_path / "user"
+    shutil.copytree(tmp_path / model / "checkpoint", user)
+    assert run_doit(tmp_path / "b2", ["build"], model=model, path=user).code == 0
+    shard = next(f for f in sorted(user.glob("*.safetensors")) if "model.layers.0.mlp.down_proj.weight" in load_file(f))
+    tensors = load_file(shard)
+    tensors["model.layers.0.mlp.down_proj.weight"] = -tensors["model.layers.0.mlp.down_proj.weight"]
+    save_file(tensors, shard, metadata={"format": "pt"})
+    changed = run_doit(tmp_path / "b2", ["build"], model=model, path=user)
+    assert changed.code == 0, changed.output
+    for stage in ("export", "transform", "deploy"):
+        assert sorted(t.rsplit("/", 1)[1] for t in changed.ran_basename(stage)) == ["block_0", "block_cache_0"]
+    assert len(changed.ran_basename("combine")) == 1
+
+
+def test_compiler_failure_quotes_the_log_and_publishes_nothing(tmp_path):
+    model = "tiny-qwen2"
+    assert run_doit(tmp_path, ["export:tiny-qwen2/seq32/block_1"], model=model).code == 0
+    onnx = tmp_path / model / "seq32" / "onnx" / "block_1.onnx"
+    onnx.write_bytes(onnx.read_bytes()[: onnx.stat().st_size // 2])  # a truncated model file
+    result = run_doit(tmp_path, ["transform:tiny-qwen2/seq32/block_1"], model=model)
+    assert result.code != 0
+    log = tmp_path / model / "seq32" / "logs" / "transform" / "block_1.log"
+    assert "full log:" in result.output and "logs/transform/block_1.log" in result.output
+    assert log.exists() and ("Error" in log.read_text() or "error" in log.read_text())
+    transform_dir = tmp_path / model / "seq32" / "transform"
+    assert not (transform_dir / "block_1").exists()
+    assert [p.name for p in transform_dir.iterdir() if p.name.startswith(".")] == []
+
+
+def test_missing_toolchain_setting_is_explained(tmp_path, monkeypatch):
+    monkeypatch.setenv("QWEN_TPU_TOOLCHAIN", str(tmp_path / "no-such-toolchain"))
+    model = "tiny-qwen2"
+    result = run_doit(tmp_path, ["transform:tiny-qwen2/seq32/lm_head"], model=model)
+    assert result.code != 0
+    assert "has no bin/model_transform.py" in result.output and "Traceback" not in result.output
