@@ -217,12 +217,17 @@ class TransformTasks:
     def mlir(self, piece) -> Path:
         return self.paths.transform / piece.name / f"{piece.name}.mlir"
 
+    def weights(self, piece) -> Path:
+        """The weight file the mlir names (model_transform's convention)."""
+        return self.paths.transform / piece.name / f"{piece.name}_top_f32_all_weight.npz"
+
     def tasks(self):
         """model_transform.py per piece (one long-lived toolchain process for all)"""
         for k, piece in enumerate(self.export.pieces, 1):
             yield {"name": f"{self.build.model.name}/seq{self.build.seq}/{piece.name}",
                    "doc": f"transform {piece.name} to MLIR", "actions": [(guarded(self.run), [piece, k])],
-                   "file_dep": [self.export.target(piece), *CODE["transform"]], "targets": [self.mlir(piece)],
+                   "file_dep": [self.export.target(piece), *CODE["transform"]],
+                   "targets": [self.mlir(piece), self.weights(piece)],
                    "uptodate": [config_changed(COMPILER)], "clean": [(_rmtree, [self.mlir(piece).parent])]}
 
     def run(self, piece, index):
@@ -255,7 +260,8 @@ class DeployTasks:
             yield {"name": f"{b.model.name}/seq{b.seq}/{b.variant}/{piece.name}",
                    "doc": f"deploy {piece.name} ({b.mode}, {b.devices} device(s), {b.chip})",
                    "actions": [(guarded(self.run), [piece, args, k])],
-                   "file_dep": [self.transform.mlir(piece), *CODE["deploy"]], "targets": [self.bmodel(piece)],
+                   "file_dep": [self.transform.mlir(piece), self.transform.weights(piece), *CODE["deploy"]],
+                   "targets": [self.bmodel(piece)],
                    "uptodate": [config_changed({**COMPILER, "args": args})], "clean": True}
 
     def run(self, piece, args, index):

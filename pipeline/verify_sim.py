@@ -154,6 +154,7 @@ def plot_layers(reports: list[dict], out: Path) -> None:
             cosines = [report["pieces"][f"{kind}_{i}"]["hidden_states"]["cosine"] for i in layers]
             ax.plot(layers, cosines, marker="o", label=report["mode"])
         ax.set_title(f"{kind}_i hidden_states")
+        ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
         ax.set_xlabel("layer")
         ax.grid(True, alpha=0.3)
     axes[0].set_ylabel("cosine vs onnxruntime")

@@ -2,6 +2,7 @@
 import json
 import shutil
 
+import numpy as np
 import pytest
 from safetensors.torch import load_file, save_file
 
@@ -56,13 +57,31 @@ def test_family_compiles_and_passes_the_simulator(compiled, model, mode):
 
 
 def test_broken_build_fails_the_simulator_check(tmp_path):
+    """Weights damaged between transform and deploy: every earlier check passed, the simulator's fails."""
     model = "tiny-qwen2"
     assert run_doit(tmp_path, ["build"], model=model, mode="bf16").code == 0
-    deploy = tmp_path / model / "seq32" / "deploy" / "bf16_1dev_bm1684x"
-    shutil.copy(deploy / "block_1.bmodel", deploy / "block_0.bmodel")  # layer 1's weights in block_0
+    weights = tmp_path / model / "seq32" / "transform" / "block_0" / "block_0_top_f32_all_weight.npz"
+    with np.load(weights) as npz:
+        arrays = {k: (v[::-1].copy() if k.startswith("onnx::MatMul") else v) for k, v in npz.items()}
+    np.savez(weights, **arrays)  # the same shapes, the rows in the wrong order
     result = run_doit(tmp_path, ["verify"], model=model, mode="bf16")
     assert result.code != 0
+    assert result.ran_basename("deploy") == ["deploy:tiny-qwen2/seq32/bf16_1dev_bm1684x/block_0"]
     assert "simulator verification failed" in result.output and "block_0.hidden_states: cosine" in result.output
+
+
+def test_two_nets_of_one_name_are_refused_by_combine(tmp_path):
+    model = "tiny-qwen2"
+    assert run_doit(tmp_path, ["build"], model=model).code == 0
+    published = tmp_path / "dist" / f"{model}_int8_seq32_1dev.bmodel"
+    good = published.read_bytes()
+    deploy = tmp_path / model / "seq32" / "deploy" / "int8_1dev_bm1684x"
+    shutil.copy(deploy / "block_1.bmodel", deploy / "block_0.bmodel")
+    result = run_doit(tmp_path, ["build"], model=model)
+    assert result.code != 0 and "model_tool --combine failed" in result.output
+    assert "tensor shape should not be the same" in result.output and "full log:" in result.output
+    assert published.read_bytes() == good  # the last good file stays; no half-written one appears
+    assert [p.name for p in (tmp_path / "dist").iterdir() if p.name.startswith(".")] == []
 
 
 def test_two_devices_build_and_report(tmp_path):
