@@ -26,6 +26,7 @@ TORCH_FOR_TOOLCHAIN = "2.11.0"  # the version of the wheel's `torch` extra; its 
 CONSTRAINTS = Path(__file__).with_name(f"constraints-tpu-mlir-{TPU_MLIR_VERSION}.txt")
 MARKER = ".qwen-tpu-toolchain.json"
 BUNDLED_GLIBC = ("libc.so.6", "libm.so.6", "libpthread.so.0")
+_FALLBACK_PYTHONS = ["/usr/bin/python3.10", "/usr/local/bin/python3.10"]
 
 
 @dataclass(frozen=True)
@@ -107,7 +108,7 @@ def find_python310() -> Path:
                               key=lambda v: int(v.split(".")[2]), reverse=True):
             prefix = subprocess.run(["pyenv", "prefix", version], capture_output=True, text=True).stdout.strip()
             candidates.append(f"{prefix}/bin/python3.10")
-    candidates += ["/usr/bin/python3.10", "/usr/local/bin/python3.10"]
+    candidates += _FALLBACK_PYTHONS
     for candidate in filter(None, candidates):
         try:
             out = subprocess.run([candidate, "-c", "import sys, venv; print(sys.version_info[:2])"],
