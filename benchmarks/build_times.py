@@ -13,8 +13,8 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "benchmarks" / "results" / "build_times.md"
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks.common import ROOT, publish  # noqa: E402
 DOIT = Path(sys.executable).parent / "doit"
 
 
@@ -35,7 +35,6 @@ def stage_seconds(stderr: str, stage: str) -> list[float]:
 
 def fresh_transform_seconds(build_dir: Path, model_dir: str) -> float:
     """model_transform.py as its own process (what the worker saves), on the first block."""
-    sys.path.insert(0, str(ROOT))
     from pipeline.toolchain.install import ensure_toolchain
 
     toolchain = ensure_toolchain()
@@ -76,10 +75,7 @@ def main():
               f"process: imports torch and tpu_mlir), then {sum(transforms[1:]) / max(1, len(transforms) - 1):.2f} s "
               f"a piece on average; model_transform.py as its own process: {fresh:.1f} s for block_0. "
               f"Deploy: {sum(deploys) / max(1, len(deploys)):.2f} s a piece on average."]
-    table = "\n".join(lines) + "\n"
-    print(table)
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(table, encoding="utf-8")
+    publish("\n".join(lines) + "\n", "build_times.md")
 
 
 if __name__ == "__main__":

@@ -18,9 +18,9 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks.common import ROOT, publish  # noqa: E402
 MODEL = "bench-qwen2-medium"
-RESULTS = ROOT / "benchmarks" / "results" / "export_memory.md"
 
 
 def doit(*args: str, build_dir: Path) -> tuple[float, float]:
@@ -52,7 +52,6 @@ def main():
     parser.add_argument("--layers", type=int, nargs="+", default=[4, 12, 24])
     parser.add_argument("--build-dir", type=Path, default=None)
     args = parser.parse_args()
-    sys.path.insert(0, str(ROOT))
     build_dir = args.build_dir or Path(tempfile.mkdtemp(prefix="export-bench-"))
     rows = []
     for layers in args.layers:
@@ -69,10 +68,7 @@ def main():
              "| layers | pieces | model fp32 (MiB) | largest piece fp32 (MiB) | export wall time (s) | per piece (s) "
              "| peak RSS of the export process (MiB) |", "|---|---|---|---|---|---|---|"]
     lines += [f"| {l} | {p} | {m:.0f} | {b:.0f} | {s:.1f} | {s / p:.2f} | {r:.0f} |" for l, p, m, b, s, _, r in rows]
-    table = "\n".join(lines) + "\n"
-    print(table)
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(table, encoding="utf-8")
+    publish("\n".join(lines) + "\n", "export_memory.md")
 
 
 if __name__ == "__main__":

@@ -12,8 +12,8 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "benchmarks" / "results" / "verification.md"
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks.common import ROOT, publish  # noqa: E402
 
 
 def main():
@@ -21,7 +21,6 @@ def main():
     parser.add_argument("--models", nargs="+", default=["tiny-qwen-v1", "tiny-qwen2", "tiny-qwen3"])
     parser.add_argument("--modes", nargs="+", default=["f16", "bf16", "int8", "int4"])
     args = parser.parse_args()
-    sys.path.insert(0, str(ROOT))
     from pipeline.build_config import parse_build_config
 
     rows = []
@@ -49,10 +48,7 @@ def main():
              "free-running identical prefix | result |", "|---|---|---|---|---|---|---|---|---|---|"]
     lines += [f"| {m} | {mode} | {c:.6f} | {a:.3f} | {lc:.6f} | {ag}/{n} | {dec} | {dis} | {pre} | {res} |"
               for m, mode, c, a, lc, ag, n, dec, dis, pre, res in rows]
-    table = "\n".join(lines) + "\n"
-    print(table)
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(table, encoding="utf-8")
+    publish("\n".join(lines) + "\n", "verification.md")
 
 
 if __name__ == "__main__":

@@ -174,10 +174,25 @@ def decode_check(config, source, mapping, family, onnx_dir, ids, new_tokens) -> 
             "seconds": round(time.perf_counter() - start, 2)}
 
 
+def piece_failures(pieces: dict) -> list[str]:
+    """Every output of every piece that failed its comparison, in words."""
+    return [f"{net}.{out}: cosine {r['cosine']:.6f}, max abs {r['max_abs']:.3g} (ref max {r['ref_max']:.3g})"
+            for net, outs in pieces.items() for out, r in outs.items() if not r["ok"]]
+
+
+def pieces_table(pieces: dict, digits: int) -> list[str]:
+    """Markdown rows: one per output of every piece."""
+    lines = ["| piece | output | cosine | max abs error | reference max | ok |", "|---|---|---|---|---|---|"]
+    for net, outs in pieces.items():
+        for out, r in outs.items():
+            lines.append(f"| {net} | {out} | {r['cosine']:.{digits}f} | {r['max_abs']:.2e} | {r['ref_max']:.3g} | "
+                         f"{'yes' if r['ok'] else '**NO**'} |")
+    return lines
+
+
 def summarize(report: dict) -> list[str]:
     """The failures of a report, in words (empty when everything passed)."""
-    failures = [f"{net}.{out}: cosine {r['cosine']:.6f}, max abs {r['max_abs']:.3g}"
-                for net, outs in report["pieces"].items() for out, r in outs.items() if not r["ok"]]
+    failures = piece_failures(report["pieces"])
     decode = report["decode"]
     if decode.get("run") and not decode["match"]:
         failures.append(f"greedy tokens differ: onnx {decode['onnx']} vs transformers {decode['reference']}")
@@ -187,12 +202,7 @@ def summarize(report: dict) -> list[str]:
 def markdown(report: dict) -> str:
     lines = [f"# Verification of {report['model']} (seq {report['seq']})", "",
              f"Prompt: {len(report['prompt_ids'])} tokens of a ChatML prompt; thresholds: cosine >= {MIN_COSINE}, "
-             f"max abs <= {MAX_ABS_RELATIVE} x max(1, |reference|).", "",
-             "| piece | output | cosine | max abs error | reference max | ok |", "|---|---|---|---|---|---|"]
-    for net, outs in report["pieces"].items():
-        for out, r in outs.items():
-            lines.append(f"| {net} | {out} | {r['cosine']:.7f} | {r['max_abs']:.2e} | {r['ref_max']:.3g} | "
-                         f"{'yes' if r['ok'] else '**NO**'} |")
+             f"max abs <= {MAX_ABS_RELATIVE} x max(1, |reference|).", "", *pieces_table(report["pieces"], 7)]
     d = report["decode"]
     lines += ["", "## Greedy decode: onnxruntime pieces vs transformers generate()", ""]
     if d.get("run"):

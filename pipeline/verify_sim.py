@@ -14,7 +14,7 @@ from runtime.onnx_backend import OnnxBackend
 
 from .pieces import Dims
 from .toolchain.tools import worker
-from .verify import compare, walk_pieces
+from .verify import compare, piece_failures, pieces_table, walk_pieces
 
 # Per mode: minimum cosine and max abs error relative to max(1, |reference|), for every output of
 # every piece. Measured on the tiny models (README): bf16 >= 0.99989, int8 >= 0.9998, int4 >= 0.96
@@ -99,8 +99,7 @@ def decode_check(mode: str, onnx_dir: Path, bmodel: Path, ids: list[int], new_to
 
 
 def summarize(report: dict) -> list[str]:
-    failures = [f"{net}.{out}: cosine {r['cosine']:.6f}, max abs {r['max_abs']:.3g} (ref max {r['ref_max']:.3g})"
-                for net, outs in report["pieces"].items() for out, r in outs.items() if not r["ok"]]
+    failures = piece_failures(report["pieces"])
     decode = report["decode"]
     if decode.get("run") and decode["exact_required"] and decode["decisive_disagreements"]:
         failures.append(f"greedy choices differ at steps {decode['decisive_disagreements']} although the fp32 "
@@ -113,11 +112,7 @@ def markdown(report: dict) -> str:
     lines = [f"# Simulator verification of {report['bmodel']}", "",
              f"Mode {report['mode']}; each one-piece bmodel on the BM1684X cmodel against onnxruntime on the "
              f"same inputs. Thresholds: cosine >= {min_cosine}, max abs <= {max_rel} x max(1, |reference|).", "",
-             "| piece | output | cosine | max abs error | reference max | ok |", "|---|---|---|---|---|---|"]
-    for net, outs in report["pieces"].items():
-        for out, r in outs.items():
-            lines.append(f"| {net} | {out} | {r['cosine']:.6f} | {r['max_abs']:.2e} | {r['ref_max']:.3g} | "
-                         f"{'yes' if r['ok'] else '**NO**'} |")
+             *pieces_table(report["pieces"], 6)]
     d = report["decode"]
     lines += ["", "## Greedy decode: combined bmodel on the simulator vs the ONNX pipeline", ""]
     if d.get("run"):
