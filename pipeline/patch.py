@@ -14,6 +14,7 @@ import yaml
 from . import PROJECT_ROOT
 from .checkpoint import Checkpoint
 from .errors import PipelineError
+from .fsutil import atomic_path
 from .model_config import ModelConfig
 
 PATCH_DIR = PROJECT_ROOT / "patches"
@@ -153,3 +154,16 @@ def export_config(config: dict, seq: int) -> dict:
     out = dict(config)
     out.update({k: seq if v == "SEQ" else v for k, v in overrides.items()})
     return out
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "qwen.tiktoken", "generation_config.json")
+
+
+def copy_tokenizer(source: Path, dest: Path) -> None:
+    """The tokenizer goes with the model, so a folder of pieces (or a bmodel) runs on its own."""
+    import shutil
+
+    for name in TOKENIZER_FILES:
+        if (source / name).is_file():
+            with atomic_path(dest / name) as tmp:
+                shutil.copyfile(source / name, tmp)

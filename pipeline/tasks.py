@@ -166,10 +166,11 @@ class PatchTasks:
             f"{len(changed)} weight groups new or changed, {time.perf_counter() - start:.1f} s")
 
     def patch_seq(self):
-        from .patch import export_config
+        from .patch import copy_tokenizer, export_config
 
         config = export_config(read_json(self.paths.canonical_config), self.build.seq)
         write_json(self.paths.export_config, config)
+        copy_tokenizer(Path(read_json(self.paths.source)["folder"]), self.paths.onnx)
         dims = Dims.from_config(config)
         write_json(self.paths.onnx / "model.json", {
             "model": self.build.model.name, "seq": dims.seq, "num_layers": dims.num_layers,

@@ -20,13 +20,14 @@ class Tokenizer:
 
     def __init__(self, folder: Path, encode, decode, token_to_id, special_ids: set[int]):
         self.folder = folder
-        self._encode, self._decode, self.token_to_id = encode, decode, token_to_id
+        self._encode, self._decode, self.token_to_id = encode, decode, token_to_id  # encode(text, allow_special)
         self.special_ids = special_ids
         config = folder / "tokenizer_config.json"
         self.config = json.loads(config.read_text(encoding="utf-8")) if config.is_file() else {}
 
-    def encode(self, text: str) -> list[int]:
-        return self._encode(text)
+    def encode(self, text: str, allow_special: bool = True) -> list[int]:
+        """allow_special=False reads "<|im_start|>" in the text as plain text (for what users type)."""
+        return self._encode(text, allow_special)
 
     def decode(self, ids: list[int], skip_special: bool = False) -> str:
         if skip_special:
@@ -44,8 +45,11 @@ def load_tokenizer(folder: Path) -> Tokenizer:
         from tokenizers import Tokenizer as HFTokenizer
 
         tok = HFTokenizer.from_file(str(folder / "tokenizer.json"))
+        plain = HFTokenizer.from_file(str(folder / "tokenizer.json"))
+        plain.encode_special_tokens = True  # special-token text encoded as ordinary text
         specials = {t["id"] for t in _added_tokens(folder) if t["special"]}
-        return Tokenizer(folder, lambda text: tok.encode(text, add_special_tokens=False).ids,
+        return Tokenizer(folder, lambda text, special: (tok if special else plain).encode(
+                             text, add_special_tokens=False).ids,
                          lambda ids: tok.decode(ids, skip_special_tokens=False), tok.token_to_id,
                          specials or {i for i in (tok.token_to_id(s) for s in QWEN_SPECIALS[:3]) if i is not None})
     if (folder / "qwen.tiktoken").is_file():
@@ -58,8 +62,9 @@ def load_tokenizer(folder: Path) -> Tokenizer:
                 ranks[base64.b64decode(token)] = int(rank)
         specials = {t: QWEN_SPECIAL_START + i for i, t in enumerate(QWEN_SPECIALS)}
         enc = tiktoken.Encoding("qwen", pat_str=QWEN_PATTERN, mergeable_ranks=ranks, special_tokens=specials)
-        return Tokenizer(folder, lambda text: enc.encode(unicodedata.normalize("NFC", text), allowed_special="all",
-                                                         disallowed_special=()),
+        return Tokenizer(folder, lambda text, special: enc.encode(
+                             unicodedata.normalize("NFC", text), allowed_special="all" if special else set(),
+                             disallowed_special=()),
                          lambda ids: enc.decode(ids, errors="replace"), specials.get, set(specials.values()))
     raise FileNotFoundError(f"{folder} has neither tokenizer.json nor qwen.tiktoken")
 
