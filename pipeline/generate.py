@@ -131,6 +131,11 @@ def _write_tokenizer(folder: Path, vocab_size: int) -> None:
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(TOKENIZER_CORPUS.splitlines(), trainer=trainer)
+    # A small corpus cannot fill a large vocabulary: the ids left get plain word-like tokens, so
+    # that every id the model can produce decodes to visible text.
+    missing = vocab_size - tok.get_vocab_size()
+    if missing > 0:
+        tok.add_tokens([f" w{i}" for i in range(missing)])
     tok.save(str(folder / "tokenizer.json"))
     config = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|im_end|>",
               "pad_token": "<|endoftext|>", "model_max_length": 1 << 20}

@@ -25,9 +25,10 @@ def stop_ids(tokenizer) -> set[int]:
 
 
 def generate(engine: Engine, tokenizer, prompt: list[int], max_new_tokens: int, params: SamplingParams,
-             stop: list[str] = (), result: Result | None = None):
+             stop: list[str] = (), result: Result | None = None, cancelled=lambda: False):
     """Yields text pieces as they are decoded; `result` is filled in as it goes (and at the end).
-    Never yields part of a stop string, nor half of a multi-byte character."""
+    Never yields part of a stop string, nor half of a multi-byte character. `cancelled()` is
+    asked between tokens (a client that went away): the generation then ends at once."""
     result = result if result is not None else Result()
     result.prompt_tokens = len(prompt)
     sampler, stream, stops = Sampler(params), StreamDecoder(tokenizer), stop_ids(tokenizer)
@@ -56,6 +57,9 @@ def generate(engine: Engine, tokenizer, prompt: list[int], max_new_tokens: int, 
             pending = pending[safe:]
         if len(result.tokens) >= max_new_tokens or engine.length >= engine.seq:
             result.finish_reason = "length"
+            break
+        if cancelled():
+            result.finish_reason = "cancelled"
             break
         logits = engine.decode(token)
     pending += stream.flush() if result.finish_reason == "length" else ""
