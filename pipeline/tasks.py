@@ -37,11 +37,11 @@ CODE = {
     "checkpoint": [P / "download.py", P / "checkpoint.py", P / "patch.py"],
     "patch": [P / "patch.py", P / "checkpoint.py", P / "families.py", Path("patches/overrides.yaml")],
     "export": [P / "export.py", P / "torch_pieces.py", P / "pieces.py", P / "families.py", P / "patch.py"],
-    "transform": [P / "compile.py", P / "toolchain" / "tools.py", P / "toolchain" / "worker.py"],
-    "deploy": [P / "compile.py", P / "toolchain" / "tools.py", P / "toolchain" / "worker.py"],
+    "transform": [P / "compile.py", P / "toolchain" / "tools.py", Path("runtime/toolchain_worker.py")],
+    "deploy": [P / "compile.py", P / "toolchain" / "tools.py", Path("runtime/toolchain_worker.py")],
     "combine": [P / "compile.py", P / "toolchain" / "tools.py"],
     "verify": [P / "verify.py", Path("runtime/engine.py"), Path("runtime/onnx_backend.py"), Path("runtime/tokenizer.py")],
-    "verify_sim": [P / "verify_sim.py", P / "verify.py", P / "toolchain" / "tools.py", P / "toolchain" / "worker.py",
+    "verify_sim": [P / "verify_sim.py", P / "verify.py", P / "toolchain" / "tools.py", Path("runtime/toolchain_worker.py"),
                    Path("runtime/engine.py"), Path("runtime/onnx_backend.py")],
 }
 TOOL_VERSIONS = {name: version(name) for name in ("torch", "transformers", "onnx")}
@@ -293,6 +293,7 @@ class CombineTasks:
     def run(self):
         from .compile import MODES, combine
         from .fsutil import write_text
+        from .patch import copy_tokenizer
 
         start, b = time.perf_counter(), self.build
         pieces = self.deploy.pieces
@@ -308,6 +309,9 @@ class CombineTasks:
             "tools": {**TOOL_VERSIONS, **COMPILER}, "device_count_in_file": info["devices"],
             "nets": [{k: v for k, v in net.items()} for net in info["nets"]],
         }
+        tokenizer = f"{b.model.name}-tokenizer"  # shared by this model's bmodels
+        copy_tokenizer(self.paths.onnx, self.paths.dist.parent / tokenizer)
+        description["tokenizer"] = tokenizer
         write_json(self.paths.dist.with_suffix(".json"), description)
         write_text(self.paths.dist.with_suffix(".md"), _describe_markdown(description))
         say(f"[combine] {self.paths.dist} ({description['bytes'] / 2**20:.1f} MiB, {len(info['nets'])} nets) "

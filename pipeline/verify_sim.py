@@ -3,12 +3,12 @@
      pipeline's, on the verify prompt), with thresholds per mode;
   2. the combined bmodel decoding greedily, token by token against the ONNX pipeline.
 The simulator runs inside the toolchain's process (pyruntime_bm is a Python 3.10 extension)."""
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
+from runtime.bmodel_backend import BmodelBackend
 from runtime.engine import Engine
 from runtime.onnx_backend import OnnxBackend
 
@@ -29,27 +29,9 @@ EXACT_TOKENS_MODES = ("bf16", "f16")  # a float build must choose the same token
 TIE_MARGIN = 0.1  # ... wherever the fp32 top-2 logits are at least this far apart
 
 
-class SimulatorBackend:
-    """Runs nets of a bmodel on the cmodel simulator, through the toolchain's process."""
-
-    def __init__(self, bmodel: Path, info: dict, log_dir: Path):
-        self.bmodel, self.info = Path(bmodel).resolve(), info
-        self.worker = worker(log_dir)
-        self.scratch = Path(tempfile.mkdtemp(prefix="sim-"))
-        self.seconds = 0.0
-
-    def run(self, net: str, feeds: dict) -> list[np.ndarray]:
-        inputs, outputs = self.scratch / "in.npz", self.scratch / "out.npz"
-        np.savez(inputs, **feeds)
-        answer = self.worker.request(op="run_net", bmodel=str(self.bmodel), net=net, inputs=str(inputs),
-                                     outputs=str(outputs))
-        if answer["code"] != 0:
-            from .errors import PipelineError
-            raise PipelineError(f"the simulator failed to run {net} of {self.bmodel}: {answer.get('error')} "
-                                f"(log: {self.worker.log})")
-        self.seconds += answer["seconds"]
-        with np.load(outputs) as out:
-            return [out[f"output_{k}"] for k in range(len(answer["names"]))]
+def simulator(bmodel: Path, log_dir: Path, whole_model: bool = True) -> BmodelBackend:
+    """A bmodel on the simulator, in the build's toolchain process."""
+    return BmodelBackend(bmodel, process=worker(log_dir), whole_model=whole_model)
 
 
 def check_pieces(mode: str, dims: Dims, onnx_dir: Path, deploy_dir: Path, ids: list[int], log_dir: Path,
@@ -59,7 +41,7 @@ def check_pieces(mode: str, dims: Dims, onnx_dir: Path, deploy_dir: Path, ids: l
 
     def candidate(net, feeds):
         if net not in backends:
-            backends[net] = SimulatorBackend(deploy_dir / f"{net}.bmodel", onnx.info, log_dir)
+            backends[net] = simulator(deploy_dir / f"{net}.bmodel", log_dir, whole_model=False)
         return backends[net].run(net, feeds)
 
     min_cosine, max_rel = THRESHOLDS[mode]
@@ -84,7 +66,7 @@ def decode_check(mode: str, onnx_dir: Path, bmodel: Path, ids: list[int], new_to
     ref_logits = _path(Engine(onnx), ids, None, new_tokens)
     reference = [int(np.argmax(lg)) for lg in ref_logits]
     margins = [float(np.diff(np.sort(lg)[-2:])[0]) for lg in ref_logits]
-    sim = SimulatorBackend(bmodel, onnx.info, log_dir)
+    sim = simulator(bmodel, log_dir)
     start = time.perf_counter()
     sim_logits = _path(Engine(sim), ids, reference, new_tokens)
     chosen = [int(np.argmax(lg)) for lg in sim_logits]

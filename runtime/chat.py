@@ -1,9 +1,11 @@
 """Chat in a terminal with a built model: streaming, multi-turn, /clear and /exit.
 
+    python -m runtime.chat --model dist/<name>.bmodel [--devid 2]      # TPU (or its simulator)
     python -m runtime.chat --model build/<model>/seq<L>/onnx            # onnxruntime (CPU)
-    python -m runtime.chat --model <onnx folder> --prompt "Hello"        # one answer, then exit
+    python -m runtime.chat --model <model> --prompt "Hello"             # one answer, then exit
 """
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -14,23 +16,44 @@ from .sampling import SamplingParams
 from .tokenizer import load_tokenizer
 
 
-def open_backend(model: Path):
-    """The backend for what --model points at."""
+def open_backend(model: Path, devid: str = "0"):
+    """The backend for what --model points at: a folder of ONNX pieces, or a .bmodel."""
     if model.is_dir() and (model / "model.json").is_file():
         from .onnx_backend import OnnxBackend
 
         return OnnxBackend(model)
-    if model.suffix == ".bmodel":
-        raise SystemExit(f"error: {model}: running a .bmodel from the chat CLI is not available yet; "
-                         "use the ONNX folder of the same build (build/<model>/seq<L>/onnx)")
-    raise SystemExit(f"error: {model} is neither a folder of exported pieces (with model.json) nor a .bmodel")
+    if model.suffix == ".bmodel" and model.is_file():
+        from .bmodel_backend import BmodelBackend
+        from .toolchain_process import ToolchainError
+
+        ids = [int(d) for d in str(devid).split(",")]
+        if len(ids) > 1:
+            raise SystemExit(f"error: --devid {devid}: running one model on several devices is not supported yet")
+        try:
+            return BmodelBackend(model, ids[0])
+        except ToolchainError as err:
+            raise SystemExit(f"error: {err}") from None
+    raise SystemExit(f"error: {model} is neither a folder of exported pieces (with model.json) nor a .bmodel file")
+
+
+def default_tokenizer(model: Path) -> Path:
+    """An ONNX folder carries its tokenizer; a bmodel's description names the folder beside it."""
+    description = model.with_suffix(".json")
+    if model.suffix == ".bmodel" and description.is_file():
+        name = json.loads(description.read_text(encoding="utf-8")).get("tokenizer")
+        if name:
+            return model.parent / name
+    return model
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m runtime.chat", description=__doc__.splitlines()[0])
-    p.add_argument("--model", type=Path, required=True, help="an ONNX folder (build/<model>/seq<L>/onnx)")
+    p.add_argument("--model", type=Path, required=True,
+                   help="dist/<name>.bmodel (the TPU-MLIR runtime: a device, or the simulator), or an ONNX "
+                        "folder build/<model>/seq<L>/onnx (onnxruntime)")
+    p.add_argument("--devid", default="0", help="device id for a bmodel")
     p.add_argument("--tokenizer", type=Path, help="folder with tokenizer.json or qwen.tiktoken "
-                   "(default: the model's folder)")
+                   "(default: the one the build put beside the model)")
     p.add_argument("--prompt", help="answer this one message and exit (no interaction)")
     p.add_argument("--system", default=DEFAULT_SYSTEM, help="system prompt ('' for none)")
     p.add_argument("--max-new-tokens", type=int, default=256)
@@ -48,10 +71,10 @@ def parse_args(argv=None):
 class Chat:
     def __init__(self, args):
         self.args = args
-        backend = open_backend(args.model)
+        backend = open_backend(args.model, args.devid)
         self.engine_info = backend.info
         self.backend = backend
-        tokenizer_dir = args.tokenizer or args.model
+        tokenizer_dir = args.tokenizer or default_tokenizer(args.model)
         try:
             self.tokenizer = load_tokenizer(tokenizer_dir)
         except FileNotFoundError as err:

@@ -1,7 +1,7 @@
 """HTTP API for a built model: OpenAI-compatible chat completions (streaming and not), the model
 list, a health check, and the seed's `POST /chat/completions {question, history, stream}`.
 
-    python -m runtime.serve --model build/<model>/seq<L>/onnx --port 8000
+    python -m runtime.serve --model dist/<name>.bmodel --port 8000     (or an ONNX folder)
 
 One generation runs at a time per loaded model; others wait in a bounded queue. When the queue
 is full the answer is 429 with Retry-After. A client that disconnects stops its generation.
@@ -20,7 +20,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from .chat import open_backend
+from .chat import default_tokenizer, open_backend
 from .chat_format import DEFAULT_SYSTEM, Message, PromptTooLong, fit_history
 from .engine import Engine
 from .generate import Result, generate
@@ -64,9 +64,9 @@ class ChatService:
     """One model, one generation at a time, a bounded queue of waiting requests."""
 
     def __init__(self, model: Path, name: str, tokenizer: Path | None = None, max_queue: int = 4,
-                 default_max_tokens: int = 256):
-        self.backend = open_backend(model)
-        self.tokenizer = load_tokenizer(tokenizer or model)
+                 default_max_tokens: int = 256, devid: str = "0"):
+        self.backend = open_backend(model, devid)
+        self.tokenizer = load_tokenizer(tokenizer or default_tokenizer(model))
         self.name, self.seq = name, self.backend.info["seq"]
         self.max_queue, self.default_max_tokens = max_queue, default_max_tokens
         self.slot = asyncio.Semaphore(1)
@@ -242,7 +242,8 @@ def main(argv=None):
     import uvicorn
 
     p = argparse.ArgumentParser(prog="python -m runtime.serve", description=__doc__.splitlines()[0])
-    p.add_argument("--model", type=Path, required=True, help="an ONNX folder (build/<model>/seq<L>/onnx)")
+    p.add_argument("--model", type=Path, required=True, help="dist/<name>.bmodel, or an ONNX folder")
+    p.add_argument("--devid", default="0", help="device id for a bmodel")
     p.add_argument("--tokenizer", type=Path)
     p.add_argument("--name", help="the model id the API reports (default: from the model)")
     p.add_argument("--host", default="127.0.0.1")
@@ -250,7 +251,7 @@ def main(argv=None):
     p.add_argument("--max-queue", type=int, default=4, help="requests that may wait for the model")
     p.add_argument("--max-tokens", type=int, default=256, help="default answer length")
     args = p.parse_args(argv)
-    service = ChatService(args.model, "", args.tokenizer, args.max_queue, args.max_tokens)
+    service = ChatService(args.model, "", args.tokenizer, args.max_queue, args.max_tokens, args.devid)
     service.name = args.name or service.backend.info.get("model", args.model.name)
     uvicorn.run(create_app(service), host=args.host, port=args.port, log_level="info")
 

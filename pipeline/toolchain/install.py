@@ -19,12 +19,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from runtime.toolchain_process import MARKER, cache_dir, toolchain_env
+
 from ..errors import PipelineError
 
 TPU_MLIR_VERSION = "1.30.2"
 TORCH_FOR_TOOLCHAIN = "2.11.0"  # the version of the wheel's `torch` extra; its ONNX front end imports torch
 CONSTRAINTS = Path(__file__).with_name(f"constraints-tpu-mlir-{TPU_MLIR_VERSION}.txt")
-MARKER = ".qwen-tpu-toolchain.json"
 BUNDLED_GLIBC = ("libc.so.6", "libm.so.6", "libpthread.so.0")
 _FALLBACK_PYTHONS = ["/usr/bin/python3.10", "/usr/local/bin/python3.10"]
 
@@ -43,14 +44,7 @@ class Toolchain:
         return self.bin / "python3"
 
     def env(self) -> dict:
-        """The tools start other tools through `#!/usr/bin/env python3`: our bin/ must come first."""
-        env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")}
-        env["PATH"] = f"{self.bin}{os.pathsep}{env.get('PATH', '')}"
-        return env
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("QWEN_TPU_CACHE") or Path.home() / ".cache" / "qwen-tpu").expanduser()
+        return toolchain_env(self.prefix)
 
 
 def managed_prefix() -> Path:

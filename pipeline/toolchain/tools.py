@@ -1,16 +1,16 @@
-"""Running the toolchain: its Python tools through one long-lived worker process (see worker.py),
+"""Running the toolchain: its Python tools through one long-lived process (runtime/toolchain_worker.py),
 its binaries as subprocesses; each run with its own log, failures quoting the log's relevant lines."""
 import atexit
-import json
 import os
 import re
 import subprocess
 from pathlib import Path
 
-from ..errors import PipelineError
-from .install import Toolchain, ensure_toolchain
+from runtime.toolchain_process import ToolchainError, ToolchainProcess
 
-WORKER_SCRIPT = Path(__file__).with_name("worker.py")
+from ..errors import PipelineError
+from .install import ensure_toolchain
+
 _worker = None
 
 
@@ -29,53 +29,26 @@ def tool_failure(what: str, log: Path) -> PipelineError:
     return PipelineError(f"{what} failed; from its log:\n{relevant_lines(log)}\n(full log: {log})")
 
 
-class Worker:
-    """One toolchain process per build process (doit -n N forks: each child gets its own)."""
-
-    def __init__(self, toolchain: Toolchain, log: Path):
-        log.parent.mkdir(parents=True, exist_ok=True)
-        self.log, self.pid, self.toolchain = log, os.getpid(), toolchain
-        env = {**toolchain.env(), "QWEN_TPU_WORKER_LOG": str(log)}
-        # the simulator's runtime opens libcmodel.so by name: the loader only sees a path set at start-up
-        libs = [str(p) for p in toolchain.prefix.glob("lib/python3*/*-packages/tpu_mlir/lib")]
-        env["LD_LIBRARY_PATH"] = os.pathsep.join(libs + [env.get("LD_LIBRARY_PATH", "")]).rstrip(os.pathsep)
-        self.process = subprocess.Popen([str(toolchain.python), str(WORKER_SCRIPT)], stdin=subprocess.PIPE,
-                                        stdout=subprocess.PIPE, env=env, text=True, bufsize=1)
+class Worker(ToolchainProcess):
+    """The build's toolchain process; a failed request becomes a PipelineError quoting the log."""
 
     def request(self, **request) -> dict:
         try:
-            self.process.stdin.write(json.dumps(request) + "\n")
-            self.process.stdin.flush()
-            answer = self.process.stdout.readline()
-        except (BrokenPipeError, OSError):
-            answer = ""
-        if not answer:
-            code = self.process.poll()
-            raise PipelineError(f"the toolchain process died (exit {code}) during {request.get('op')} "
-                                f"{request.get('tool', request.get('net', ''))}; its log:\n"
-                                f"{relevant_lines(Path(request.get('log', self.log)))}\n"
-                                f"(logs: {request.get('log', '')} {self.log})")
-        return json.loads(answer)
-
-    def close(self) -> None:
-        if self.process.poll() is None:
-            self.process.stdin.close()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-        self.process.stdout.close()
+            return super().request(**request)
+        except ToolchainError as err:
+            log = Path(request.get("log", self.log))
+            raise PipelineError(f"{err}; its log:\n{relevant_lines(log)}\n(logs: {log} {self.log})") from None
 
 
 def worker(log_dir: Path) -> Worker:
-    """This process's worker for the configured toolchain (started on first need)."""
+    """This process's worker for the configured toolchain (started on first need; doit -n N
+    forks: each child gets its own)."""
     global _worker
     toolchain = ensure_toolchain()
-    if (_worker is None or _worker.pid != os.getpid() or _worker.process.poll() is not None
-            or _worker.toolchain != toolchain):
+    if _worker is None or not _worker.alive() or _worker.prefix != toolchain.prefix:
         if _worker is not None and _worker.pid == os.getpid():
             _worker.close()
-        _worker = Worker(toolchain, Path(log_dir).resolve() / f"toolchain-worker-{os.getpid()}.log")
+        _worker = Worker(toolchain.prefix, Path(log_dir).resolve() / f"toolchain-worker-{os.getpid()}.log")
         atexit.register(_worker.close)
     return _worker
 

@@ -1,7 +1,8 @@
-"""A long-lived process inside the TPU-MLIR toolchain (Python 3.10): runs the toolchain's Python
-tools in-process, so torch and tpu_mlir are imported once instead of once per piece (a
-model_transform.py start-up costs ~5 s; a transform in this process ~0.1 s for a small piece),
-and runs bmodel nets on the cmodel simulator with the models kept loaded.
+"""A long-lived process inside the TPU-MLIR toolchain (Python 3.10), used by the build and by the
+runtime: it runs the toolchain's Python tools in-process, so torch and tpu_mlir are imported once
+instead of once per piece (a model_transform.py start-up costs ~5 s; a transform in this process
+~0.1 s for a small piece), and it runs bmodel nets (on the cmodel simulator here, on a device
+where libsophon is installed) with the models kept loaded.
 
 Protocol: one JSON request per line on stdin, one JSON answer per line on the original stdout.
 While a request runs, fds 1 and 2 point at the request's log file (tools and the tpuc-opt
@@ -63,8 +64,8 @@ def run_tool(request):
     return {"code": code}
 
 
-def load_model(path):
-    if path not in MODELS:
+def load_model(path, devid=0):
+    if (path, devid) not in MODELS:
         import ctypes
 
         from tpu_mlir.python.tools.model_runner import (bind_cmodel_so, get_chip_from_model, link_bmlib_so,
@@ -79,15 +80,15 @@ def load_model(path):
             ctypes.CDLL(os.path.join(os.environ["TPUC_ROOT"], "lib", "libcmodel.so"), mode=ctypes.RTLD_GLOBAL)
             import pyruntime_bm
             bind_cmodel_so(chip)
-        MODELS[path] = pyruntime_bm.Model(path, 0, "")
-    return MODELS[path]
+        MODELS[(path, devid)] = pyruntime_bm.Model(path, devid, "")
+    return MODELS[(path, devid)]
 
 
 def run_net(request):
     """One forward of a net on the simulator; inputs and outputs as float32/int32 npz files."""
     from tpu_mlir.python.utils.lowering import bf16_to_fp32, lowering
 
-    net = load_model(request["bmodel"]).Net(request["net"])
+    net = load_model(request["bmodel"], request.get("devid", 0)).Net(request["net"])
     inputs = np.load(request["inputs"])
     for tensor in net.inputs:
         value = inputs[tensor.name]
@@ -111,13 +112,25 @@ def run_net(request):
             "input_dtypes": {t.name: str(t.dtype) for t in net.inputs}}
 
 
+def net_info(request):
+    """Every net of a bmodel with its inputs and outputs (name, shape, dtype)."""
+    model = load_model(request["bmodel"], request.get("devid", 0))
+    nets = {}
+    for name in model.networks:
+        net = model.Net(name)
+        nets[name] = {kind: [{"name": t.name, "shape": list(t.data.shape), "dtype": str(t.dtype)}
+                             for t in getattr(net, kind)] for kind in ("inputs", "outputs")}
+    return {"code": 0, "nets": nets}
+
+
 def main():
     answers = os.fdopen(os.dup(1), "w")
     log = os.environ.get("QWEN_TPU_WORKER_LOG", os.devnull)
     fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     os.dup2(fd, 1)  # stray prints between requests must not corrupt the answers
     os.dup2(fd, 2)
-    handlers = {"tool": run_tool, "run_net": run_net, "ping": lambda r: {"code": 0, "pid": os.getpid()}}
+    handlers = {"tool": run_tool, "run_net": run_net, "net_info": net_info,
+                "ping": lambda r: {"code": 0, "pid": os.getpid()}}
     for line in sys.stdin:
         request = json.loads(line)
         try:

@@ -1,0 +1,74 @@
+"""A process running inside the TPU-MLIR toolchain's Python 3.10 (see toolchain_worker.py), and
+where to find that toolchain. Shared by the build (tools, simulator checks) and the runtime
+(running bmodels); it imports nothing of the build."""
+import json
+import os
+import subprocess
+from pathlib import Path
+
+WORKER_SCRIPT = Path(__file__).with_name("toolchain_worker.py")
+MARKER = ".qwen-tpu-toolchain.json"
+
+
+class ToolchainError(RuntimeError):
+    pass
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("QWEN_TPU_CACHE") or Path.home() / ".cache" / "qwen-tpu").expanduser()
+
+
+def find_toolchain() -> Path:
+    """QWEN_TPU_TOOLCHAIN, else the newest complete toolchain the build installed in the cache."""
+    if os.environ.get("QWEN_TPU_TOOLCHAIN"):
+        return Path(os.environ["QWEN_TPU_TOOLCHAIN"]).expanduser()
+    found = sorted(p.parent for p in cache_dir().glob(f"tpu-mlir-*/{MARKER}"))
+    if not found:
+        raise ToolchainError(f"no TPU-MLIR toolchain in {cache_dir()}: running a .bmodel needs one (`doit build` "
+                             "installs it), or set QWEN_TPU_TOOLCHAIN to an installation's prefix")
+    return found[-1]
+
+
+def toolchain_env(prefix: Path) -> dict:
+    """Its bin/ first (tools start tools through `#!/usr/bin/env python3`), and its libraries on the
+    loader's path from the start (the simulator's runtime opens libcmodel.so by name)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")}
+    env["PATH"] = f"{prefix / 'bin'}{os.pathsep}{env.get('PATH', '')}"
+    libs = [str(p) for p in prefix.glob("lib/python3*/*-packages/tpu_mlir/lib")]
+    env["LD_LIBRARY_PATH"] = os.pathsep.join(libs + [env.get("LD_LIBRARY_PATH", "")]).rstrip(os.pathsep)
+    return env
+
+
+class ToolchainProcess:
+    """One long-lived toolchain_worker.py; requests and answers are JSON lines."""
+
+    def __init__(self, prefix: Path, log: Path):
+        log.parent.mkdir(parents=True, exist_ok=True)
+        self.prefix, self.log, self.pid = prefix, log, os.getpid()
+        env = {**toolchain_env(prefix), "QWEN_TPU_WORKER_LOG": str(log)}
+        self.process = subprocess.Popen([str(prefix / "bin" / "python3"), str(WORKER_SCRIPT)], stdin=subprocess.PIPE,
+                                        stdout=subprocess.PIPE, env=env, text=True, bufsize=1)
+
+    def alive(self) -> bool:
+        return self.pid == os.getpid() and self.process.poll() is None
+
+    def request(self, **request) -> dict:
+        try:
+            self.process.stdin.write(json.dumps(request) + "\n")
+            self.process.stdin.flush()
+            answer = self.process.stdout.readline()
+        except (BrokenPipeError, OSError):
+            answer = ""
+        if not answer:
+            raise ToolchainError(f"the toolchain process died (exit {self.process.poll()}) during {request.get('op')} "
+                                 f"{request.get('tool', request.get('net', ''))} (log: {request.get('log', self.log)})")
+        return json.loads(answer)
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.stdin.close()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+        self.process.stdout.close()
