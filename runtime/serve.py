@@ -79,8 +79,8 @@ class ChatService:
         room = min(max_tokens, self.seq // 2)
         system = next((m.content for m in messages if m.role == "system"), None)
         rest = [m for m in messages if m.role != "system"]
-        if rest[-1].role != "user":
-            raise PromptTooLong("the last message must be the user's")
+        if not rest or rest[-1].role != "user":
+            raise ValueError("messages: the last message must be the user's")
         return fit_history(self.tokenizer, system, rest[:-1], rest[-1].content, self.seq - room)
 
     def reserve(self) -> None:
@@ -99,6 +99,9 @@ class ChatService:
         loop, result = asyncio.get_running_loop(), Result()
 
         def work():
+            if cancelled.is_set():  # the client left while waiting in the queue
+                result.finish_reason = "cancelled"
+                return
             start = time.perf_counter()
             for piece in generate(Engine(self.backend), self.tokenizer, ids, max_tokens, params, stop, result,
                                   cancelled.is_set):
@@ -160,6 +163,9 @@ def create_app(service: ChatService) -> FastAPI:
             ids, _ = service.prompt(messages, max_tokens)
         except PromptTooLong as err:
             return too_long(err)
+        except ValueError as err:
+            return JSONResponse(status_code=400, content={"error": {"message": str(err),
+                                                                    "type": "invalid_request_error"}})
         try:
             service.reserve()
         except Busy:

@@ -91,6 +91,8 @@ def test_bad_requests_get_clear_4xx(server):
     assert wrong.status_code == 400 and "temperature" in wrong.json()["error"]["message"]
     empty = httpx.post(f"{server}/v1/chat/completions", json={"messages": []})
     assert empty.status_code == 400 and "messages" in empty.json()["error"]["message"]
+    last = httpx.post(f"{server}/v1/chat/completions", json={"messages": [{"role": "assistant", "content": "x"}]})
+    assert last.status_code == 400 and "the last message must be the user's" in last.json()["error"]["message"]
     long = httpx.post(f"{server}/v1/chat/completions",
                       json={"messages": [{"role": "user", "content": "hello " * 400}], "max_tokens": 16})
     assert long.status_code == 400 and "takes at most 240" in long.json()["error"]["message"]
