@@ -99,8 +99,8 @@ def markdown(report: dict) -> str:
     lines += ["", "## Greedy decode: combined bmodel on the simulator vs the ONNX pipeline", ""]
     if d.get("run"):
         near = sum(m < TIE_MARGIN for m in d["margins"])
-        lines += [f"Both decode the ONNX pipeline's greedy path (teacher forcing); each step's greedy choice is "
-                  f"compared.", "",
+        lines += ["Both decode the ONNX pipeline's greedy path (teacher forcing); each step's greedy choice is "
+                  "compared.", "",
                   f"- same choice at {d['agree']}/{len(d['onnx'])} steps; a free-running greedy decode shares the "
                   f"first {d['free_running_prefix']} tokens",
                   f"- steps where fp32's top-2 margin is below {TIE_MARGIN} (near-ties): {near}; disagreements "

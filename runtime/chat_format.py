@@ -22,7 +22,7 @@ def chatml_ids(tokenizer, messages: list[Message], enable_thinking: bool | None 
     start, end = tokenizer.token_to_id("<|im_start|>"), tokenizer.token_to_id("<|im_end|>")
     newline = tokenizer.encode("\n", allow_special=False)
     ids = []
-    for k, m in enumerate(messages):
+    for m in messages:
         ids += [start] + tokenizer.encode(f"{m.role}\n", allow_special=False) + \
             tokenizer.encode(m.content, allow_special=False) + [end] + newline
     ids += [start] + tokenizer.encode("assistant\n", allow_special=False)

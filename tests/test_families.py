@@ -1,7 +1,6 @@
 """Each family's tiny model through checkpoint, patch, export and verification."""
 import json
 
-import numpy as np
 import onnx
 import pytest
 
