@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime.bmodel_backend import BmodelBackend
+from runtime.bmodel_backend import ToolchainBmodelBackend
 from runtime.engine import Engine
 from runtime.onnx_backend import OnnxBackend
 
@@ -29,9 +29,9 @@ EXACT_TOKENS_MODES = ("bf16", "f16")  # a float build must choose the same token
 TIE_MARGIN = 0.1  # ... wherever the fp32 top-2 logits are at least this far apart
 
 
-def simulator(bmodel: Path, log_dir: Path, whole_model: bool = True) -> BmodelBackend:
+def simulator(bmodel: Path, log_dir: Path, whole_model: bool = True) -> ToolchainBmodelBackend:
     """A bmodel on the simulator, in the build's toolchain process."""
-    return BmodelBackend(bmodel, process=worker(log_dir), whole_model=whole_model)
+    return ToolchainBmodelBackend(bmodel, process=worker(log_dir), whole_model=whole_model)
 
 
 def check_pieces(mode: str, dims: Dims, onnx_dir: Path, deploy_dir: Path, ids: list[int], log_dir: Path,

@@ -1,9 +1,10 @@
-"""The bmodel backend: a combined .bmodel run through the TPU-MLIR runtime (pyruntime_bm) in the
-toolchain's process: on the cmodel simulator here, on a device where libsophon is installed.
+"""The bmodel backends. `BmodelBackend` calls the BM runtime's C API in this process (runtime/bmrt.py):
+libsophon on a device, the cmodel simulator here. `ToolchainBmodelBackend` runs bmodels with
+pyruntime_bm inside the toolchain's process (the build's simulator checks use it).
 
-Like Sophgo's own demo, it reads everything from the file's nets: SEQ from block_0's input, the
+Like Sophgo's own demo, both read everything from the file's nets: SEQ from block_0's input, the
 layer count from the block_i nets, K/V heads and head size from block_cache_0's history, the
-dtypes from each tensor. So it also runs bmodels made by tpu-mlir's llm_convert.py. Where the
+dtypes from each tensor. So they also run bmodels made by tpu-mlir's llm_convert.py. Where the
 lm_head returns the chosen token instead of logits (llm_convert's), decoding is greedy."""
 import re
 import tempfile
@@ -14,7 +15,51 @@ import numpy as np
 from .toolchain_process import ToolchainError, ToolchainProcess, find_toolchain
 
 
+def describe_nets(nets: dict, bmodel: Path) -> dict:
+    """The engine's dims, read from the nets of an LLM bmodel."""
+    blocks = sorted(int(m[1]) for n in nets if (m := re.fullmatch(r"block_(\d+)", n)))
+    missing = [n for n in ("embedding", "embedding_cache", "lm_head", "block_0", "block_cache_0") if n not in nets]
+    if missing or blocks != list(range(len(blocks))):
+        raise ToolchainError(f"{bmodel} does not hold the nets of an LLM bmodel (missing {missing})")
+    seq = nets["block_0"]["inputs"][0]["shape"][1]
+    history = nets["block_cache_0"]["inputs"][3]["shape"]  # [1, SEQ, KVH, D]
+    head_out = nets["lm_head"]["outputs"][0]
+    token_head = "i" in head_out["dtype"] or head_out["shape"][-1] == 1  # int32 [1, 1]: the chosen token
+    return {"model": Path(bmodel).stem, "seq": seq, "num_layers": len(blocks), "kv_heads": history[2],
+            "head_dim": history[3], "hidden_size": nets["block_0"]["inputs"][0]["shape"][2],
+            "head": "token" if token_head else "logits", "bmodel": str(bmodel)}
+
+
+def token_as_logits(token: np.ndarray) -> np.ndarray:
+    """A head that returns the greedy token: logits that any sampler reads as that token."""
+    chosen = int(token.ravel()[0])
+    logits = np.full((1, chosen + 1), -np.inf, np.float32)
+    logits[0, chosen] = 0.0
+    return logits
+
+
 class BmodelBackend:
+    """A bmodel through the BM runtime's C API, in this process."""
+
+    def __init__(self, bmodel: Path, devid: int = 0):
+        from .bmrt import Runtime
+
+        self.bmodel = Path(bmodel).resolve()
+        if not self.bmodel.is_file():
+            raise FileNotFoundError(f"{bmodel} does not exist")
+        self.runtime = Runtime(self.bmodel, devid)
+        self.nets = self.runtime.nets
+        self.info = describe_nets(self.nets, self.bmodel)
+
+    def run(self, net: str, feeds: dict) -> list[np.ndarray]:
+        names = [t["name"] for t in self.nets[net]["inputs"]]
+        values = self.runtime.run(net, [feeds[n] for n in names])
+        if net == "lm_head" and self.info["head"] == "token":
+            return [token_as_logits(values[0])]
+        return values
+
+
+class ToolchainBmodelBackend:
     def __init__(self, bmodel: Path, devid: int = 0, process: ToolchainProcess | None = None,
                  log: Path | None = None, whole_model: bool = True):
         self.bmodel, self.devid = Path(bmodel).resolve(), devid
@@ -23,7 +68,7 @@ class BmodelBackend:
         self.scratch = Path(tempfile.mkdtemp(prefix="bmodel-"))
         self.process = process or ToolchainProcess(find_toolchain(), log or self.scratch / "toolchain.log")
         self.nets = self._request(op="net_info")["nets"]
-        self.info = self._describe() if whole_model else {}  # a one-piece bmodel (the build's checks)
+        self.info = describe_nets(self.nets, self.bmodel) if whole_model else {}  # one-piece bmodels: the build
         self.seconds = 0.0
 
     def _request(self, **request) -> dict:
@@ -33,20 +78,6 @@ class BmodelBackend:
                                  f"{answer.get('error')} (log: {self.process.log})")
         return answer
 
-    def _describe(self) -> dict:
-        blocks = sorted(int(m[1]) for n in self.nets if (m := re.fullmatch(r"block_(\d+)", n)))
-        missing = [n for n in ("embedding", "embedding_cache", "lm_head", "block_0", "block_cache_0")
-                   if n not in self.nets]
-        if missing or blocks != list(range(len(blocks))):
-            raise ToolchainError(f"{self.bmodel} does not hold the nets of an LLM bmodel (missing {missing})")
-        seq = self.nets["block_0"]["inputs"][0]["shape"][1]
-        history = self.nets["block_cache_0"]["inputs"][3]["shape"]  # [1, SEQ, KVH, D]
-        head_out = self.nets["lm_head"]["outputs"][0]
-        token_head = "int" in head_out["dtype"] or head_out["shape"][-1] == 1
-        return {"model": self.bmodel.stem, "seq": seq, "num_layers": len(blocks), "kv_heads": history[2],
-                "head_dim": history[3], "hidden_size": self.nets["block_0"]["inputs"][0]["shape"][2],
-                "head": "token" if token_head else "logits", "bmodel": str(self.bmodel)}
-
     def run(self, net: str, feeds: dict) -> list[np.ndarray]:
         inputs, outputs = self.scratch / "in.npz", self.scratch / "out.npz"
         np.savez(inputs, **feeds)
@@ -55,12 +86,5 @@ class BmodelBackend:
         with np.load(outputs) as out:
             values = [out[f"output_{k}"] for k in range(len(answer["names"]))]
         if net == "lm_head" and self.info.get("head") == "token":
-            return [self._as_logits(values[0])]
+            return [token_as_logits(values[0])]
         return values
-
-    def _as_logits(self, token: np.ndarray) -> np.ndarray:
-        """A head that returns the greedy token: logits that any sampler reads as that token."""
-        vocab = max(int(token.ravel()[0]) + 1, 1)
-        logits = np.full((1, vocab), -np.inf, np.float32)
-        logits[0, int(token.ravel()[0])] = 0.0
-        return logits
