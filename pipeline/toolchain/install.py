@@ -22,6 +22,7 @@ from pathlib import Path
 from runtime.toolchain_process import MARKER, cache_dir, toolchain_env
 
 from ..errors import PipelineError
+from .logs import relevant_lines
 
 TPU_MLIR_VERSION = "1.30.2"
 TORCH_FOR_TOOLCHAIN = "2.11.0"  # the version of the wheel's `torch` extra; its ONNX front end imports torch
@@ -139,7 +140,7 @@ def _install(prefix: Path) -> None:
             out.write(f"$ {' '.join(cmd)}\n")
             out.flush()
             if subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT).returncode:
-                raise PipelineError(f"toolchain install failed at: {what}\n{_tail(log)}\n(full log: {log})")
+                raise PipelineError(f"toolchain install failed at: {what}\n{relevant_lines(log, 12)}\n(full log: {log})")
     fixes = _fix_bundled_glibc(prefix)
     say(f"[toolchain {len(steps) + 1}/{len(steps) + 1}] check the tools ...")
     _check(Toolchain(prefix, TPU_MLIR_VERSION), log)
@@ -187,10 +188,4 @@ def _check(toolchain: Toolchain, log: Path) -> None:
             out.flush()
             if subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, env=toolchain.env()).returncode:
                 raise PipelineError(f"the installed toolchain does not run: {' '.join(cmd[:2])} failed\n"
-                                    f"{_tail(log)}\n(full log: {log})")
-
-
-def _tail(log: Path, lines: int = 12) -> str:
-    text = log.read_text(errors="replace").splitlines()
-    relevant = [line for line in text if re.search(r"error|Error|ERROR|not found|No module|Traceback", line)]
-    return "\n".join("    " + line for line in (relevant[-lines:] or text[-lines:]))
+                                    f"{relevant_lines(log, 12)}\n(full log: {log})")

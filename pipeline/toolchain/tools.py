@@ -2,7 +2,6 @@
 its binaries as subprocesses; each run with its own log, failures quoting the log's relevant lines."""
 import atexit
 import os
-import re
 import subprocess
 from pathlib import Path
 
@@ -10,19 +9,9 @@ from runtime.toolchain_process import ToolchainError, ToolchainProcess
 
 from ..errors import PipelineError
 from .install import ensure_toolchain
+from .logs import relevant_lines
 
 _worker = None
-
-
-def relevant_lines(log: Path, count: int = 10) -> str:
-    """The lines of a tool's log that say what went wrong (else its last lines)."""
-    try:
-        lines = log.read_text(errors="replace").splitlines()
-    except OSError:
-        return "    (no log)"
-    pattern = re.compile(r"error|Error|ERROR|failed|Failed|FAIL|Traceback|Exception|not support|Unsupport|Abort")
-    picked = [line for line in lines if pattern.search(line)] or lines
-    return "\n".join("    " + line[:300] for line in picked[-count:])
 
 
 def tool_failure(what: str, log: Path) -> PipelineError:
