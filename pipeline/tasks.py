@@ -419,18 +419,13 @@ class VerifyTasks:
         ids = read_json(self.paths.report)["prompt_ids"]
         report = {"model": b.model.name, "seq": b.seq, "mode": b.mode, "variant": b.variant,
                   "bmodel": self.paths.dist.name, "prompt_ids": ids, "tools": {**TOOL_VERSIONS, **COMPILER}}
-        if b.devices > 1:
-            reason = (f"a {b.devices}-device bmodel cannot run on the cmodel simulator (pyruntime_bm aborts on "
-                      f"multi-device nets); run it on {b.devices} chips with the runtime")
-            report.update(pieces={}, decode={"run": False, "reason": reason}, simulated=False)
-        else:
-            dims = Dims.from_config(read_json(self.paths.export_config))
-            report["pieces"] = verify_sim.check_pieces(b.mode, dims, self.paths.onnx, self.paths.deploy, ids,
-                                                       self.paths.logs, progress)
-            say(f"[verify {b.mode} on the simulator] greedy decode of {self.paths.dist.name} ...")
-            report["decode"] = verify_sim.decode_check(b.mode, self.paths.onnx, self.paths.dist, ids,
-                                                       verify.NEW_TOKENS, self.paths.logs)
-            report["simulated"] = True
+        dims = Dims.from_config(read_json(self.paths.export_config))
+        report["pieces"] = verify_sim.check_pieces(b.mode, dims, self.paths.onnx, self.paths.deploy, ids,
+                                                   self.paths.logs, progress, b.devices)
+        say(f"[verify {b.mode} on the simulator] greedy decode of {self.paths.dist.name} ...")
+        report["decode"] = verify_sim.decode_check(b.mode, self.paths.onnx, self.paths.dist, ids,
+                                                   verify.NEW_TOKENS, self.paths.logs, b.devices)
+        report["simulated"] = True
         write_json(self.sim_report, report)
         write_text(self.sim_report.with_suffix(".md"), verify_sim.markdown(report))
         if report["simulated"]:

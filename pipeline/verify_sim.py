@@ -2,13 +2,15 @@
   1. each deployed one-piece bmodel against onnxruntime on the same real activations (the ONNX
      pipeline's, on the verify prompt), with thresholds per mode;
   2. the combined bmodel decoding greedily, token by token against the ONNX pipeline.
-The simulator runs inside the toolchain's process (pyruntime_bm is a Python 3.10 extension)."""
+One-device bmodels run inside the toolchain's process (pyruntime_bm, a Python 3.10 extension).
+Multi-device bmodels run through the BM runtime's C API here (runtime/bmrt.py): pyruntime_bm aborts
+on their nets, while bmrt_launch_tensor_ex runs every device's part on the one simulated chip."""
 import time
 from pathlib import Path
 
 import numpy as np
 
-from runtime.bmodel_backend import ToolchainBmodelBackend
+from runtime.bmodel_backend import BmodelBackend, ToolchainBmodelBackend
 from runtime.engine import Engine
 from runtime.onnx_backend import OnnxBackend
 
@@ -29,19 +31,21 @@ EXACT_TOKENS_MODES = ("bf16", "f16")  # a float build must choose the same token
 TIE_MARGIN = 0.1  # ... wherever the fp32 top-2 logits are at least this far apart
 
 
-def simulator(bmodel: Path, log_dir: Path, whole_model: bool = True) -> ToolchainBmodelBackend:
-    """A bmodel on the simulator, in the build's toolchain process."""
+def simulator(bmodel: Path, log_dir: Path, whole_model: bool = True, devices: int = 1):
+    """A bmodel on the simulator: in the build's toolchain process, or (multi-device) in this one."""
+    if devices > 1:
+        return BmodelBackend(bmodel, whole_model=whole_model)
     return ToolchainBmodelBackend(bmodel, process=worker(log_dir), whole_model=whole_model)
 
 
 def check_pieces(mode: str, dims: Dims, onnx_dir: Path, deploy_dir: Path, ids: list[int], log_dir: Path,
-                 progress) -> dict:
+                 progress, devices: int = 1) -> dict:
     onnx = OnnxBackend(onnx_dir)
     backends = {}
 
     def candidate(net, feeds):
         if net not in backends:
-            backends[net] = simulator(deploy_dir / f"{net}.bmodel", log_dir, whole_model=False)
+            backends[net] = simulator(deploy_dir / f"{net}.bmodel", log_dir, False, devices)
         return backends[net].run(net, feeds)
 
     min_cosine, max_rel = THRESHOLDS[mode]
@@ -57,7 +61,8 @@ def _path(engine: Engine, ids: list[int], tokens: list[int] | None, steps: int) 
     return logits
 
 
-def decode_check(mode: str, onnx_dir: Path, bmodel: Path, ids: list[int], new_tokens: int, log_dir: Path) -> dict:
+def decode_check(mode: str, onnx_dir: Path, bmodel: Path, ids: list[int], new_tokens: int, log_dir: Path,
+                 devices: int = 1) -> dict:
     """The combined bmodel decodes the ONNX pipeline's greedy path (teacher forcing: both see the
     same tokens, so one flipped near-tie does not derail every later step) and each step's
     greedy choice is compared. A float build must agree wherever the reference's top-2 margin is
@@ -66,7 +71,7 @@ def decode_check(mode: str, onnx_dir: Path, bmodel: Path, ids: list[int], new_to
     ref_logits = _path(Engine(onnx), ids, None, new_tokens)
     reference = [int(np.argmax(lg)) for lg in ref_logits]
     margins = [float(np.diff(np.sort(lg)[-2:])[0]) for lg in ref_logits]
-    sim = simulator(bmodel, log_dir)
+    sim = simulator(bmodel, log_dir, True, devices)
     start = time.perf_counter()
     sim_logits = _path(Engine(sim), ids, reference, new_tokens)
     chosen = [int(np.argmax(lg)) for lg in sim_logits]

@@ -8,6 +8,7 @@ dtypes from each tensor. So they also run bmodels made by tpu-mlir's llm_convert
 lm_head returns the chosen token instead of logits (llm_convert's), decoding is greedy."""
 import re
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -41,20 +42,23 @@ def token_as_logits(token: np.ndarray) -> np.ndarray:
 class BmodelBackend:
     """A bmodel through the BM runtime's C API, in this process."""
 
-    def __init__(self, bmodel: Path, devid: int = 0):
+    def __init__(self, bmodel: Path, devids: list[int] = (0,), whole_model: bool = True):
         from .bmrt import Runtime
 
         self.bmodel = Path(bmodel).resolve()
         if not self.bmodel.is_file():
             raise FileNotFoundError(f"{bmodel} does not exist")
-        self.runtime = Runtime(self.bmodel, devid)
+        self.runtime = Runtime(self.bmodel, list(devids))
         self.nets = self.runtime.nets
-        self.info = describe_nets(self.nets, self.bmodel)
+        self.info = describe_nets(self.nets, self.bmodel) if whole_model else {}  # one-piece bmodels: the build
+        self.seconds = 0.0
 
     def run(self, net: str, feeds: dict) -> list[np.ndarray]:
         names = [t["name"] for t in self.nets[net]["inputs"]]
+        start = time.perf_counter()
         values = self.runtime.run(net, [feeds[n] for n in names])
-        if net == "lm_head" and self.info["head"] == "token":
+        self.seconds += time.perf_counter() - start
+        if net == "lm_head" and self.info.get("head") == "token":
             return [token_as_logits(values[0])]
         return values
 

@@ -20,21 +20,36 @@ DTYPES = {0: ("f32", np.float32), 1: ("f16", np.float16), 2: ("i8", np.int8), 3:
           8: ("bf16", np.uint16)}
 
 
-class Shape(ctypes.Structure):
+class Shape(ctypes.Structure):  # bm_shape_t
     _fields_ = [("num_dims", ctypes.c_int), ("dims", ctypes.c_int * 8)]
 
 
-class StageInfo(ctypes.Structure):
-    _fields_ = [("input_shapes", ctypes.POINTER(Shape)), ("output_shapes", ctypes.POINTER(Shape))]
+class DeviceMem(ctypes.Structure):  # bm_device_mem_t (bmlib_runtime.h, Linux): a 16-byte union, flags, size
+    _fields_ = [("address", ctypes.c_uint64), ("reserved", ctypes.c_uint32), ("fd", ctypes.c_int32),
+                ("flags", ctypes.c_uint32), ("size", ctypes.c_uint32)]
 
 
-class NetInfo(ctypes.Structure):  # the leading fields of bm_net_info_t (bmruntime_interface.h)
+class Tensor(ctypes.Structure):  # bm_tensor_t
+    _fields_ = [("dtype", ctypes.c_int), ("shape", Shape), ("device_mem", DeviceMem), ("st_mode", ctypes.c_int)]
+
+
+class StageInfo(ctypes.Structure):  # bm_stage_info_t
+    _fields_ = [("input_shapes", ctypes.POINTER(Shape)), ("output_shapes", ctypes.POINTER(Shape)),
+                ("input_mems", ctypes.POINTER(DeviceMem)), ("output_mems", ctypes.POINTER(DeviceMem))]
+
+
+class NetInfo(ctypes.Structure):  # bm_net_info_t (bmruntime_interface.h / bmdef.h)
     _fields_ = [("name", ctypes.c_char_p), ("is_dynamic", ctypes.c_bool), ("input_num", ctypes.c_int),
                 ("input_names", ctypes.POINTER(ctypes.c_char_p)), ("input_dtypes", ctypes.POINTER(ctypes.c_int)),
                 ("input_scales", ctypes.POINTER(ctypes.c_float)), ("output_num", ctypes.c_int),
                 ("output_names", ctypes.POINTER(ctypes.c_char_p)), ("output_dtypes", ctypes.POINTER(ctypes.c_int)),
                 ("output_scales", ctypes.POINTER(ctypes.c_float)), ("stage_num", ctypes.c_int),
-                ("stages", ctypes.POINTER(StageInfo))]
+                ("stages", ctypes.POINTER(StageInfo)), ("max_input_bytes", ctypes.POINTER(ctypes.c_size_t)),
+                ("max_output_bytes", ctypes.POINTER(ctypes.c_size_t)),
+                ("input_zero_point", ctypes.POINTER(ctypes.c_int)), ("output_zero_point", ctypes.POINTER(ctypes.c_int)),
+                ("input_loc_devices", ctypes.POINTER(ctypes.c_int)),
+                ("output_loc_devices", ctypes.POINTER(ctypes.c_int)), ("core_num", ctypes.c_int),
+                ("addr_mode", ctypes.c_int32)]
 
 
 def library_dir() -> tuple[Path, bool]:
@@ -55,69 +70,145 @@ def library_dir() -> tuple[Path, bool]:
 
 
 class Runtime:
-    """One loaded bmodel on one device: nets by name, run with host numpy arrays."""
+    """One loaded bmodel on one or more devices: nets by name, run with host numpy arrays.
 
-    def __init__(self, bmodel: Path, devid: int = 0):
+    Like Sophgo's demos, every tensor gets device memory on the device the net keeps it on
+    (`input_loc_devices`; all 0 for a one-device bmodel) and runs through bmrt_launch_tensor_ex:
+    bmrt_launch_data would put every input on the first device. So the simulator runs the same
+    code path that a multi-device bmodel takes on hardware."""
+
+    def __init__(self, bmodel: Path, devids: list[int] = (0,)):
         folder, simulator = library_dir()
         names = (["libcmodel.so"] if simulator else []) + ["libbmlib.so", "libbmrt.so"]
         libs = [ctypes.CDLL(str(folder / n), mode=ctypes.RTLD_GLOBAL) for n in names]  # absolute paths
         self.bmlib, self.bmrt = libs[-2], libs[-1]
-        self.bmrt.bmrt_create.restype = ctypes.c_void_p
-        self.bmrt.bmrt_get_network_info.restype = ctypes.POINTER(NetInfo)
-        self.bmrt.bmrt_get_network_info.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
-        self.bmrt.bmrt_launch_data.restype = ctypes.c_bool
-        self.bmrt.bmrt_launch_data.argtypes = [
-            ctypes.c_void_p, ctypes.c_char_p, ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(Shape), ctypes.c_int,
-            ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(Shape), ctypes.c_int, ctypes.c_bool]
-        self.handle = ctypes.c_void_p()
-        if self.bmlib.bm_dev_request(ctypes.byref(self.handle), devid) != 0:
-            raise ToolchainError(f"cannot open device {devid} ({'simulator' if simulator else folder})")
-        self.p = ctypes.c_void_p(self.bmrt.bmrt_create(self.handle))
-        if not self.bmrt.bmrt_load_bmodel(self.p, str(bmodel).encode()):
-            raise ToolchainError(f"the BM runtime could not load {bmodel}")
-        self.simulator = simulator
+        self._declare()
+        self.simulator, self.p, self.handles = simulator, None, []
+        self._check_devices(list(devids), folder)
+        for devid in devids:
+            handle = ctypes.c_void_p()
+            if self.bmlib.bm_dev_request(ctypes.byref(handle), devid) != 0:
+                self.close()
+                raise ToolchainError(f"cannot open device {devid} ({'simulator' if simulator else folder})")
+            self.handles.append(handle)
+        self.p = ctypes.c_void_p(self.bmrt.bmrt_create_ex((ctypes.c_void_p * len(devids))(*self.handles), len(devids)))
         atexit.register(self.close)  # the C runtime must be torn down before the interpreter's own exit
+        if not self.bmrt.bmrt_load_bmodel(self.p, str(bmodel).encode()):
+            raise ToolchainError(f"the BM runtime could not load {bmodel} on device(s) {list(devids)} "
+                                 "(a bmodel built for N devices needs N ids in --devid)")
         names_pp = ctypes.POINTER(ctypes.c_char_p)()
         self.bmrt.bmrt_get_network_names(self.p, ctypes.byref(names_pp))
         count = self.bmrt.bmrt_get_network_number(self.p)
         self.nets = {names_pp[i].decode(): self._net(names_pp[i]) for i in range(count)}
+        self._tensors = {}
+
+    def _declare(self) -> None:
+        bmrt, bmlib = self.bmrt, self.bmlib
+        bmrt.bmrt_create_ex.restype = ctypes.c_void_p
+        bmrt.bmrt_create_ex.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.c_int]
+        bmrt.bmrt_get_network_info.restype = ctypes.POINTER(NetInfo)
+        bmrt.bmrt_get_network_info.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
+        bmrt.bmrt_tensor_ex.restype = ctypes.c_bool
+        bmrt.bmrt_tensor_ex.argtypes = [ctypes.POINTER(Tensor), ctypes.c_void_p, ctypes.c_int, ctypes.c_int, Shape]
+        bmrt.bmrt_free_device.argtypes = [ctypes.c_void_p, DeviceMem]
+        bmrt.bmrt_launch_tensor_ex.restype = ctypes.c_bool
+        bmrt.bmrt_launch_tensor_ex.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.POINTER(Tensor), ctypes.c_int,
+                                               ctypes.POINTER(Tensor), ctypes.c_int, ctypes.c_bool, ctypes.c_bool]
+        for name in ("bm_memcpy_s2d_partial", "bm_memcpy_d2s_partial"):
+            getattr(bmlib, name).argtypes = [ctypes.c_void_p] + (
+                [DeviceMem, ctypes.c_void_p] if name.endswith("s2d_partial") else [ctypes.c_void_p, DeviceMem]
+            ) + [ctypes.c_uint32]
+        bmlib.bm_thread_sync.argtypes = [ctypes.c_void_p]
+
+    def _check_devices(self, devids: list[int], folder: Path) -> None:
+        count = ctypes.c_int()
+        self.bmlib.bm_dev_getcount(ctypes.byref(count))
+        wrong = [d for d in devids if not 0 <= d < count.value]
+        if wrong or len(set(devids)) != len(devids) or not devids:
+            where = "the simulator has 1 device (id 0)" if self.simulator else f"{count.value} device(s) found"
+            raise ToolchainError(f"device id(s) {devids} are not usable: {where}"
+                                 + ("" if self.simulator else f" by libsophon in {folder}"))
 
     def close(self) -> None:
         if self.p:
+            for tensors in getattr(self, "_tensors", {}).values():
+                for tensor in [*tensors[0], *tensors[1]]:
+                    self.bmrt.bmrt_free_device(self.p, tensor.device_mem)
+            self._tensors = {}
             self.bmrt.bmrt_destroy(self.p)
-            self.bmlib.bm_dev_free(self.handle)
             self.p = None
+        for handle in self.handles:
+            self.bmlib.bm_dev_free(handle)
+        self.handles = []
 
     def _net(self, name: bytes) -> dict:
         info = self.bmrt.bmrt_get_network_info(self.p, name).contents
         stage = info.stages[0]
 
-        def tensors(count, names, dtypes, shapes):
+        def tensors(count, names, dtypes, shapes, devices):
             return [{"name": names[i].decode(), "dtype": DTYPES[dtypes[i]][0],
-                     "shape": [shapes[i].dims[d] for d in range(shapes[i].num_dims)]} for i in range(count)]
+                     "shape": [shapes[i].dims[d] for d in range(shapes[i].num_dims)],
+                     "device": devices[i] if devices else 0} for i in range(count)]
 
-        return {"inputs": tensors(info.input_num, info.input_names, info.input_dtypes, stage.input_shapes),
-                "outputs": tensors(info.output_num, info.output_names, info.output_dtypes, stage.output_shapes),
+        return {"inputs": tensors(info.input_num, info.input_names, info.input_dtypes, stage.input_shapes,
+                                  info.input_loc_devices),
+                "outputs": tensors(info.output_num, info.output_names, info.output_dtypes, stage.output_shapes,
+                                   info.output_loc_devices),
                 "_dtypes": ([info.input_dtypes[i] for i in range(info.input_num)],
                             [info.output_dtypes[i] for i in range(info.output_num)])}
+
+    def _device_tensors(self, net: str) -> tuple:
+        """Device memory for a net's inputs and outputs, on their devices; made once, reused."""
+        if net not in self._tensors:
+            spec = self.nets[net]
+            made = []
+            for specs, dtypes in ((spec["inputs"], spec["_dtypes"][0]), (spec["outputs"], spec["_dtypes"][1])):
+                group = []
+                for t, dtype in zip(specs, dtypes):
+                    tensor = Tensor()
+                    if not self.bmrt.bmrt_tensor_ex(ctypes.byref(tensor), self.p, t["device"], dtype, _shape(t["shape"])):
+                        raise ToolchainError(f"no device memory for {net}/{t['name']} on device {t['device']}")
+                    group.append(tensor)
+                made.append((Tensor * len(group))(*group))
+            self._tensors[net] = tuple(made)
+        return self._tensors[net]
 
     def run(self, net: str, arrays: list[np.ndarray]) -> list[np.ndarray]:
         """Inputs as float32/int32 (converted to the net's dtypes); outputs as float32/int32."""
         spec = self.nets[net]
         in_types, out_types = spec["_dtypes"]
-        inputs = [_to_device_type(a, t) for a, t in zip(arrays, in_types, strict=True)]
-        outputs = [np.zeros(o["shape"], DTYPES[t][1]) for o, t in zip(spec["outputs"], out_types)]
-        in_shapes, out_shapes = (Shape * len(inputs))(), (Shape * len(outputs))()
-        for shape, a in zip(in_shapes, inputs):
-            shape.num_dims = a.ndim
-            for d, n in enumerate(a.shape):
-                shape.dims[d] = n
-        in_ptrs = (ctypes.c_void_p * len(inputs))(*(a.ctypes.data for a in inputs))
-        out_ptrs = (ctypes.c_void_p * len(outputs))(*(o.ctypes.data for o in outputs))
-        if not self.bmrt.bmrt_launch_data(self.p, net.encode(), in_ptrs, in_shapes, len(inputs), out_ptrs,
-                                          out_shapes, len(outputs), True):
+        inputs, outputs = self._device_tensors(net)
+        for tensor, t, array, dtype in zip(inputs, spec["inputs"], arrays, in_types, strict=True):
+            data = _to_device_type(array, dtype)
+            tensor.shape = _shape(data.shape)
+            self._check(self.bmlib.bm_memcpy_s2d_partial(self.handles[t["device"]], tensor.device_mem,
+                                                         data.ctypes.data, data.nbytes), f"copy {t['name']} in")
+        ok = self.bmrt.bmrt_launch_tensor_ex(self.p, net.encode(), inputs, len(inputs), outputs, len(outputs),
+                                             True, False)
+        for handle in self.handles:  # a multi-device net runs on all of them
+            self._check(self.bmlib.bm_thread_sync(handle), f"run {net}")
+        if not ok:
             raise ToolchainError(f"the BM runtime failed to run {net}")
-        return [_from_device_type(o, t) for o, t in zip(outputs, out_types)]
+        results = []
+        for tensor, t, dtype in zip(outputs, spec["outputs"], out_types):
+            host = np.zeros(t["shape"], DTYPES[dtype][1])
+            self._check(self.bmlib.bm_memcpy_d2s_partial(self.handles[t["device"]], host.ctypes.data,
+                                                         tensor.device_mem, host.nbytes), f"copy {t['name']} out")
+            results.append(_from_device_type(host, dtype))
+        return results
+
+    @staticmethod
+    def _check(status: int, what: str) -> None:
+        if status != 0:
+            raise ToolchainError(f"the BM runtime could not {what} (bm_status {status})")
+
+
+def _shape(dims) -> Shape:
+    shape = Shape()
+    shape.num_dims = len(dims)
+    for d, n in enumerate(dims):
+        shape.dims[d] = n
+    return shape
 
 
 def _to_device_type(array: np.ndarray, dtype: int) -> np.ndarray:

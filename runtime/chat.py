@@ -26,11 +26,12 @@ def open_backend(model: Path, devid: str = "0"):
         from .bmodel_backend import BmodelBackend
         from .toolchain_process import ToolchainError
 
-        ids = [int(d) for d in str(devid).split(",")]
-        if len(ids) > 1:
-            raise SystemExit(f"error: --devid {devid}: running one model on several devices is not supported yet")
         try:
-            return BmodelBackend(model, ids[0])
+            ids = [int(d) for d in str(devid).split(",")]
+        except ValueError:
+            raise SystemExit(f"error: --devid {devid}: give device ids as numbers, e.g. --devid 0 or --devid 2,3") from None
+        try:
+            return BmodelBackend(model, ids)
         except ToolchainError as err:
             raise SystemExit(f"error: {err}") from None
     raise SystemExit(f"error: {model} is neither a folder of exported pieces (with model.json) nor a .bmodel file")
@@ -51,7 +52,7 @@ def parse_args(argv=None):
     p.add_argument("--model", type=Path, required=True,
                    help="dist/<name>.bmodel (the TPU-MLIR runtime: a device, or the simulator), or an ONNX "
                         "folder build/<model>/seq<L>/onnx (onnxruntime)")
-    p.add_argument("--devid", default="0", help="device id for a bmodel")
+    p.add_argument("--devid", default="0", help="device id(s) for a bmodel: one, or one per device it was built for (2,3)")
     p.add_argument("--tokenizer", type=Path, help="folder with tokenizer.json or qwen.tiktoken "
                    "(default: the one the build put beside the model)")
     p.add_argument("--prompt", help="answer this one message and exit (no interaction)")

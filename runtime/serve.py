@@ -249,7 +249,7 @@ def main(argv=None):
 
     p = argparse.ArgumentParser(prog="python -m runtime.serve", description=__doc__.splitlines()[0])
     p.add_argument("--model", type=Path, required=True, help="dist/<name>.bmodel, or an ONNX folder")
-    p.add_argument("--devid", default="0", help="device id for a bmodel")
+    p.add_argument("--devid", default="0", help="device id(s) for a bmodel: one, or one per device it was built for (2,3)")
     p.add_argument("--tokenizer", type=Path)
     p.add_argument("--name", help="the model id the API reports (default: from the model)")
     p.add_argument("--host", default="127.0.0.1")
