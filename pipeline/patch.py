@@ -156,7 +156,8 @@ def export_config(config: dict, seq: int) -> dict:
     return out
 
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "qwen.tiktoken", "generation_config.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "qwen.tiktoken",
+                   "generation_config.json")
 
 
 def copy_tokenizer(source: Path, dest: Path) -> None:

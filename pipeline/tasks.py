@@ -40,7 +40,8 @@ CODE = {
     "transform": [P / "compile.py", P / "toolchain" / "tools.py", Path("runtime/toolchain_worker.py")],
     "deploy": [P / "compile.py", P / "toolchain" / "tools.py", Path("runtime/toolchain_worker.py")],
     "combine": [P / "compile.py", P / "toolchain" / "tools.py"],
-    "verify": [P / "verify.py", Path("runtime/engine.py"), Path("runtime/onnx_backend.py"), Path("runtime/tokenizer.py")],
+    "verify": [P / "verify.py", Path("runtime/engine.py"), Path("runtime/onnx_backend.py"), Path("runtime/tokenizer.py"),
+               Path("runtime/chat_format.py"), Path("runtime/generate.py")],
     "verify_sim": [P / "verify_sim.py", P / "verify.py", P / "toolchain" / "tools.py", Path("runtime/toolchain_worker.py"),
                    Path("runtime/engine.py"), Path("runtime/onnx_backend.py")],
 }
@@ -97,8 +98,8 @@ class CheckpointTasks:
 
         spec = source_spec(self.build)
         file_dep = [portable(self.build.model.yaml_path), *CODE["checkpoint"]]
-        if spec["kind"] == "generated":
-            file_dep.append(P / "generate.py")
+        if spec["kind"] in ("generated", "package"):
+            file_dep.append(P / ("generate.py" if spec["kind"] == "generated" else "package_weights.py"))
         yield {"name": self.build.model.name,
                "doc": "find (download, generate or take path=) and check the checkpoint",
                "actions": [guarded(self.run)], "file_dep": file_dep, "targets": [self.paths.source],
@@ -364,7 +365,8 @@ class VerifyTasks:
                "file_dep": [*(self.export.target(p) for p in self.export.pieces), self.paths.tensor_map,
                             *CODE["verify"]],
                "targets": [self.paths.report, self.paths.report.with_suffix(".md")],
-               "uptodate": [config_changed(TOOL_VERSIONS)], "clean": True}
+               "uptodate": [config_changed({**TOOL_VERSIONS, "prompts": self.build.model.verify_prompts})],
+               "clean": True}
         yield {"name": f"{self.name}/{self.build.variant}",
                "doc": "on the simulator: each deployed piece vs onnxruntime; combined bmodel's greedy decode",
                "actions": [guarded(self.run_simulator)],
@@ -393,6 +395,11 @@ class VerifyTasks:
         say("[verify] greedy decode: onnx pieces vs transformers generate() ...")
         report["decode"] = verify.decode_check(config, source, mapping, self.build.model.family, self.paths.onnx,
                                                ids, verify.NEW_TOKENS)
+        if self.build.model.verify_prompts and report["decode"]["run"]:
+            say(f"[verify] answers to {len(self.build.model.verify_prompts)} questions: onnx pieces vs transformers ...")
+            questions = verify.answer_prompts(source, self.build.model.verify_prompts, config["seq_length"])
+            report["answers"] = verify.answers_check(config, source, mapping, self.build.model.family,
+                                                     self.paths.onnx, questions)
         write_json(self.paths.report, report)
         write_text(self.paths.report.with_suffix(".md"), verify.markdown(report))
         failures = verify.summarize(report)
@@ -422,9 +429,16 @@ class VerifyTasks:
         dims = Dims.from_config(read_json(self.paths.export_config))
         report["pieces"] = verify_sim.check_pieces(b.mode, dims, self.paths.onnx, self.paths.deploy, ids,
                                                    self.paths.logs, progress, b.devices)
-        say(f"[verify {b.mode} on the simulator] greedy decode of {self.paths.dist.name} ...")
-        report["decode"] = verify_sim.decode_check(b.mode, self.paths.onnx, self.paths.dist, ids,
-                                                   verify.NEW_TOKENS, self.paths.logs, b.devices)
+        answers = read_json(self.paths.report).get("answers")
+        if answers:  # real questions replace the generic decode (the simulator is slow)
+            say(f"[verify {b.mode} on the simulator] answers of {self.paths.dist.name} to {len(answers)} questions ...")
+            report["answers"] = verify_sim.answers_check(b.mode, self.paths.onnx, self.paths.dist, answers,
+                                                         self.paths.logs, b.devices)
+            report["decode"] = {"run": False, "reason": "replaced by the answers to the model's verify_prompts"}
+        else:
+            say(f"[verify {b.mode} on the simulator] greedy decode of {self.paths.dist.name} ...")
+            report["decode"] = verify_sim.decode_check(b.mode, self.paths.onnx, self.paths.dist, ids,
+                                                       verify.NEW_TOKENS, self.paths.logs, b.devices)
         report["simulated"] = True
         write_json(self.sim_report, report)
         write_text(self.sim_report.with_suffix(".md"), verify_sim.markdown(report))
@@ -437,9 +451,11 @@ class VerifyTasks:
             raise PipelineError(f"simulator verification failed ({self.sim_report.with_suffix('.md')}):\n  "
                                 + "\n  ".join(failures))
         decode = report["decode"]
-        say(f"[verify {b.mode} on the simulator] PASS; " + (
-            f"greedy choices as the ONNX pipeline at {decode['agree']}/{len(decode['onnx'])} steps"
-            if decode["run"] else f"not run: {decode['reason']}") + f"; report {self.sim_report.with_suffix('.md')}")
+        summary = (f"greedy choices as the ONNX pipeline at {decode['agree']}/{len(decode['onnx'])} steps"
+                   if decode["run"] else "answers share " + ", ".join(
+                       f"{a['shared']}/{len(a['reference'])}" for a in report["answers"]) + " tokens with transformers'"
+                   if report.get("answers") else f"not run: {decode['reason']}")
+        say(f"[verify {b.mode} on the simulator] PASS; {summary}; report {self.sim_report.with_suffix('.md')}")
 
 
 def make_tasks(build: BuildConfig) -> dict:

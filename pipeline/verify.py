@@ -21,6 +21,7 @@ from .pieces import Dims, io_spec
 PROMPT = "Give me a short introduction to large language models."
 SYSTEM = "You are a helpful assistant."
 NEW_TOKENS = 16
+ANSWER_TOKENS = 24        # the longest answer compared, for models with verify_prompts
 MIN_COSINE = 0.99999      # fp32 against fp32: anything less is a broken export
 MAX_ABS_RELATIVE = 1e-3   # max abs error, relative to the largest reference value (at least 1)
 
@@ -174,6 +175,55 @@ def decode_check(config, source, mapping, family, onnx_dir, ids, new_tokens) -> 
             "seconds": round(time.perf_counter() - start, 2)}
 
 
+def answer_prompts(source: Path, prompts: list[str], seq: int) -> list[dict]:
+    """Each question in the model's own chat format (its template, as users get it in the CLI)."""
+    from runtime.chat_format import Message
+    from runtime.chat_format import prompt_ids as chat_prompt_ids
+
+    tokenizer = load_tokenizer(source)
+    out = []
+    for question in prompts:
+        ids = chat_prompt_ids(tokenizer, [Message("user", question)])
+        if len(ids) + ANSWER_TOKENS > seq:
+            raise PipelineError(f"verify prompt {question!r} takes {len(ids)} tokens; with {ANSWER_TOKENS} for the "
+                                f"answer that exceeds seq {seq}: build with a larger seq=")
+        out.append({"prompt": question, "ids": ids})
+    return out
+
+
+def greedy_answer(engine: Engine, ids: list[int], stops: set[int], max_new: int) -> list[int]:
+    """Free-running greedy decode up to and including a stop token, at most max_new tokens."""
+    logits, out = engine.prefill(ids), []
+    while True:
+        out.append(int(np.argmax(logits)))
+        if out[-1] in stops or len(out) == max_new:
+            return out
+        logits = engine.decode(out[-1])
+
+
+def answers_check(config, source, mapping, family, onnx_dir, questions: list[dict]) -> list[dict]:
+    """Each question answered greedily by transformers' generate() and by the ONNX pieces."""
+    import torch
+
+    from runtime.generate import stop_ids
+
+    tokenizer = load_tokenizer(source)
+    stops = stop_ids(tokenizer)
+    model = reference_model(config, source, mapping, family)
+    engine = Engine(OnnxBackend(onnx_dir))
+    results = []
+    for q in questions:
+        with torch.no_grad():
+            out = model.generate(torch.tensor([q["ids"]]), attention_mask=torch.ones(1, len(q["ids"]), dtype=torch.long),
+                                 do_sample=False, eos_token_id=sorted(stops), pad_token_id=sorted(stops)[0],
+                                 max_new_tokens=ANSWER_TOKENS)
+        reference = out[0, len(q["ids"]):].tolist()
+        onnx = greedy_answer(engine, q["ids"], stops, ANSWER_TOKENS)
+        results.append({**q, "reference": reference, "onnx": onnx, "match": reference == onnx,
+                        "answer": tokenizer.decode(reference, skip_special=True)})
+    return results
+
+
 def piece_failures(pieces: dict) -> list[str]:
     """Every output of every piece that failed its comparison, in words."""
     return [f"{net}.{out}: cosine {r['cosine']:.6f}, max abs {r['max_abs']:.3g} (ref max {r['ref_max']:.3g})"
@@ -196,6 +246,8 @@ def summarize(report: dict) -> list[str]:
     decode = report["decode"]
     if decode.get("run") and not decode["match"]:
         failures.append(f"greedy tokens differ: onnx {decode['onnx']} vs transformers {decode['reference']}")
+    failures += [f"answer to {a['prompt']!r} differs: onnx {a['onnx']} vs transformers {a['reference']}"
+                 for a in report.get("answers", []) if not a["match"]]
     return failures
 
 
@@ -211,6 +263,11 @@ def markdown(report: dict) -> str:
                   f"- first-token logits, max abs difference: {d['first_logits_max_abs']:.2e}"]
     else:
         lines.append(f"- not run: {d['reason']}")
+    if report.get("answers"):
+        lines += ["", "## Answers: onnxruntime pieces vs transformers generate() (greedy, the model's chat format)", "",
+                  "| question | transformers' answer | tokens | onnx pieces |", "|---|---|---|---|"]
+        lines += [f"| {a['prompt']} | {a['answer']!r} | {len(a['reference'])} | "
+                  f"{'identical' if a['match'] else '**differs**'} |" for a in report["answers"]]
     failures = summarize(report)
     lines += ["", f"**Result: {'PASS' if not failures else 'FAIL'}**"] + [f"- {f}" for f in failures]
     return "\n".join(lines) + "\n"

@@ -85,12 +85,43 @@ def decode_check(mode: str, onnx_dir: Path, bmodel: Path, ids: list[int], new_to
             "simulator_seconds": round(sim.seconds, 1)}
 
 
+def answers_check(mode: str, onnx_dir: Path, bmodel: Path, answers: list[dict], log_dir: Path,
+                  devices: int = 1) -> list[dict]:
+    """The combined bmodel answers the model's questions, teacher-forced along transformers'
+    answers: up to the first different choice, that is exactly what a free-running greedy answer
+    shares with transformers' (and each later step is still compared). A float build must agree
+    wherever the fp32 top-2 margin is at least TIE_MARGIN."""
+    from runtime.tokenizer import load_tokenizer
+
+    onnx, sim = Engine(OnnxBackend(onnx_dir)), Engine(simulator(bmodel, log_dir, True, devices))
+    tokenizer = load_tokenizer(onnx_dir)
+    results = []
+    for a in answers:
+        reference, steps = a["reference"], len(a["reference"])
+        margins = [float(np.diff(np.sort(lg)[-2:])[0]) for lg in _path(onnx, a["ids"], reference, steps)]
+        start = time.perf_counter()
+        chosen = [int(np.argmax(lg)) for lg in _path(sim, a["ids"], reference, steps)]
+        agree = [x == y for x, y in zip(chosen, reference)]
+        shared = agree.index(False) if False in agree else steps
+        results.append({"prompt": a["prompt"], "reference": reference, "simulator": chosen, "shared": shared,
+                        "agree": sum(agree), "margins": [round(m, 4) for m in margins],
+                        "decisive_disagreements": [k for k, (ok, m) in enumerate(zip(agree, margins))
+                                                   if not ok and m >= TIE_MARGIN],
+                        "exact_required": mode in EXACT_TOKENS_MODES, "answer": a["answer"],
+                        "shared_text": tokenizer.decode(reference[:shared], skip_special=True),
+                        "seconds": round(time.perf_counter() - start, 1)})
+    return results
+
+
 def summarize(report: dict) -> list[str]:
     failures = piece_failures(report["pieces"])
     decode = report["decode"]
     if decode.get("run") and decode["exact_required"] and decode["decisive_disagreements"]:
         failures.append(f"greedy choices differ at steps {decode['decisive_disagreements']} although the fp32 "
                         f"margin there is >= {TIE_MARGIN}: simulator {decode['simulator']} vs onnx {decode['onnx']}")
+    failures += [f"the answer to {a['prompt']!r} differs at steps {a['decisive_disagreements']} although the fp32 "
+                 f"margin there is >= {TIE_MARGIN}: simulator {a['simulator']} vs transformers {a['reference']}"
+                 for a in report.get("answers", []) if a["exact_required"] and a["decisive_disagreements"]]
     return failures
 
 
@@ -117,6 +148,15 @@ def markdown(report: dict) -> str:
                   f"- {d['seconds']} s ({d['simulator_seconds']} s inside the simulator)"]
     else:
         lines.append(f"- not run: {d['reason']}")
+    if report.get("answers"):
+        lines += ["", "## Answers: combined bmodel on the simulator vs transformers generate()", "",
+                  "Teacher-forced along transformers' greedy answer: the tokens shared are those a free-running "
+                  "greedy answer on the simulator has in common with it.", "",
+                  "| question | transformers' answer | simulator shares | same choice at | disagreements "
+                  f"with fp32 margin >= {TIE_MARGIN} | seconds |", "|---|---|---|---|---|---|"]
+        lines += [f"| {a['prompt']} | {a['answer']!r} | {a['shared']}/{len(a['reference'])} tokens: "
+                  f"{a['shared_text']!r} | {a['agree']}/{len(a['reference'])} steps | "
+                  f"{a['decisive_disagreements'] or 'none'} | {a['seconds']} |" for a in report["answers"]]
     failures = summarize(report)
     lines += ["", f"**Result: {'PASS' if not failures else 'FAIL'}**"] + [f"- {f}" for f in failures]
     return "\n".join(lines) + "\n"

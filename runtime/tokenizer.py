@@ -36,7 +36,9 @@ class Tokenizer:
 
     @property
     def chat_template(self) -> str | None:
-        return self.config.get("chat_template")
+        """tokenizer_config.json's chat_template, or chat_template.jinja (where transformers 5 saves it)."""
+        jinja = self.folder / "chat_template.jinja"
+        return self.config.get("chat_template") or (jinja.read_text(encoding="utf-8") if jinja.is_file() else None)
 
 
 def load_tokenizer(folder: Path) -> Tokenizer:

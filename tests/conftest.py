@@ -58,7 +58,7 @@ def tree_digest(folder: Path) -> dict:
             for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-TINY_MODELS = ("tiny-qwen-v1", "tiny-qwen2", "tiny-qwen3")
+TINY_MODELS = ("tiny-qwen-v1", "tiny-qwen2", "tiny-qwen3", "tiny-llama")
 
 
 def onnx_verify_task(model: str, seq: int = 32) -> str:

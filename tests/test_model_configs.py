@@ -18,7 +18,7 @@ def test_every_entry_loads_and_is_consistent():
         arch = config.architecture
         assert config.name == name
         assert config.seq.max <= arch.max_position_embeddings
-        if config.family in ("qwen", "qwen2"):  # head_dim is hidden / heads except in Qwen3
+        if config.family in ("qwen", "qwen2", "llama"):  # head_dim is hidden / heads except in Qwen3
             assert arch.head_dim * arch.num_heads == arch.hidden_size, name
 
 
@@ -28,9 +28,19 @@ def test_seed_models_and_every_family_have_entries():
         assert (arch.num_layers, arch.hidden_size) == (layers, hidden)
         assert load_model_config(name).family == "qwen"
     families = {load_model_config(n).family for n in known_models() if load_model_config(n).generated}
-    assert families == {"qwen", "qwen2", "qwen3"}
+    assert families == set(model_config.FAMILIES)  # a generated test model for every family
     for prefix in ("qwen1.5-", "qwen2-", "qwen2.5-", "qwen3-"):
         assert any(n.startswith(prefix) for n in known_models()), prefix
+
+
+def test_shape_models_have_their_base_dimensions():
+    shaped = [load_model_config(n) for n in known_models() if load_model_config(n).shape_of]
+    assert {m.shape_of for m in shaped} >= {"qwen-7b", "qwen-14b"}
+    for model in shaped:
+        base = load_model_config(model.shape_of)
+        assert model.generated and not base.generated
+        assert (model.family, model.architecture, model.seq) == (base.family, base.architecture, base.seq)
+        assert model.architecture.vocab_size in (151936, 152064)
 
 
 def test_unknown_model_lists_known_ones():
