@@ -20,25 +20,39 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks.common import ROOT, publish  # noqa: E402
+from benchmarks.common import RESULTS_DIR, ROOT, publish  # noqa: E402
 
 STAGES = ["patch", "export", "build", "verify"]  # build = ONNX verify + transform + deploy + combine
 DOIT = Path(sys.executable).parent / "doit"
 
 
-def run_stage(stage: str, variables: list[str], log: Path) -> tuple[float, float, str]:
-    """(seconds, peak RSS in MiB of the largest process it waited for, stderr) of one doit run."""
-    wrapper = ("import resource, subprocess, sys, time\n"
-               "t = time.perf_counter(); p = subprocess.run(sys.argv[1:], capture_output=True, text=True)\n"
-               "sys.stderr.write(p.stdout + p.stderr)\n"
-               "print(time.perf_counter() - t, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, p.returncode)")
-    out = subprocess.run([sys.executable, "-c", wrapper, str(DOIT), stage, *variables], cwd=ROOT,
-                         capture_output=True, text=True)
-    log.write_text(out.stderr, encoding="utf-8")
-    seconds, maxrss_kib, code = out.stdout.split()[-3:]
-    if int(code):
-        raise SystemExit(f"doit {stage} failed; its output is in {log}:\n{out.stderr[-3000:]}")
-    return float(seconds), int(maxrss_kib) / 1024, out.stderr
+def run_stage(stage: str, variables: list[str], log: Path) -> tuple[float, float, str, int]:
+    """(seconds, peak RSS in MiB of the whole process tree, stderr) of one doit run. The tree is
+    sampled every 0.2 s: doit, and the toolchain worker it starts, which compiles and simulates."""
+    import psutil
+
+    start, peak = time.perf_counter(), 0
+    with open(log, "w", encoding="utf-8") as out:
+        # --continue: a piece that fails (e.g. killed for memory) does not hide the others' figures
+        proc = subprocess.Popen([str(DOIT), "--continue", stage, *variables], cwd=ROOT, stdout=out,
+                                stderr=subprocess.STDOUT)
+        root = psutil.Process(proc.pid)
+        while proc.poll() is None:
+            try:
+                tree = [root, *root.children(recursive=True)]
+                peak = max(peak, sum(p.memory_info().rss for p in tree if p.is_running()))
+            except psutil.Error:
+                pass
+            time.sleep(0.2)
+    return time.perf_counter() - start, peak / 2**20, log.read_text(encoding="utf-8"), proc.returncode
+
+
+def failures(text: str) -> dict[str, str]:
+    """task id -> the first line of its error, for every task doit reports as failed."""
+    found = {}
+    for m in re.finditer(r"TaskFailed - taskid:(\S+)\n(.*)", text):
+        found[m[1]] = "killed for memory (SIGKILL)" if "SIGKILL" in m[2] or "exit -9" in m[2] else m[2][:200]
+    return found
 
 
 def piece_seconds(stderr: str, stage: str) -> dict[str, float]:
@@ -62,30 +76,41 @@ def measure(model: str, args, build_dir: Path) -> dict:
     logs = build_dir / "benchmark-logs"
     logs.mkdir(parents=True, exist_ok=True)
     result = {"model": model, "shape_of": config.shape_of, "full_layers": config.architecture.num_layers,
-              "stages": {}, "pieces": {}}
+              "stages": {}, "pieces": {}, "failed": {}}
     for stage in STAGES:
+        if result["failed"]:
+            break  # the simulator check needs every piece
         print(f"[{model}] doit {stage} ...", file=sys.stderr, flush=True)
-        seconds, peak, stderr = run_stage(stage, variables, logs / f"{model}-{stage}.log")
+        seconds, peak, text, code = run_stage(stage, variables, logs / f"{model}-{stage}.log")
         result["stages"][stage] = {"seconds": round(seconds, 1), "peak_rss_mib": round(peak)}
         for kind in ("export", "transform", "deploy"):
-            result["pieces"].setdefault(kind, {}).update(piece_seconds(stderr, kind))
-        print(f"[{model}] doit {stage}: {seconds:.1f} s, peak RSS {peak:.0f} MiB", file=sys.stderr, flush=True)
+            result["pieces"].setdefault(kind, {}).update(piece_seconds(text, kind))
+        result["failed"].update(failures(text))
+        if code and not result["failed"]:
+            raise SystemExit(f"doit {stage} failed; its output is in {logs / f'{model}-{stage}.log'}:\n{text[-3000:]}")
+        print(f"[{model}] doit {stage}: {seconds:.1f} s, peak RSS {peak:.0f} MiB"
+              + (f"; failed: {result['failed']}" if result["failed"] else ""), file=sys.stderr, flush=True)
     name = config.with_layers(args.layers).name
     seq_dir = build_dir / name / f"seq{args.seq}"
-    sim = json.loads(next((seq_dir / "verify").glob(f"{args.mode}_*/report.json")).read_text())
-    result["simulator"] = {"min_cosine": min(o["cosine"] for outs in sim["pieces"].values() for o in outs.values()),
-                           "decode": sim["decode"]}
+    result["simulator"] = None
+    if not result["failed"]:
+        sim = json.loads(next((seq_dir / "verify").glob(f"{args.mode}_*/report.json")).read_text())
+        result["simulator"] = {"decode": sim["decode"], "min_cosine": min(
+            o["cosine"] for outs in sim["pieces"].values() for o in outs.values())}
     result["onnx_bytes"] = {p.name: p.stat().st_size for p in (seq_dir / "onnx").iterdir() if p.is_file()}
-    result["estimated_full_seconds"] = {
+    result["estimated_full_seconds"] = {  # None where a piece did not get through that stage
         kind: round(estimate(result["pieces"][kind], args.layers, result["full_layers"]))
-        for kind in ("export", "transform", "deploy")}
+        if len(result["pieces"][kind]) == 2 * args.layers + 3 else None for kind in ("export", "transform", "deploy")}
+    result["estimated_layers_seconds"] = {
+        kind: round(sum(v for k, v in result["pieces"][kind].items() if k.startswith("block"))
+                    / args.layers * result["full_layers"]) for kind in ("export", "transform", "deploy")}
     return result
 
 
 def table(results: list[dict], args) -> str:
     head = (f"{args.layers} layers of each model at its full width, mode {args.mode}, seq {args.seq}; "
-            f"{platform.machine()}, {os.cpu_count()} cores, {time.strftime('%Y-%m-%d')}. Peak RSS: the largest "
-            "process of the stage (doit, or the toolchain worker that compiles).")
+            f"{platform.machine()}, {os.cpu_count()} cores, {time.strftime('%Y-%m-%d')}. Peak RSS: all the "
+            "processes of the stage together (doit and the toolchain worker that compiles and simulates).")
     lines = [head, "", "| model | stage | wall time (s) | peak RSS (MiB) |", "|---|---|---|---|"]
     for r in results:
         lines += [f"| {r['model']} | {stage} | {s['seconds']} | {s['peak_rss_mib']} |" for stage, s in r["stages"].items()]
@@ -93,19 +118,25 @@ def table(results: list[dict], args) -> str:
     for r in results:
         for piece in r["pieces"]["export"]:
             lines.append(f"| {r['model']} | {piece} | " + " | ".join(
-                f"{r['pieces'][k].get(piece, float('nan')):.1f}" for k in ("export", "transform", "deploy")) + " |")
-    lines += ["", "Estimated full build (every layer) on this machine, from the pieces above:", "",
+                f"{r['pieces'][k][piece]:.1f}" if piece in r["pieces"][k] else "failed"
+                for k in ("export", "transform", "deploy")) + " |")
+    lines += ["", "Estimated time of the blocks of the full model (every layer) on this machine, from the pieces "
+              "above; the embedding and lm_head come on top, once:", "",
               "| real model | layers | export (min) | transform (min) | deploy (min) | total (h) |", "|---|---|---|---|---|---|"]
     for r in results:
-        e = r["estimated_full_seconds"]
+        e = r["estimated_layers_seconds"]
         lines.append(f"| {r['shape_of']} | {r['full_layers']} | {e['export'] / 60:.0f} | {e['transform'] / 60:.0f} | "
                      f"{e['deploy'] / 60:.0f} | {sum(e.values()) / 3600:.1f} |")
-    lines += ["", "Simulator verification of the int4 build:", ""]
+    lines += ["", "Failed pieces and the simulator verification:", ""]
     for r in results:
+        biggest = max(r["onnx_bytes"].items(), key=lambda kv: kv[1])
+        if r["failed"]:
+            lines.append(f"- {r['model']}: " + "; ".join(f"`{t}`: {why}" for t, why in r["failed"].items())
+                         + f"; not verified on the simulator. Largest ONNX file {biggest[0]} {biggest[1] / 2**30:.2f} GiB")
+            continue
         d = r["simulator"]["decode"]
         decode = (f"greedy choice as the ONNX pipeline at {d['agree']}/{len(d['onnx'])} steps" if d.get("run")
                   else f"decode not run: {d.get('reason')}")
-        biggest = max(r["onnx_bytes"].items(), key=lambda kv: kv[1])
         lines.append(f"- {r['model']}: lowest cosine of any piece output {r['simulator']['min_cosine']:.5f}; {decode}; "
                      f"largest ONNX file {biggest[0]} {biggest[1] / 2**30:.2f} GiB")
     return "\n".join(lines) + "\n"
@@ -118,18 +149,20 @@ def main():
     parser.add_argument("--mode", default="int4")
     parser.add_argument("--seq", type=int, default=64)
     parser.add_argument("--build-dir", type=Path, default=None)
-    parser.add_argument("--keep", action="store_true", help="keep the build folder (tens of GB)")
+    parser.add_argument("--keep", action="store_true", help="keep each model's build (tens of GB)")
     args = parser.parse_args()
     build_dir = (args.build_dir or Path(tempfile.mkdtemp(prefix="full-width-"))).resolve()
-    results = []
-    try:
-        for model in args.models:
-            results.append(measure(model, args, build_dir))
-            (build_dir / "benchmark-results.json").write_text(json.dumps(results, indent=2), encoding="utf-8")
-    finally:
-        if not args.keep and args.build_dir is None:
-            shutil.rmtree(build_dir, ignore_errors=True)
-    publish(table(results, args), "full_width.md")
+    recorded = RESULTS_DIR / "full_width.json"  # one entry per model: a run may measure one model at a time
+    results = {r["model"]: r for r in (json.loads(recorded.read_text()) if recorded.is_file() else [])}
+    for model in args.models:
+        try:
+            results[model] = {**measure(model, args, build_dir), "settings": vars(args) | {"build_dir": None}}
+        finally:
+            if not args.keep:  # free the disk before the next model
+                shutil.rmtree(build_dir / f"{model}-{args.layers}l", ignore_errors=True)
+                shutil.rmtree(build_dir / "dist", ignore_errors=True)
+        recorded.write_text(json.dumps(list(results.values()), indent=2) + "\n", encoding="utf-8")
+    publish(table(list(results.values()), args), "full_width.md")
 
 
 if __name__ == "__main__":

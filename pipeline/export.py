@@ -12,6 +12,7 @@ import warnings
 from pathlib import Path
 
 from .checkpoint import Checkpoint
+from .fsutil import UMASK
 from .patch import load_tensor
 from .pieces import Dims, Piece, io_spec
 
@@ -78,6 +79,7 @@ def _publish(tmp: Path, out: Path) -> None:
     data = tmp / (out.name + ".data")
     stale = out.with_name(out.name + ".data")
     if data.exists():
+        os.chmod(data, 0o666 & ~UMASK)  # onnx writes it 0600; an artifact gets the usual permissions
         os.replace(data, stale)
     else:
         stale.unlink(missing_ok=True)

@@ -60,7 +60,13 @@ class ToolchainProcess:
         except (BrokenPipeError, OSError):
             answer = ""
         if not answer:
-            raise ToolchainError(f"the toolchain process died (exit {self.process.poll()}) during {request.get('op')} "
+            try:
+                code = self.process.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                code = None
+            why = (" (SIGKILL: on Linux, most often the out-of-memory killer; see `dmesg`; this piece needs "
+                   "more memory than the machine has free)" if code == -9 else "")
+            raise ToolchainError(f"the toolchain process died (exit {code}){why} during {request.get('op')} "
                                  f"{request.get('tool', request.get('net', ''))} (log: {request.get('log', self.log)})")
         return json.loads(answer)
 

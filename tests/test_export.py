@@ -27,6 +27,8 @@ def test_large_piece_keeps_weights_in_one_external_data_file(tiny_builds, tmp_pa
     export_piece(lm_head, config, source, mapping, out, tmp_path / "lm_head.log", external_data_bytes=0)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["lm_head.log", "lm_head.onnx", "lm_head.onnx.data"]
     assert out.stat().st_size < 10_000 < (tmp_path / "lm_head.onnx.data").stat().st_size
+    # both get the usual permissions (onnx writes the data 0600; another user could not read it)
+    assert (tmp_path / "lm_head.onnx.data").stat().st_mode & 0o777 == out.stat().st_mode & 0o777
 
     ckpt = Checkpoint(source)
     module = build_piece("lm_head", None, config, lambda n: load_tensor(ckpt, mapping, n).float())
