@@ -3,10 +3,16 @@ Sophgo device (libsophon, PCIe or SoC) and on the TPU-MLIR cmodel simulator (its
 stands in for the chip). Where the libraries are:
   QWEN_TPU_LIBSOPHON   the folder holding libbmrt.so and libbmlib.so (a device; default
                        /opt/sophon/libsophon-current/lib when it exists)
-  else                 the TPU-MLIR toolchain's lib/ with libcmodel.so: the simulator."""
+  else                 the TPU-MLIR toolchain's lib/ with libcmodel.so: the simulator.
+  QWEN_TPU_RUNTIME_LOG where the runtime libraries' own output goes (default: a file in the temp
+                       folder); the simulator prints a few lines at every launch, which would
+                       otherwise land in the middle of the chat's text."""
 import atexit
+import contextlib
 import ctypes
 import os
+import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -69,6 +75,31 @@ def library_dir() -> tuple[Path, bool]:
     return libs[0], True
 
 
+def native_log() -> Path:
+    return Path(os.environ.get("QWEN_TPU_RUNTIME_LOG") or Path(tempfile.gettempdir()) / f"qwen-tpu-bmrt-{os.getpid()}.log")
+
+
+@contextlib.contextmanager
+def native_output_to(log: Path):
+    """Point fds 1 and 2 at `log` while the C libraries run: they print with C stdio (buffered,
+    flushed here), Python's own output stays where it was."""
+    libc = ctypes.CDLL(None)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    saved = os.dup(1), os.dup(2)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    try:
+        yield
+    finally:
+        libc.fflush(None)
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for f in (fd, *saved):
+            os.close(f)
+
+
 class Runtime:
     """One loaded bmodel on one or more devices: nets by name, run with host numpy arrays.
 
@@ -78,24 +109,30 @@ class Runtime:
     code path that a multi-device bmodel takes on hardware."""
 
     def __init__(self, bmodel: Path, devids: list[int] = (0,)):
+        self.log = native_log()
+        with native_output_to(self.log):
+            self._open(bmodel, list(devids))
+
+    def _open(self, bmodel: Path, devids: list[int]) -> None:
         folder, simulator = library_dir()
         names = (["libcmodel.so"] if simulator else []) + ["libbmlib.so", "libbmrt.so"]
         libs = [ctypes.CDLL(str(folder / n), mode=ctypes.RTLD_GLOBAL) for n in names]  # absolute paths
         self.bmlib, self.bmrt = libs[-2], libs[-1]
         self._declare()
         self.simulator, self.p, self.handles = simulator, None, []
-        self._check_devices(list(devids), folder)
+        self._check_devices(devids, folder)
         for devid in devids:
             handle = ctypes.c_void_p()
             if self.bmlib.bm_dev_request(ctypes.byref(handle), devid) != 0:
                 self.close()
-                raise ToolchainError(f"cannot open device {devid} ({'simulator' if simulator else folder})")
+                raise ToolchainError(f"cannot open device {devid} ({'simulator' if simulator else folder}; "
+                                     f"the runtime's log: {self.log})")
             self.handles.append(handle)
         self.p = ctypes.c_void_p(self.bmrt.bmrt_create_ex((ctypes.c_void_p * len(devids))(*self.handles), len(devids)))
-        atexit.register(self.close)  # the C runtime must be torn down before the interpreter's own exit
+        atexit.register(self._close_at_exit)
         if not self.bmrt.bmrt_load_bmodel(self.p, str(bmodel).encode()):
-            raise ToolchainError(f"the BM runtime could not load {bmodel} on device(s) {list(devids)} "
-                                 "(a bmodel built for N devices needs N ids in --devid)")
+            raise ToolchainError(f"the BM runtime could not load {bmodel} on device(s) {devids} "
+                                 f"(a bmodel built for N devices needs N ids in --devid; the runtime's log: {self.log})")
         names_pp = ctypes.POINTER(ctypes.c_char_p)()
         self.bmrt.bmrt_get_network_names(self.p, ctypes.byref(names_pp))
         count = self.bmrt.bmrt_get_network_number(self.p)
@@ -130,6 +167,22 @@ class Runtime:
                                  + ("" if self.simulator else f" by libsophon in {folder}"))
 
     def close(self) -> None:
+        with native_output_to(self.log):
+            self._close()
+
+    def _close_at_exit(self) -> None:
+        """The C runtime must be torn down before the interpreter's own exit. The simulator prints
+        as it shuts down, from a thread and from destructors that run after this: fds 1 and 2 stay
+        on the log from here on (Python's own output is flushed first)."""
+        sys.stdout.flush()
+        sys.stderr.flush()
+        fd = os.open(self.log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+        os.close(fd)
+        self._close()
+
+    def _close(self) -> None:
         if self.p:
             for tensors in getattr(self, "_tensors", {}).values():
                 for tensor in [*tensors[0], *tensors[1]]:
@@ -175,6 +228,10 @@ class Runtime:
 
     def run(self, net: str, arrays: list[np.ndarray]) -> list[np.ndarray]:
         """Inputs as float32/int32 (converted to the net's dtypes); outputs as float32/int32."""
+        with native_output_to(self.log):
+            return self._run(net, arrays)
+
+    def _run(self, net: str, arrays: list[np.ndarray]) -> list[np.ndarray]:
         spec = self.nets[net]
         in_types, out_types = spec["_dtypes"]
         inputs, outputs = self._device_tensors(net)
@@ -188,7 +245,7 @@ class Runtime:
         for handle in self.handles:  # a multi-device net runs on all of them
             self._check(self.bmlib.bm_thread_sync(handle), f"run {net}")
         if not ok:
-            raise ToolchainError(f"the BM runtime failed to run {net}")
+            raise ToolchainError(f"the BM runtime failed to run {net} (its log: {self.log})")
         results = []
         for tensor, t, dtype in zip(outputs, spec["outputs"], out_types):
             host = np.zeros(t["shape"], DTYPES[dtype][1])
@@ -197,10 +254,9 @@ class Runtime:
             results.append(_from_device_type(host, dtype))
         return results
 
-    @staticmethod
-    def _check(status: int, what: str) -> None:
+    def _check(self, status: int, what: str) -> None:
         if status != 0:
-            raise ToolchainError(f"the BM runtime could not {what} (bm_status {status})")
+            raise ToolchainError(f"the BM runtime could not {what} (bm_status {status}; its log: {self.log})")
 
 
 def _shape(dims) -> Shape:
