@@ -20,13 +20,25 @@ from .pieces import Piece
 from .toolchain.tools import run_binary, run_python_tool
 
 
+# model_transform.py's ONNX simplification (onnxruntime constant folding, then onnxsim) is skipped:
+# torch's exporter has already folded the pieces' constants, so it changes nothing here (the same
+# MLIR and weights, checked on every family), but it holds several copies of the weights: a
+# Qwen-7B-wide embedding (2.3 GiB) grew past 23 GiB with it and takes 10 GiB without it, and a
+# 7B block's transform takes a fraction of the time. (The flag is `type=bool`: only "" is false.)
+TRANSFORM_FLAGS = ["--do_onnx_sim="]
+# what model_transform.py leaves beside the mlir and its weights: an intermediate mlir, and for a
+# model with external data a second copy of the weights (`<name>_external_data`)
+LEFTOVERS = ("*_origin.mlir", "*_external_data")
+
+
 def transform(piece: Piece, onnx: Path, out_dir: Path, log: Path, log_dir: Path) -> None:
     """model_transform.py into `out_dir` (<piece>.mlir + its weight file), atomically."""
     with atomic_dir(out_dir) as tmp:
         run_python_tool("model_transform", ["--model_name", piece.name, "--model_def", str(onnx.resolve()),
-                                            "--mlir", f"{piece.name}.mlir"], tmp, log, log_dir)
-        for leftover in tmp.glob("*_origin.mlir"):  # an intermediate, as large as the weights' text
-            leftover.unlink()
+                                            "--mlir", f"{piece.name}.mlir", *TRANSFORM_FLAGS], tmp, log, log_dir)
+        for pattern in LEFTOVERS:
+            for leftover in tmp.glob(pattern):
+                leftover.unlink()
 
 
 def float_type(mode: str) -> str:
