@@ -26,25 +26,36 @@ STAGES = ["patch", "export", "build", "verify"]  # build = ONNX verify + transfo
 DOIT = Path(sys.executable).parent / "doit"
 
 
-def run_stage(stage: str, variables: list[str], log: Path) -> tuple[float, float, str, int]:
-    """(seconds, peak RSS in MiB of the whole process tree, stderr) of one doit run. The tree is
-    sampled every 0.2 s: doit, and the toolchain worker it starts, which compiles and simulates."""
+PIECE_START = re.compile(r"\[(export|transform|deploy) \d+/\d+\] (\S+) (?!done in)")
+
+
+def run_stage(stage: str, variables: list[str], log: Path) -> tuple[float, float, dict, str, int]:
+    """(seconds, peak RSS in MiB of the whole process tree, peak RSS per piece, output, exit code) of
+    one doit run. The tree (doit, and the toolchain worker it starts, with the compiler processes
+    that one starts) is sampled every 0.2 s; each sample counts for the piece whose start doit
+    printed last ("[transform 3/7] block_0 ..."), so a piece's figure is the tree's peak while it ran."""
     import psutil
 
-    start, peak = time.perf_counter(), 0
-    with open(log, "w", encoding="utf-8") as out:
+    start, peak, pieces, current = time.perf_counter(), 0, {}, None
+    with open(log, "w", encoding="utf-8") as out, open(log, encoding="utf-8") as follow:
         # --continue: a piece that fails (e.g. killed for memory) does not hide the others' figures
         proc = subprocess.Popen([str(DOIT), "--continue", stage, *variables], cwd=ROOT, stdout=out,
                                 stderr=subprocess.STDOUT)
         root = psutil.Process(proc.pid)
         while proc.poll() is None:
+            for line in follow.readlines():
+                if m := PIECE_START.search(line):
+                    current = f"{m[1]}:{m[2]}"
             try:
-                tree = [root, *root.children(recursive=True)]
-                peak = max(peak, sum(p.memory_info().rss for p in tree if p.is_running()))
+                rss = sum(p.memory_info().rss for p in [root, *root.children(recursive=True)] if p.is_running())
             except psutil.Error:
-                pass
+                rss = 0
+            peak = max(peak, rss)
+            if current:
+                pieces[current] = max(pieces.get(current, 0), rss)
             time.sleep(0.2)
-    return time.perf_counter() - start, peak / 2**20, log.read_text(encoding="utf-8"), proc.returncode
+    mib = {k: round(v / 2**20) for k, v in pieces.items()}
+    return time.perf_counter() - start, peak / 2**20, mib, log.read_text(encoding="utf-8"), proc.returncode
 
 
 def failures(text: str) -> dict[str, str]:
@@ -76,13 +87,14 @@ def measure(model: str, args, build_dir: Path) -> dict:
     logs = build_dir / "benchmark-logs"
     logs.mkdir(parents=True, exist_ok=True)
     result = {"model": model, "shape_of": config.shape_of, "full_layers": config.architecture.num_layers,
-              "stages": {}, "pieces": {}, "failed": {}}
+              "stages": {}, "pieces": {}, "piece_peak_rss_mib": {}, "failed": {}}
     for stage in STAGES:
         if result["failed"]:
             break  # the simulator check needs every piece
         print(f"[{model}] doit {stage} ...", file=sys.stderr, flush=True)
-        seconds, peak, text, code = run_stage(stage, variables, logs / f"{model}-{stage}.log")
+        seconds, peak, piece_peaks, text, code = run_stage(stage, variables, logs / f"{model}-{stage}.log")
         result["stages"][stage] = {"seconds": round(seconds, 1), "peak_rss_mib": round(peak)}
+        result["piece_peak_rss_mib"].update(piece_peaks)
         for kind in ("export", "transform", "deploy"):
             result["pieces"].setdefault(kind, {}).update(piece_seconds(text, kind))
         result["failed"].update(failures(text))
@@ -107,25 +119,42 @@ def measure(model: str, args, build_dir: Path) -> dict:
     return result
 
 
+def psutil_total_gib() -> float:
+    import psutil
+
+    return psutil.virtual_memory().total / 2**30
+
+
 def table(results: list[dict], args) -> str:
     head = (f"{args.layers} layers of each model at its full width, mode {args.mode}, seq {args.seq}; "
-            f"{platform.machine()}, {os.cpu_count()} cores, {time.strftime('%Y-%m-%d')}. Peak RSS: all the "
-            "processes of the stage together (doit and the toolchain worker that compiles and simulates).")
+            f"{platform.machine()}, {os.cpu_count()} cores, {round(psutil_total_gib())} GiB, "
+            f"{time.strftime('%Y-%m-%d')}. Peak RSS: all the processes of the stage together (doit, and the "
+            "toolchain worker that compiles and simulates, with its compiler subprocesses).")
     lines = [head, "", "| model | stage | wall time (s) | peak RSS (MiB) |", "|---|---|---|---|"]
     for r in results:
         lines += [f"| {r['model']} | {stage} | {s['seconds']} | {s['peak_rss_mib']} |" for stage, s in r["stages"].items()]
-    lines += ["", "Time of each piece (s):", "", "| model | piece | export | transform | deploy |", "|---|---|---|---|---|"]
+    kinds = ("export", "transform", "deploy")
+    lines += ["", "Each piece: time (s) / peak RSS of the process tree while it ran (GiB):", "",
+              "| model | piece | export | transform | deploy |", "|---|---|---|---|---|"]
     for r in results:
         for piece in r["pieces"]["export"]:
-            lines.append(f"| {r['model']} | {piece} | " + " | ".join(
-                f"{r['pieces'][k][piece]:.1f}" if piece in r["pieces"][k] else "failed"
-                for k in ("export", "transform", "deploy")) + " |")
-    lines += ["", "Estimated time of the blocks of the full model (every layer) on this machine, from the pieces "
-              "above; the embedding and lm_head come on top, once:", "",
+            cells = []
+            for k in kinds:
+                peak = r["piece_peak_rss_mib"].get(f"{k}:{piece}")
+                cells.append((f"{r['pieces'][k][piece]:.1f}" if piece in r["pieces"][k] else "failed")
+                             + (f" / {peak / 1024:.1f}" if peak is not None else ""))
+            lines.append(f"| {r['model']} | {piece} | " + " | ".join(cells) + " |")
+    lines += ["", "Estimated build of the full model on this machine (serial, one process), from the pieces "
+              "above: the embedding, embedding_cache and lm_head once, the mean layer's block_i and "
+              "block_cache_i for every layer:", "",
               "| real model | layers | export (min) | transform (min) | deploy (min) | total (h) |", "|---|---|---|---|---|---|"]
     for r in results:
-        e = r["estimated_layers_seconds"]
-        lines.append(f"| {r['shape_of']} | {r['full_layers']} | {e['export'] / 60:.0f} | {e['transform'] / 60:.0f} | "
+        e = r["estimated_full_seconds"]
+        if None in e.values():
+            e, note = r["estimated_layers_seconds"], " (blocks only: a piece failed)"
+        else:
+            note = ""
+        lines.append(f"| {r['shape_of']}{note} | {r['full_layers']} | {e['export'] / 60:.0f} | {e['transform'] / 60:.0f} | "
                      f"{e['deploy'] / 60:.0f} | {sum(e.values()) / 3600:.1f} |")
     lines += ["", "Failed pieces and the simulator verification:", ""]
     for r in results:

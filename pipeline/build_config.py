@@ -21,7 +21,12 @@ DEVICE_COUNTS = (1, 2, 4, 8)
 CHIPS = ("bm1684x", "bm1688", "cv186x")
 SEQ_MULTIPLE = 8
 SEQ_MIN = 16
-VARIABLES = ("model", "mode", "devices", "seq", "chip", "path", "group_size", "build_dir", "dist_dir", "layers")
+VARIABLES = ("model", "mode", "devices", "seq", "chip", "path", "group_size", "build_dir", "dist_dir", "layers",
+             "sim_tokens")
+# greedy steps of the whole-bmodel decode in `doit verify` on the simulator: as many as the ONNX
+# check's (verify.NEW_TOKENS), or fewer (0: the pieces only), since a full-width block takes
+# minutes a step there
+SIM_TOKENS_MAX = 16
 
 
 @dataclass(frozen=True)
@@ -35,6 +40,7 @@ class BuildConfig:
     group_size: int
     build_dir: Path
     dist_dir: Path
+    sim_tokens: int = SIM_TOKENS_MAX
 
     @property
     def model_dir(self) -> Path:
@@ -99,6 +105,10 @@ def parse_build_config(variables: dict[str, str | None]) -> BuildConfig:
     group_size = _int("group_size", given.get("group_size", "64"))
     if group_size <= 0 or group_size % 32:
         raise PipelineError(f"group_size={group_size} is not allowed; use a positive multiple of 32 (default 64)")
+    sim_tokens = _int("sim_tokens", given.get("sim_tokens", str(SIM_TOKENS_MAX)))
+    if not 0 <= sim_tokens <= SIM_TOKENS_MAX:
+        raise PipelineError(f"sim_tokens={sim_tokens} is not allowed; use 0 (check the pieces only) to "
+                            f"{SIM_TOKENS_MAX} (the default)")
     path = None
     if "path" in given:
         path = Path(given["path"]).expanduser().resolve()
@@ -107,7 +117,7 @@ def parse_build_config(variables: dict[str, str | None]) -> BuildConfig:
     build_dir = Path(given.get("build_dir") or os.environ.get("QWEN_TPU_BUILD_DIR") or PROJECT_ROOT / "build")
     dist_dir = Path(given.get("dist_dir") or os.environ.get("QWEN_TPU_DIST_DIR") or PROJECT_ROOT / "dist")
     return BuildConfig(model, mode, devices, seq, chip, path, group_size, build_dir.expanduser().resolve(),
-                       dist_dir.expanduser().resolve())
+                       dist_dir.expanduser().resolve(), sim_tokens)
 
 
 def variables_given() -> dict[str, str]:

@@ -289,7 +289,7 @@ class CombineTasks:
                "actions": [guarded(self.run)],
                "file_dep": [*(self.deploy.bmodel(p) for p in self.deploy.pieces), *CODE["combine"]],
                "targets": [self.paths.dist, self.paths.dist.with_suffix(".json"), self.paths.dist.with_suffix(".md")],
-               "uptodate": [config_changed(COMPILER)], "clean": True}
+               "uptodate": [config_changed({**COMPILER, "sim_tokens": self.build.sim_tokens})], "clean": True}
 
     def run(self):
         from .compile import MODES, combine
@@ -374,7 +374,7 @@ class VerifyTasks:
                             *(self.export.target(p) for p in self.export.pieces), self.paths.report,
                             *CODE["verify_sim"]],
                "targets": [self.sim_report, self.sim_report.with_suffix(".md")],
-               "uptodate": [config_changed(COMPILER)], "clean": True}
+               "uptodate": [config_changed({**COMPILER, "sim_tokens": self.build.sim_tokens})], "clean": True}
 
     def run(self):
         from . import verify
@@ -413,7 +413,7 @@ class VerifyTasks:
 
 
     def run_simulator(self):
-        from . import verify, verify_sim
+        from . import verify_sim
         from .fsutil import write_text
 
         b = self.build
@@ -435,10 +435,12 @@ class VerifyTasks:
             report["answers"] = verify_sim.answers_check(b.mode, self.paths.onnx, self.paths.dist, answers,
                                                          self.paths.logs, b.devices)
             report["decode"] = {"run": False, "reason": "replaced by the answers to the model's verify_prompts"}
+        elif b.sim_tokens == 0:
+            report["decode"] = {"run": False, "reason": "sim_tokens=0: the pieces only"}
         else:
-            say(f"[verify {b.mode} on the simulator] greedy decode of {self.paths.dist.name} ...")
+            say(f"[verify {b.mode} on the simulator] greedy decode of {self.paths.dist.name}, {b.sim_tokens} tokens ...")
             report["decode"] = verify_sim.decode_check(b.mode, self.paths.onnx, self.paths.dist, ids,
-                                                       verify.NEW_TOKENS, self.paths.logs, b.devices)
+                                                       b.sim_tokens, self.paths.logs, b.devices)
         report["simulated"] = True
         write_json(self.sim_report, report)
         write_text(self.sim_report.with_suffix(".md"), verify_sim.markdown(report))

@@ -11,6 +11,7 @@ pytestmark = pytest.mark.fast
 def test_defaults():
     build = parse_build_config({"model": "tiny-qwen2"})
     assert (build.mode, build.devices, build.seq, build.chip, build.group_size) == ("int8", 1, 32, "bm1684x", 64)
+    assert build.sim_tokens == 16 and parse_build_config({"model": "tiny-qwen2", "sim_tokens": "0"}).sim_tokens == 0
     assert parse_build_config({"model": "qwen-14b"}).seq == 512
 
 
@@ -27,6 +28,8 @@ def test_defaults():
     ({"path": "/no/such/folder"}, "path='/no/such/folder' is not a folder"),
     ({"modle": "x"}, "unknown variable modle; known variables: model, mode"),
     ({"model": "qwen-7b", "layers": "2"}, "layers= only applies to generated test models"),
+    ({"sim_tokens": "17"}, "sim_tokens=17 is not allowed; use 0 (check the pieces only) to 16"),
+    ({"sim_tokens": "-1"}, "sim_tokens=-1 is not allowed"),
 ])
 def test_bad_variables_name_variable_value_and_choices(variables, message):
     with pytest.raises(PipelineError) as err:

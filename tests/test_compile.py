@@ -123,6 +123,15 @@ def test_compiled_rebuild_rules(tmp_path):
     # group_size matters only for int4: bf16 with another group size is the same build
     assert run_doit(tmp_path, ["build"], model=model, mode="bf16").ran == []
 
+    # sim_tokens sets the simulator's decode length: only that check reruns
+    report = tmp_path / model / "seq32" / "verify" / "int8_1dev_bm1684x" / "report.json"
+    for tokens in (3, 0):
+        verified = run_doit(tmp_path, ["verify"], model=model, sim_tokens=tokens)
+        assert verified.code == 0, verified.output
+        assert verified.ran == [f"verify:{model}/seq32/int8_1dev_bm1684x"], verified.ran
+        decode = json.loads(report.read_text())["decode"]
+        assert (len(decode["simulator"]) == 3) if tokens else (not decode["run"] and "sim_tokens=0" in decode["reason"])
+
     # one layer's weights change: that layer's pieces and the combine rerun, nothing else compiled
     user = tmp_path / "user"
     shutil.copytree(tmp_path / model / "checkpoint", user)

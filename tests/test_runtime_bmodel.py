@@ -1,5 +1,6 @@
 """The runtime's bmodel backend on the simulator: our bmodels and tpu-mlir's llm_convert ones."""
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -37,12 +38,19 @@ def test_bf16_bmodel_decodes_like_the_onnx_pipeline(built):
     assert Engine(backend).greedy(ids, 16) == Engine(OnnxBackend(onnx)).greedy(ids, 16)
 
 
-def test_chat_cli_runs_a_bmodel(built):
+def test_chat_cli_runs_a_bmodel(built, tmp_path):
     _, _, bmodel, _ = built
+    log = tmp_path / "bmrt.log"
     out = subprocess.run([sys.executable, "-m", "runtime.chat", "--model", str(bmodel), "--prompt", "Hello", "--system", "",
-                          "--max-new-tokens", "5"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+                          "--max-new-tokens", "5"], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "QWEN_TPU_RUNTIME_LOG": str(log)})
     assert out.returncode == 0, out.stderr
     assert "[5 tokens, length; prompt" in out.stderr  # its tokenizer was found beside it
+    # the simulator's own prints (at start, at every launch, at exit) go to the runtime's log, not
+    # into the answer: stdout is the answer's text, stderr the stats line alone
+    assert "cmodel" in log.read_text() and "do_allreduce" in log.read_text()
+    assert "cmodel" not in out.stdout + out.stderr and "do_allreduce" not in out.stdout + out.stderr
+    assert out.stderr.startswith("[5 tokens") and out.stderr.count("\n") == 1, out.stderr
 
 
 def test_llm_convert_bmodel_runs_in_our_runtime(built, tmp_path):
