@@ -114,6 +114,13 @@ class Checkpoint:
             raise PipelineError(f"checkpoint {self.folder} has no tensor {name}")
         return name
 
+    def release(self) -> None:
+        """Unmap the open files. Tensors are views of the mapped file, and the pages read stay in
+        this process's resident memory while a file is open: hashing a whole 28 GB checkpoint
+        through open handles showed 22 GiB resident (file pages the kernel could reclaim, but
+        counted, and pushed out everything else in the page cache)."""
+        self._handles.clear()
+
     def load(self, name: str, rows: tuple[int, int] | None = None):
         """One tensor (or a slice of rows along dim 0) as a torch tensor in its stored dtype."""
         from safetensors import safe_open

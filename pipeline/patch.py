@@ -146,6 +146,8 @@ def fingerprint(ckpt: Checkpoint, mapping: dict, names: list[str]) -> str:
         tensor = load_tensor(ckpt, mapping, name).contiguous()
         h.update(f"{name}|{tensor.dtype}|{list(tensor.shape)}|".encode())
         h.update(tensor.view(-1).view(torch.uint8).numpy())  # the buffer itself, no copy
+        del tensor
+    ckpt.release()  # one group's pages resident at a time
     return h.hexdigest()
 
 

@@ -45,3 +45,18 @@ def test_example_inputs_have_interface_dtypes():
     assert ids.dtype == torch.int32 and tuple(ids.shape) == (1, 32)
     states, positions, mask, hk, hv = example_inputs("block_cache", dims)
     assert tuple(mask.shape) == (1, 1, 1, 33) and tuple(hk.shape) == (1, 32, 2, 16)
+
+
+def test_fingerprinting_keeps_one_group_of_the_checkpoint_mapped(generated_checkpoint):
+    """A fingerprint reads its tensors through mmap; the pages read stay resident while a file is
+    open, so each group's files are unmapped once hashed (a whole 28 GB checkpoint stayed resident
+    otherwise) and hashing again gives the same digest."""
+    from pipeline.patch import canonical_config, fingerprint, tensor_map
+
+    ckpt = Checkpoint(generated_checkpoint)
+    config = canonical_config(ckpt.config, "qwen2")
+    mapping = tensor_map(ckpt, config, "qwen2")
+    names = [n for n in mapping if n.startswith("model.layers.0.")]
+    digest = fingerprint(ckpt, mapping, names)
+    assert ckpt._handles == {}
+    assert fingerprint(ckpt, mapping, names) == digest
