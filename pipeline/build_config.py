@@ -24,7 +24,7 @@ SEQ_MIN = 16
 VARIABLES = ("model", "mode", "devices", "seq", "chip", "path", "group_size", "build_dir", "dist_dir", "layers",
              "sim_tokens")
 # greedy steps of the whole-bmodel decode in `doit verify` on the simulator: as many as the ONNX
-# check's (verify.NEW_TOKENS), or fewer (0: the pieces only), since a full-width block takes
+# check's (verify.NEW_TOKENS, at most), or fewer (0: the pieces only), since a full-width block takes
 # minutes a step there
 SIM_TOKENS_MAX = 16
 

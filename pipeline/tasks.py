@@ -389,12 +389,13 @@ class VerifyTasks:
             done.append(net)
             say(f"[verify {len(done)}/{total}] {net} {seconds:.1f} s")
 
-        ids = verify.prompt_ids(source, config["seq_length"], verify.NEW_TOKENS)
+        new_tokens = verify.new_tokens_for(config["seq_length"])
+        ids = verify.prompt_ids(source, config["seq_length"], new_tokens)
         report = {"model": self.build.model.name, "seq": self.build.seq, "prompt_ids": ids, "tools": TOOL_VERSIONS,
                   "pieces": verify.check_pieces(config, source, mapping, self.paths.onnx, ids, progress)}
         say("[verify] greedy decode: onnx pieces vs transformers generate() ...")
         report["decode"] = verify.decode_check(config, source, mapping, self.build.model.family, self.paths.onnx,
-                                               ids, verify.NEW_TOKENS)
+                                               ids, new_tokens)
         if self.build.model.verify_prompts and report["decode"]["run"]:
             say(f"[verify] answers to {len(self.build.model.verify_prompts)} questions: onnx pieces vs transformers ...")
             questions = verify.answer_prompts(source, self.build.model.verify_prompts, config["seq_length"])
@@ -438,9 +439,10 @@ class VerifyTasks:
         elif b.sim_tokens == 0:
             report["decode"] = {"run": False, "reason": "sim_tokens=0: the pieces only"}
         else:
-            say(f"[verify {b.mode} on the simulator] greedy decode of {self.paths.dist.name}, {b.sim_tokens} tokens ...")
+            steps = min(b.sim_tokens, b.seq - len(ids))  # the window holds the prompt and the new tokens
+            say(f"[verify {b.mode} on the simulator] greedy decode of {self.paths.dist.name}, {steps} tokens ...")
             report["decode"] = verify_sim.decode_check(b.mode, self.paths.onnx, self.paths.dist, ids,
-                                                       b.sim_tokens, self.paths.logs, b.devices)
+                                                       steps, self.paths.logs, b.devices)
         report["simulated"] = True
         write_json(self.sim_report, report)
         write_text(self.sim_report.with_suffix(".md"), verify_sim.markdown(report))

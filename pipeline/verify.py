@@ -61,6 +61,12 @@ class _Pieces:
         return [t.numpy() for t in (out if isinstance(out, tuple) else (out,))]
 
 
+def new_tokens_for(seq: int) -> int:
+    """Greedy steps of the decode checks: NEW_TOKENS, or half the window at a short seq, so that
+    the prompt keeps the other half."""
+    return min(NEW_TOKENS, seq // 2)
+
+
 def prompt_ids(source: Path, seq: int, new_tokens: int) -> list[int]:
     try:
         tokenizer = load_tokenizer(source)

@@ -8,15 +8,14 @@ stands in for the chip). Where the libraries are:
                        folder); the simulator prints a few lines at every launch, which would
                        otherwise land in the middle of the chat's text."""
 import atexit
-import contextlib
 import ctypes
 import os
-import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
 
+from .native_output import output_to, redirect_to
 from .toolchain_process import ToolchainError, find_toolchain
 
 DEVICE_LIBS = Path("/opt/sophon/libsophon-current/lib")
@@ -79,27 +78,6 @@ def native_log() -> Path:
     return Path(os.environ.get("QWEN_TPU_RUNTIME_LOG") or Path(tempfile.gettempdir()) / f"qwen-tpu-bmrt-{os.getpid()}.log")
 
 
-@contextlib.contextmanager
-def native_output_to(log: Path):
-    """Point fds 1 and 2 at `log` while the C libraries run: they print with C stdio (buffered,
-    flushed here), Python's own output stays where it was."""
-    libc = ctypes.CDLL(None)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-    saved = os.dup(1), os.dup(2)
-    os.dup2(fd, 1)
-    os.dup2(fd, 2)
-    try:
-        yield
-    finally:
-        libc.fflush(None)
-        os.dup2(saved[0], 1)
-        os.dup2(saved[1], 2)
-        for f in (fd, *saved):
-            os.close(f)
-
-
 class Runtime:
     """One loaded bmodel on one or more devices: nets by name, run with host numpy arrays.
 
@@ -110,7 +88,7 @@ class Runtime:
 
     def __init__(self, bmodel: Path, devids: list[int] = (0,)):
         self.log = native_log()
-        with native_output_to(self.log):
+        with output_to(self.log):
             self._open(bmodel, list(devids))
 
     def _open(self, bmodel: Path, devids: list[int]) -> None:
@@ -167,19 +145,14 @@ class Runtime:
                                  + ("" if self.simulator else f" by libsophon in {folder}"))
 
     def close(self) -> None:
-        with native_output_to(self.log):
+        with output_to(self.log):
             self._close()
 
     def _close_at_exit(self) -> None:
         """The C runtime must be torn down before the interpreter's own exit. The simulator prints
         as it shuts down, from a thread and from destructors that run after this: fds 1 and 2 stay
-        on the log from here on (Python's own output is flushed first)."""
-        sys.stdout.flush()
-        sys.stderr.flush()
-        fd = os.open(self.log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-        os.dup2(fd, 1)
-        os.dup2(fd, 2)
-        os.close(fd)
+        on the log from here on."""
+        redirect_to(self.log)
         self._close()
 
     def _close(self) -> None:
@@ -228,7 +201,7 @@ class Runtime:
 
     def run(self, net: str, arrays: list[np.ndarray]) -> list[np.ndarray]:
         """Inputs as float32/int32 (converted to the net's dtypes); outputs as float32/int32."""
-        with native_output_to(self.log):
+        with output_to(self.log):
             return self._run(net, arrays)
 
     def _run(self, net: str, arrays: list[np.ndarray]) -> list[np.ndarray]:

@@ -6,9 +6,8 @@ where libsophon is installed) with the models kept loaded.
 
 Protocol: one JSON request per line on stdin, one JSON answer per line on the original stdout.
 While a request runs, fds 1 and 2 point at the request's log file (tools and the tpuc-opt
-subprocesses they start write there). Standalone: stdlib, numpy and tpu_mlir only.
+subprocesses they start write there). Standalone: stdlib, numpy, tpu_mlir and native_output.py.
 """
-import contextlib
 import json
 import os
 import runpy
@@ -18,28 +17,10 @@ import traceback
 
 import numpy as np
 import tpu_mlir  # noqa: F401  (sets TPUC_ROOT, PATH, LD_LIBRARY_PATH for child processes)
+from native_output import output_to  # beside this script, which runs as __main__
 
 TOOLS = {}
 MODELS = {}
-
-
-@contextlib.contextmanager
-def output_to(log_path):
-    sys.stdout.flush()
-    sys.stderr.flush()
-    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-    saved = os.dup(1), os.dup(2)
-    os.dup2(fd, 1)
-    os.dup2(fd, 2)
-    try:
-        yield
-    finally:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os.dup2(saved[0], 1)
-        os.dup2(saved[1], 2)
-        for f in (fd, *saved):
-            os.close(f)
 
 
 def run_tool(request):

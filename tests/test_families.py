@@ -31,6 +31,16 @@ def test_build_passes_verification_with_exact_tokens(tiny_builds, model):
     assert "PASS" in (build_dir / model / "seq32" / "verify" / "report.md").read_text()
 
 
+def test_shortest_seq_verifies_with_half_the_window_for_the_prompt(tmp_path):
+    """At seq=16 (the least allowed) the prompt keeps 8 tokens and the decode checks 8 more."""
+    from .conftest import onnx_verify_task, run_doit
+
+    result = run_doit(tmp_path, [onnx_verify_task("tiny-qwen2", 16)], model="tiny-qwen2", seq=16)
+    assert result.code == 0, result.output
+    report = json.loads((tmp_path / "tiny-qwen2" / "seq16" / "verify" / "report.json").read_text())
+    assert len(report["prompt_ids"]) == 8 and report["decode"]["match"] and len(report["decode"]["onnx"]) == 8
+
+
 @pytest.mark.parametrize("model", MODELS)
 def test_onnx_pieces_follow_the_net_interface(tiny_builds, model):
     build_dir, _ = tiny_builds
