@@ -169,8 +169,8 @@ def table(results: list[dict], args) -> str:
                          + f"; not verified on the simulator. Largest ONNX file {biggest[0]} {biggest[1] / 2**30:.2f} GiB")
             continue
         d = r["simulator"]["decode"]
-        decode = (f"greedy choice as the ONNX pipeline at {d['agree']}/{len(d['onnx'])} steps" if d.get("run")
-                  else f"decode not run: {d.get('reason')}")
+        decode = (f"whole-bmodel decode (prefill + {len(d['onnx']) - 1} step(s)): the ONNX pipeline's greedy "
+                  f"choice at {d['agree']}/{len(d['onnx'])} steps" if d.get("run") else f"decode not run: {d.get('reason')}")
         lines.append(f"- {r['model']}: lowest cosine of any piece output {r['simulator']['min_cosine']:.5f}; {decode}; "
                      f"largest ONNX file {biggest[0]} {biggest[1] / 2**30:.2f} GiB")
     return "\n".join(lines) + "\n"
