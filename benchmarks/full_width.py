@@ -4,7 +4,7 @@ and the peak resident memory of its processes (the toolchain worker included), t
 piece, and from them the estimated full build time of the real models on this machine.
 
     .venv/bin/python benchmarks/full_width.py [--models shape-qwen-7b shape-qwen-14b] [--layers 2]
-        [--mode int4] [--seq 32] [--sim-tokens 2] [--build-dir DIR] [--keep]
+        [--mode int4] [--seq 32] [--sim-tokens 2] [--stages patch export build verify] [--build-dir DIR] [--keep]
 Prints a Markdown table and writes it to benchmarks/results/full_width.md.
 """
 import argparse
@@ -89,7 +89,7 @@ def measure(model: str, args, build_dir: Path) -> dict:
     logs.mkdir(parents=True, exist_ok=True)
     result = {"model": model, "shape_of": config.shape_of, "full_layers": config.architecture.num_layers,
               "stages": {}, "pieces": {}, "piece_peak_rss_mib": {}, "failed": {}}
-    for stage in STAGES:
+    for stage in args.stages:
         if result["failed"]:
             break  # the simulator check needs every piece
         print(f"[{model}] doit {stage} ...", file=sys.stderr, flush=True)
@@ -108,7 +108,7 @@ def measure(model: str, args, build_dir: Path) -> dict:
     name = config.with_layers(args.layers).name
     seq_dir = build_dir / name / f"seq{args.seq}"
     result["simulator"] = None
-    if not result["failed"]:
+    if not result["failed"] and "verify" in args.stages:
         sim = json.loads(next((seq_dir / "verify").glob(f"{args.mode}_*/report.json")).read_text())
         result["simulator"] = {"decode": sim["decode"], "min_cosine": min(
             o["cosine"] for outs in sim["pieces"].values() for o in outs.values())}
@@ -129,7 +129,8 @@ def psutil_total_gib() -> float:
 
 
 def table(results: list[dict], args) -> str:
-    head = (f"{args.layers} layers of each model at its full width, mode {args.mode}, seq {args.seq}; "
+    built = ", ".join(f"{r['model']} {r['settings']['layers']}" for r in results)
+    head = (f"Each model at its full width with a few layers ({built}), mode {args.mode}, seq {args.seq}; "
             f"{platform.machine()}, {os.cpu_count()} cores, {round(psutil_total_gib())} GiB, "
             f"{time.strftime('%Y-%m-%d')}. Peak RSS: all the processes of the stage together (doit, and the "
             "toolchain worker that compiles and simulates, with its compiler subprocesses).")
@@ -168,6 +169,10 @@ def table(results: list[dict], args) -> str:
             lines.append(f"- {r['model']}: " + "; ".join(f"`{t}`: {why}" for t, why in r["failed"].items())
                          + f"; not verified on the simulator. Largest ONNX file {biggest[0]} {biggest[1] / 2**30:.2f} GiB")
             continue
+        if r["simulator"] is None:
+            lines.append(f"- {r['model']}: not run on the simulator (stages {', '.join(r['stages'])}); "
+                         f"largest ONNX file {biggest[0]} {biggest[1] / 2**30:.2f} GiB")
+            continue
         d = r["simulator"]["decode"]
         decode = (f"whole-bmodel decode (prefill + {len(d['onnx']) - 1} step(s)): the ONNX pipeline's greedy "
                   f"choice at {d['agree']}/{len(d['onnx'])} steps" if d.get("run") else f"decode not run: {d.get('reason')}")
@@ -185,6 +190,8 @@ def main():
     # cost grows with seq, and each decode step runs every block_cache_i and the lm_head
     parser.add_argument("--seq", type=int, default=32)
     parser.add_argument("--sim-tokens", type=int, default=2, help="greedy steps of the whole-bmodel decode on the simulator")
+    parser.add_argument("--stages", nargs="+", choices=STAGES, default=STAGES,
+                        help="the doit stages to run, in order (leave out verify to skip the simulator)")
     parser.add_argument("--build-dir", type=Path, default=None)
     parser.add_argument("--keep", action="store_true", help="keep each model's build (tens of GB)")
     args = parser.parse_args()

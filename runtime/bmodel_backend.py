@@ -7,8 +7,10 @@ layer count from the block_i nets, K/V heads and head size from block_cache_0's 
 dtypes from each tensor. So they also run bmodels made by tpu-mlir's llm_convert.py. Where the
 lm_head returns the chosen token instead of logits (llm_convert's), decoding is greedy."""
 import re
+import shutil
 import tempfile
 import time
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -70,6 +72,7 @@ class ToolchainBmodelBackend:
         if not self.bmodel.is_file():
             raise FileNotFoundError(f"{bmodel} does not exist")
         self.scratch = Path(tempfile.mkdtemp(prefix="bmodel-"))
+        weakref.finalize(self, shutil.rmtree, self.scratch, True)  # the nets' inputs and outputs, per run
         self.process = process or ToolchainProcess(find_toolchain(), log or self.scratch / "toolchain.log")
         self.nets = self._request(op="net_info")["nets"]
         self.info = describe_nets(self.nets, self.bmodel) if whole_model else {}  # one-piece bmodels: the build

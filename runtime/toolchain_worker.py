@@ -104,19 +104,6 @@ def net_info(request):
     return {"code": 0, "nets": nets}
 
 
-def release_memory():
-    """Give freed memory back to the system between requests: after a full-width piece, glibc's
-    heap kept ~8 GiB that the next stage (transformers' reference run) needed."""
-    import ctypes
-    import gc
-
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc
-        pass
-
-
 def main():
     answers = os.fdopen(os.dup(1), "w")
     log = os.environ.get("QWEN_TPU_WORKER_LOG", os.devnull)
@@ -132,7 +119,6 @@ def main():
         except Exception as err:
             traceback.print_exc()
             answer = {"code": 1, "error": f"{type(err).__name__}: {err}"}
-        release_memory()
         answers.write(json.dumps(answer) + "\n")
         answers.flush()
 

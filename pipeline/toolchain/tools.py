@@ -42,14 +42,32 @@ def worker(log_dir: Path) -> Worker:
     return _worker
 
 
+# A tool that handled a full-width piece leaves the worker's heap large (a 7B-wide embedding: 8 GiB
+# kept after the transform, which the next stage, transformers' reference run, needed). Above this,
+# the worker is replaced after the tool (a new one costs ~5 s). Replacing it gives all of it back,
+# which glibc's malloc_trim in a long-lived worker does not promise.
+RECYCLE_RSS = 2 * 2**30
+
+
 def run_python_tool(tool: str, argv: list[str], cwd: Path, log: Path, log_dir: Path) -> None:
     """model_transform / model_deploy, in the worker; raises with the log's relevant lines."""
     log.parent.mkdir(parents=True, exist_ok=True)
     log.write_text(f"$ {tool}.py {' '.join(argv)}\n(in {cwd})\n")
-    answer = worker(log_dir).request(op="tool", tool=tool, argv=argv, cwd=str(Path(cwd).resolve()),
-                                     log=str(log.resolve()))
+    process = worker(log_dir)
+    answer = process.request(op="tool", tool=tool, argv=argv, cwd=str(Path(cwd).resolve()), log=str(log.resolve()))
+    if _resident_bytes(process) > RECYCLE_RSS:
+        process.close()
     if answer["code"] != 0:
         raise tool_failure(f"{tool}.py {' '.join(argv[:4])} ...", log)
+
+
+def _resident_bytes(process: Worker) -> int:
+    import psutil
+
+    try:
+        return psutil.Process(process.process.pid).memory_info().rss
+    except psutil.Error:
+        return 0
 
 
 def run_binary(argv: list[str], cwd: Path, log: Path) -> str:
