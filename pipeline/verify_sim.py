@@ -19,13 +19,14 @@ from .toolchain.tools import worker
 from .verify import compare, piece_failures, pieces_table, walk_pieces
 
 # Per mode: minimum cosine and max abs error relative to max(1, |reference|), for every output of
-# every piece. Measured on the tiny models (README): bf16 >= 0.99989, int8 >= 0.9998, int4 >= 0.96
-# (random weights quantize badly to 4 bits). Measured broken builds: another layer's weights
-# give cosine < 0.1, no causal mask 0.54, no RoPE 0.73; all far below every threshold.
+# every piece. Measured on the tiny models (README): bf16 >= 0.99989, int8 >= 0.9998, int4 0.938
+# (tiny-llama's block_0) to 0.97 (random weights quantize badly to 4 bits, and a 64-wide model puts
+# a whole row in one group). Measured broken builds: another layer's weights give cosine < 0.1, no
+# causal mask 0.54, no RoPE 0.73; all far below every threshold.
 THRESHOLDS = {
     "f16": (0.9995, 0.03), "bf16": (0.999, 0.05),
     "int8f16": (0.998, 0.06), "int8": (0.998, 0.08),
-    "int4f16": (0.95, 0.5), "int4": (0.95, 0.5),
+    "int4f16": (0.92, 0.5), "int4": (0.92, 0.5),
 }
 EXACT_TOKENS_MODES = ("bf16", "f16")  # a float build must choose the same token as fp32 ...
 TIE_MARGIN = 0.1  # ... wherever the fp32 top-2 logits are at least this far apart
