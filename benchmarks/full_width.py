@@ -70,12 +70,15 @@ def piece_seconds(stderr: str, stage: str) -> dict[str, float]:
     return {m[0]: float(m[1]) for m in re.findall(rf"\[{stage} \d+/\d+\] (\S+) done in ([\d.]+) s", stderr)}
 
 
+def layers_estimate(per_piece: dict[str, float], layers: int, full_layers: int) -> float:
+    """Seconds of the blocks at full depth: the mean layer's pieces (block_i + block_cache_i) for every layer."""
+    return sum(v for k, v in per_piece.items() if k.startswith("block")) / layers * full_layers
+
+
 def estimate(per_piece: dict[str, float], layers: int, full_layers: int) -> float:
-    """Seconds for the full depth: the embedding and head pieces once, the mean layer's pieces
-    (block_i + block_cache_i) for every layer."""
+    """Seconds for the full depth: the embedding and head pieces once, and the blocks."""
     fixed = sum(v for k, v in per_piece.items() if not k.startswith("block"))
-    per_layer = sum(v for k, v in per_piece.items() if k.startswith("block")) / layers
-    return fixed + per_layer * full_layers
+    return fixed + layers_estimate(per_piece, layers, full_layers)
 
 
 def measure(model: str, args, build_dir: Path) -> dict:
@@ -117,8 +120,8 @@ def measure(model: str, args, build_dir: Path) -> dict:
         kind: round(estimate(result["pieces"][kind], args.layers, result["full_layers"]))
         if len(result["pieces"][kind]) == 2 * args.layers + 3 else None for kind in ("export", "transform", "deploy")}
     result["estimated_layers_seconds"] = {
-        kind: round(sum(v for k, v in result["pieces"][kind].items() if k.startswith("block"))
-                    / args.layers * result["full_layers"]) for kind in ("export", "transform", "deploy")}
+        kind: round(layers_estimate(result["pieces"][kind], args.layers, result["full_layers"]))
+        for kind in ("export", "transform", "deploy")}
     return result
 
 
