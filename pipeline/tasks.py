@@ -43,7 +43,8 @@ CODE = {
     "verify": [P / "verify.py", Path("runtime/engine.py"), Path("runtime/onnx_backend.py"), Path("runtime/tokenizer.py"),
                Path("runtime/chat_format.py"), Path("runtime/generate.py")],
     "verify_sim": [P / "verify_sim.py", P / "verify.py", P / "toolchain" / "tools.py", Path("runtime/toolchain_worker.py"),
-                   Path("runtime/engine.py"), Path("runtime/onnx_backend.py")],
+                   Path("runtime/engine.py"), Path("runtime/onnx_backend.py"), Path("runtime/bmodel_backend.py"),
+                   Path("runtime/isolated_backend.py"), Path("runtime/bmrt.py")],
 }
 TOOL_VERSIONS = {name: version(name) for name in ("torch", "transformers", "onnx")}
 COMPILER = {"tpu-mlir": expected_version()}  # part of every compiled artifact's key
@@ -428,21 +429,10 @@ class VerifyTasks:
         report = {"model": b.model.name, "seq": b.seq, "mode": b.mode, "variant": b.variant,
                   "bmodel": self.paths.dist.name, "prompt_ids": ids, "tools": {**TOOL_VERSIONS, **COMPILER}}
         dims = Dims.from_config(read_json(self.paths.export_config))
-        report["pieces"] = verify_sim.check_pieces(b.mode, dims, self.paths.onnx, self.paths.deploy, ids,
-                                                   self.paths.logs, progress, b.devices)
-        answers = read_json(self.paths.report).get("answers")
-        if answers:  # real questions replace the generic decode (the simulator is slow)
-            say(f"[verify {b.mode} on the simulator] answers of {self.paths.dist.name} to {len(answers)} questions ...")
-            report["answers"] = verify_sim.answers_check(b.mode, self.paths.onnx, self.paths.dist, answers,
-                                                         self.paths.logs, b.devices)
-            report["decode"] = {"run": False, "reason": "replaced by the answers to the model's verify_prompts"}
-        elif b.sim_tokens == 0:
-            report["decode"] = {"run": False, "reason": "sim_tokens=0: the pieces only"}
-        else:
-            steps = min(b.sim_tokens, b.seq - len(ids))  # the window holds the prompt and the new tokens
-            say(f"[verify {b.mode} on the simulator] greedy decode of {self.paths.dist.name}, {steps} tokens ...")
-            report["decode"] = verify_sim.decode_check(b.mode, self.paths.onnx, self.paths.dist, ids,
-                                                       steps, self.paths.logs, b.devices)
+        with verify_sim.Simulator(self.paths.logs, b.devices) as sim:
+            report["pieces"] = verify_sim.check_pieces(b.mode, dims, self.paths.onnx, self.paths.deploy, ids, sim,
+                                                       progress)
+            report["decode"] = self._simulator_decode(report, ids, sim)
         report["simulated"] = True
         write_json(self.sim_report, report)
         write_text(self.sim_report.with_suffix(".md"), verify_sim.markdown(report))
@@ -460,6 +450,22 @@ class VerifyTasks:
                        f"{a['shared']}/{len(a['reference'])}" for a in report["answers"]) + " tokens with transformers'"
                    if report.get("answers") else f"not run: {decode['reason']}")
         say(f"[verify {b.mode} on the simulator] PASS; {summary}; report {self.sim_report.with_suffix('.md')}")
+
+    def _simulator_decode(self, report: dict, ids: list[int], sim) -> dict:
+        """The whole bmodel: answering the model's questions where it has some, else a greedy decode."""
+        from . import verify_sim
+
+        b = self.build
+        answers = read_json(self.paths.report).get("answers")
+        if answers:  # real questions replace the generic decode (the simulator is slow)
+            say(f"[verify {b.mode} on the simulator] answers of {self.paths.dist.name} to {len(answers)} questions ...")
+            report["answers"] = verify_sim.answers_check(b.mode, self.paths.onnx, self.paths.dist, answers, sim)
+            return {"run": False, "reason": "replaced by the answers to the model's verify_prompts"}
+        if b.sim_tokens == 0:
+            return {"run": False, "reason": "sim_tokens=0: the pieces only"}
+        steps = min(b.sim_tokens, b.seq - len(ids))  # the window holds the prompt and the new tokens
+        say(f"[verify {b.mode} on the simulator] greedy decode of {self.paths.dist.name}, {steps} tokens ...")
+        return verify_sim.decode_check(b.mode, self.paths.onnx, self.paths.dist, ids, steps, sim)
 
 
 def make_tasks(build: BuildConfig) -> dict:

@@ -2,20 +2,25 @@
   1. each deployed one-piece bmodel against onnxruntime on the same real activations (the ONNX
      pipeline's, on the verify prompt), with thresholds per mode;
   2. the combined bmodel decoding greedily, token by token against the ONNX pipeline.
-One-device bmodels run inside the toolchain's process (pyruntime_bm, a Python 3.10 extension).
-Multi-device bmodels run through the BM runtime's C API here (runtime/bmrt.py): pyruntime_bm aborts
-on their nets, while bmrt_launch_tensor_ex runs every device's part on the one simulated chip."""
+One-device bmodels run in a toolchain process (pyruntime_bm, a Python 3.10 extension).
+Multi-device bmodels run through the BM runtime's C API (runtime/bmrt.py) in a child process:
+pyruntime_bm aborts on their nets, while bmrt_launch_tensor_ex runs every device's part on the one
+simulated chip. Either way the simulator gets a process of its own, stopped when the check ends: a
+process that loaded a bmodel on the simulator keeps both cores busy until it exits
+(runtime/isolated_backend.py), which would slow every later stage of the build."""
 import time
 from pathlib import Path
 
 import numpy as np
 
-from runtime.bmodel_backend import BmodelBackend, ToolchainBmodelBackend
+from runtime.bmodel_backend import ToolchainBmodelBackend
 from runtime.engine import Engine
+from runtime.isolated_backend import IsolatedBmodelBackend
 from runtime.onnx_backend import OnnxBackend
 
 from .pieces import Dims
-from .toolchain.tools import worker
+from .toolchain.install import ensure_toolchain
+from .toolchain.tools import Worker
 from .verify import compare, piece_failures, pieces_table, walk_pieces
 
 # Per mode: minimum cosine and max abs error relative to max(1, |reference|), for every output of
@@ -32,21 +37,51 @@ EXACT_TOKENS_MODES = ("bf16", "f16")  # a float build must choose the same token
 TIE_MARGIN = 0.1  # ... wherever the fp32 top-2 logits are at least this far apart
 
 
-def simulator(bmodel: Path, log_dir: Path, whole_model: bool = True, devices: int = 1):
-    """A bmodel on the simulator: in the build's toolchain process, or (multi-device) in this one."""
-    if devices > 1:
-        return BmodelBackend(bmodel, whole_model=whole_model)
-    return ToolchainBmodelBackend(bmodel, process=worker(log_dir), whole_model=whole_model)
+class Simulator:
+    """The bmodels of one check on the simulator, in processes of their own, all stopped by close():
+    one toolchain process for every one-device bmodel; for multi-device ones, a child process per
+    bmodel, one at a time (each would keep its own simulator threads spinning)."""
+
+    def __init__(self, log_dir: Path, devices: int = 1):
+        self.log_dir, self.devices = Path(log_dir), devices
+        self.process: Worker | None = None
+        self.isolated: IsolatedBmodelBackend | None = None
+
+    def open(self, bmodel: Path, whole_model: bool = True):
+        if self.devices > 1:
+            self._close_isolated()
+            self.isolated = IsolatedBmodelBackend(bmodel, whole_model=whole_model)
+            return self.isolated
+        if self.process is None:
+            self.process = Worker(ensure_toolchain().prefix, self.log_dir.resolve() / "simulator.log")
+        return ToolchainBmodelBackend(bmodel, process=self.process, whole_model=whole_model)
+
+    def _close_isolated(self) -> None:
+        if self.isolated is not None:
+            self.isolated.close()
+            self.isolated = None
+
+    def close(self) -> None:
+        self._close_isolated()
+        if self.process is not None:
+            self.process.close()
+            self.process = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
-def check_pieces(mode: str, dims: Dims, onnx_dir: Path, deploy_dir: Path, ids: list[int], log_dir: Path,
-                 progress, devices: int = 1) -> dict:
+def check_pieces(mode: str, dims: Dims, onnx_dir: Path, deploy_dir: Path, ids: list[int], sim: Simulator,
+                 progress) -> dict:
     onnx = OnnxBackend(onnx_dir)
     backends = {}
 
     def candidate(net, feeds):
         if net not in backends:
-            backends[net] = simulator(deploy_dir / f"{net}.bmodel", log_dir, False, devices)
+            backends[net] = sim.open(deploy_dir / f"{net}.bmodel", whole_model=False)
         return backends[net].run(net, feeds)
 
     min_cosine, max_rel = THRESHOLDS[mode]
@@ -62,8 +97,7 @@ def _path(engine: Engine, ids: list[int], tokens: list[int] | None, steps: int) 
     return logits
 
 
-def decode_check(mode: str, onnx_dir: Path, bmodel: Path, ids: list[int], new_tokens: int, log_dir: Path,
-                 devices: int = 1) -> dict:
+def decode_check(mode: str, onnx_dir: Path, bmodel: Path, ids: list[int], new_tokens: int, sim: Simulator) -> dict:
     """The combined bmodel decodes the ONNX pipeline's greedy path (teacher forcing: both see the
     same tokens, so one flipped near-tie does not derail every later step) and each step's
     greedy choice is compared. A float build must agree wherever the reference's top-2 margin is
@@ -72,9 +106,9 @@ def decode_check(mode: str, onnx_dir: Path, bmodel: Path, ids: list[int], new_to
     ref_logits = _path(Engine(onnx), ids, None, new_tokens)
     reference = [int(np.argmax(lg)) for lg in ref_logits]
     margins = [float(np.diff(np.sort(lg)[-2:])[0]) for lg in ref_logits]
-    sim = simulator(bmodel, log_dir, True, devices)
+    backend = sim.open(bmodel)
     start = time.perf_counter()
-    sim_logits = _path(Engine(sim), ids, reference, new_tokens)
+    sim_logits = _path(Engine(backend), ids, reference, new_tokens)
     chosen = [int(np.argmax(lg)) for lg in sim_logits]
     agree = [a == b for a, b in zip(chosen, reference)]
     return {"run": True, "onnx": reference, "simulator": chosen, "margins": [round(m, 4) for m in margins],
@@ -83,25 +117,24 @@ def decode_check(mode: str, onnx_dir: Path, bmodel: Path, ids: list[int], new_to
                                        if not ok and m >= TIE_MARGIN],
             "logits_cosine_min": round(min(compare(r, g)["cosine"] for r, g in zip(ref_logits, sim_logits)), 6),
             "exact_required": mode in EXACT_TOKENS_MODES, "seconds": round(time.perf_counter() - start, 1),
-            "simulator_seconds": round(sim.seconds, 1)}
+            "simulator_seconds": round(backend.seconds, 1)}
 
 
-def answers_check(mode: str, onnx_dir: Path, bmodel: Path, answers: list[dict], log_dir: Path,
-                  devices: int = 1) -> list[dict]:
+def answers_check(mode: str, onnx_dir: Path, bmodel: Path, answers: list[dict], sim: Simulator) -> list[dict]:
     """The combined bmodel answers the model's questions, teacher-forced along transformers'
     answers: up to the first different choice, that is exactly what a free-running greedy answer
     shares with transformers' (and each later step is still compared). A float build must agree
     wherever the fp32 top-2 margin is at least TIE_MARGIN."""
     from runtime.tokenizer import load_tokenizer
 
-    onnx, sim = Engine(OnnxBackend(onnx_dir)), Engine(simulator(bmodel, log_dir, True, devices))
+    onnx, simulated = Engine(OnnxBackend(onnx_dir)), Engine(sim.open(bmodel))
     tokenizer = load_tokenizer(onnx_dir)
     results = []
     for a in answers:
         reference, steps = a["reference"], len(a["reference"])
         margins = [float(np.diff(np.sort(lg)[-2:])[0]) for lg in _path(onnx, a["ids"], reference, steps)]
         start = time.perf_counter()
-        chosen = [int(np.argmax(lg)) for lg in _path(sim, a["ids"], reference, steps)]
+        chosen = [int(np.argmax(lg)) for lg in _path(simulated, a["ids"], reference, steps)]
         agree = [x == y for x, y in zip(chosen, reference)]
         shared = agree.index(False) if False in agree else steps
         results.append({"prompt": a["prompt"], "reference": reference, "simulator": chosen, "shared": shared,

@@ -64,6 +64,11 @@ class BmodelBackend:
             return [token_as_logits(values[0])]
         return values
 
+    def close(self) -> None:
+        """Frees the device memory and handles. On the simulator its threads keep spinning until the
+        process exits: long-lived processes use isolated_backend.py instead."""
+        self.runtime.close()
+
 
 class ToolchainBmodelBackend:
     def __init__(self, bmodel: Path, devid: int = 0, process: ToolchainProcess | None = None,
@@ -73,6 +78,7 @@ class ToolchainBmodelBackend:
             raise FileNotFoundError(f"{bmodel} does not exist")
         self.scratch = Path(tempfile.mkdtemp(prefix="bmodel-"))
         weakref.finalize(self, shutil.rmtree, self.scratch, True)  # the nets' inputs and outputs, per run
+        self.owns_process = process is None
         self.process = process or ToolchainProcess(find_toolchain(), log or self.scratch / "toolchain.log")
         self.nets = self._request(op="net_info")["nets"]
         self.info = describe_nets(self.nets, self.bmodel) if whole_model else {}  # one-piece bmodels: the build
@@ -84,6 +90,12 @@ class ToolchainBmodelBackend:
             raise ToolchainError(f"{self.bmodel}: {request['op']} {request.get('net', '')} failed: "
                                  f"{answer.get('error')} (log: {self.process.log})")
         return answer
+
+    def close(self) -> None:
+        """Stops its own toolchain process: on the simulator, a process that loaded a bmodel keeps
+        both cores busy until it exits (see isolated_backend.py). A shared one is its owner's to close."""
+        if self.owns_process:
+            self.process.close()
 
     def run(self, net: str, feeds: dict) -> list[np.ndarray]:
         inputs, outputs = self.scratch / "in.npz", self.scratch / "out.npz"

@@ -6,8 +6,10 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import psutil
 import pytest
 from doit.cmd_base import ModuleTaskLoader
 from doit.doit_cmd import DoitMain
@@ -81,3 +83,24 @@ def generated_checkpoint(tmp_path_factory):
     result = run_doit(build_dir, ["checkpoint"], model="tiny-qwen2")
     assert result.code == 0, result.output
     return build_dir / "tiny-qwen2" / "checkpoint"
+
+
+def idle_cpu_seconds(seconds: float = 3.0) -> float:
+    """CPU time this process and its children use over `seconds` with nothing to do. A simulator
+    left loaded somewhere spins on both cores (about 2 CPU seconds a second) until its process exits."""
+    me = psutil.Process()
+    processes = [me, *me.children(recursive=True)]
+
+    def used() -> float:
+        total = 0.0
+        for process in processes:
+            try:
+                times = process.cpu_times()
+                total += times.user + times.system
+            except psutil.Error:
+                pass
+        return total
+
+    start = used()
+    time.sleep(seconds)
+    return used() - start

@@ -12,7 +12,7 @@ from pipeline.pieces import model_pieces
 from pipeline.model_config import load_model_config
 from pipeline.verify_sim import THRESHOLDS
 
-from .conftest import ROOT, TINY_MODELS, DoitResult, run_cli, run_doit
+from .conftest import ROOT, TINY_MODELS, DoitResult, idle_cpu_seconds, run_cli, run_doit
 
 pytestmark = pytest.mark.compiler
 MODES = ("int8", "int4", "bf16")
@@ -23,13 +23,19 @@ def compiled(tmp_path_factory):
     """Each tiny family built and verified (simulator included) in int8, int4 and bf16."""
     build_dir = tmp_path_factory.mktemp("compiled")
     results = {(m, mode): run_doit(build_dir, ["verify"], model=m, mode=mode) for m in TINY_MODELS for mode in MODES}
-    return build_dir, results
+    return build_dir, results, idle_cpu_seconds()
+
+
+def test_finished_checks_leave_no_simulator_running(compiled):
+    # a process that loaded a bmodel on the simulator keeps both cores busy until it exits: each
+    # check stops its simulator process, or every later build in this process would crawl
+    assert compiled[2] < 0.5, f"{compiled[2]:.1f} CPU seconds used in 3 idle seconds"
 
 
 @pytest.mark.parametrize("model", TINY_MODELS)
 @pytest.mark.parametrize("mode", MODES)
 def test_family_compiles_and_passes_the_simulator(compiled, model, mode):
-    build_dir, results = compiled
+    build_dir, results, _ = compiled
     result = results[(model, mode)]
     assert result.code == 0, result.output
     pieces = [p.name for p in model_pieces(load_model_config(model).architecture.num_layers)]
@@ -90,6 +96,7 @@ def test_two_devices_build_and_report(tmp_path):
     model = "tiny-qwen3"
     result = run_doit(tmp_path, ["verify"], model=model, mode="int8", devices=2)
     assert result.code == 0, result.output
+    assert idle_cpu_seconds() < 0.5  # the multi-device simulator ran in a child process, now stopped
     description = json.loads((tmp_path / "dist" / f"{model}_int8_seq32_2dev.json").read_text())
     assert description["device_count_in_file"] == 2
     assert {t.get("device") for t in description["nets"][0]["inputs"]} == {0, 1}

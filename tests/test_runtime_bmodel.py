@@ -10,7 +10,7 @@ import pytest
 
 from pipeline.toolchain.install import ensure_toolchain
 from pipeline.verify_sim import TIE_MARGIN, _path
-from runtime.bmodel_backend import BmodelBackend
+from runtime.isolated_backend import IsolatedBmodelBackend
 from runtime.engine import Engine
 from runtime.onnx_backend import OnnxBackend
 
@@ -32,10 +32,13 @@ def built(tmp_path_factory):
 
 def test_bf16_bmodel_decodes_like_the_onnx_pipeline(built):
     _, onnx, bmodel, ids = built
-    backend = BmodelBackend(bmodel)
+    # BmodelBackend (the BM runtime's C API) in a child process: in this one, the simulator's threads
+    # would spin on both cores for the rest of the tests
+    backend = IsolatedBmodelBackend(bmodel)
     assert {k: backend.info[k] for k in ("seq", "num_layers", "kv_heads", "head_dim", "head")} == \
         {"seq": 32, "num_layers": 2, "kv_heads": 2, "head_dim": 16, "head": "logits"}  # read from the file's nets
-    assert Engine(backend).greedy(ids, 16) == Engine(OnnxBackend(onnx)).greedy(ids, 16)
+    with backend:
+        assert Engine(backend).greedy(ids, 16) == Engine(OnnxBackend(onnx)).greedy(ids, 16)
 
 
 def test_chat_cli_runs_a_bmodel(built, tmp_path):
@@ -65,12 +68,13 @@ def test_llm_convert_bmodel_runs_in_our_runtime(built, tmp_path):
                          capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     bmodel = next((tmp_path / "out").glob("*.bmodel"))
-    backend = BmodelBackend(bmodel)
+    backend = IsolatedBmodelBackend(bmodel)
     assert backend.info["head"] == "token" and backend.info["seq"] == 32 and backend.info["num_layers"] == 2
     # teacher-forced along the ONNX pipeline's greedy path: the same choice wherever it is not a near-tie
     reference = _path(Engine(OnnxBackend(onnx)), ids, None, 16)
     tokens = [int(np.argmax(lg)) for lg in reference]
     margins = [float(np.diff(np.sort(lg)[-2:])[0]) for lg in reference]
-    chosen = [int(np.argmax(lg)) for lg in _path(Engine(backend), ids, tokens, 16)]
+    with backend:
+        chosen = [int(np.argmax(lg)) for lg in _path(Engine(backend), ids, tokens, 16)]
     decisive = [k for k, m in enumerate(margins) if m >= TIE_MARGIN]
     assert len(decisive) >= 8 and all(chosen[k] == tokens[k] for k in decisive), (chosen, tokens, margins)

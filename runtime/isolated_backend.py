@@ -1,0 +1,111 @@
+"""A `BmodelBackend` in a child process, stopped when closed.
+
+Why: on the cmodel simulator, the first bmodel a process loads starts the simulated chip's engine
+threads (TPU_BD, TPU_GDMA, ... 6 of them), and they spin on every core from then on: idle, after
+bmrt_destroy and bm_dev_free, until the process exits (measured: 2 cores busy with nothing
+running). A long-lived process (doit building other pieces, pytest, a benchmark) that ran the
+simulator in-process would run everything after it at a fraction of the speed. Running the
+backend in a child that exits on `close()` gives the cores back. On a device there is no such
+cost, and the chat CLI and server (processes of their own) use `BmodelBackend` directly."""
+import json
+import subprocess
+import sys
+import weakref
+from multiprocessing import Pipe
+from multiprocessing.connection import Connection
+from pathlib import Path
+
+from .toolchain_process import ToolchainError
+
+
+def _serve(conn, bmodel: str, devids: list[int], whole_model: bool) -> None:
+    """The child: opens the bmodel, then runs one net per request until told to stop."""
+    from .bmodel_backend import BmodelBackend
+
+    try:
+        backend = BmodelBackend(Path(bmodel), devids, whole_model)
+        conn.send(("ok", {"nets": backend.nets, "info": backend.info}))
+    except Exception as err:  # noqa: BLE001  (sent to the parent, which raises it)
+        conn.send(("error", f"{type(err).__name__}: {err}"))
+        return
+    while True:
+        try:
+            request = conn.recv()
+        except EOFError:  # the parent is gone
+            return
+        if request is None:
+            return
+        try:
+            outputs = backend.run(*request)
+            conn.send(("ok", (outputs, backend.seconds)))
+        except Exception as err:  # noqa: BLE001
+            conn.send(("error", f"{type(err).__name__}: {err}"))
+
+
+def _stop(conn: Connection, process: subprocess.Popen) -> None:
+    try:
+        conn.send(None)
+    except OSError:
+        pass
+    try:
+        process.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+    conn.close()
+
+
+def main() -> None:
+    """The child's entry: `python -c ... <fd> <bmodel> <devids json> <whole_model>`."""
+    fd, bmodel, devids, whole_model = sys.argv[1:5]
+    _serve(Connection(int(fd)), bmodel, json.loads(devids), whole_model == "1")
+
+
+class IsolatedBmodelBackend:
+    """Same interface as BmodelBackend (nets, info, seconds, run, close); the runtime lives in a child."""
+
+    def __init__(self, bmodel: Path, devids: list[int] = (0,), whole_model: bool = True):
+        self.bmodel = Path(bmodel).resolve()
+        if not self.bmodel.is_file():
+            raise FileNotFoundError(f"{bmodel} does not exist")
+        self._conn, child_conn = Pipe()
+        # a fresh interpreter (not fork: no inherited simulator state; not multiprocessing's spawn,
+        # which re-imports the caller's __main__)
+        root = str(Path(__file__).resolve().parent.parent)
+        child = f"import sys; sys.path.insert(0, {root!r}); from runtime.isolated_backend import main; main()"
+        self._process = subprocess.Popen([sys.executable, "-c", child, str(child_conn.fileno()), str(self.bmodel),
+                                          json.dumps(list(devids)), "1" if whole_model else "0"],
+                                         pass_fds=[child_conn.fileno()])
+        child_conn.close()
+        self._close = weakref.finalize(self, _stop, self._conn, self._process)
+        try:
+            opened = self._receive("open")
+        except ToolchainError:
+            self._close()
+            raise
+        self.nets, self.info, self.seconds = opened["nets"], opened["info"], 0.0
+
+    def _receive(self, what: str):
+        try:
+            status, value = self._conn.recv()
+        except (EOFError, OSError):
+            self._close()
+            raise ToolchainError(f"the bmodel process for {self.bmodel} died (exit {self._process.returncode}) "
+                                 f"during {what}") from None
+        if status == "error":
+            raise ToolchainError(f"{self.bmodel}: {what}: {value}")
+        return value
+
+    def run(self, net: str, feeds: dict) -> list:
+        self._conn.send((net, feeds))
+        outputs, self.seconds = self._receive(f"net {net}")
+        return outputs
+
+    def close(self) -> None:
+        self._close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
