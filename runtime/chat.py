@@ -105,7 +105,7 @@ class Chat:
 
 def stats(result: Result) -> str:
     return (f"[{len(result.tokens)} tokens, {result.finish_reason}; prompt {result.prompt_tokens} tokens; "
-            f"first token {result.first_token_seconds:.2f} s; {result.decode_tokens_per_second:.1f} tokens/s]")
+            f"first token {result.first_token_seconds:.2f} s; {result.decode_tokens_per_second:.3g} tokens/s]")
 
 
 def main(argv=None):
