@@ -12,8 +12,8 @@ from pipeline.package_weights import locate_gguf
 
 from .conftest import ROOT, run_doit
 
-# the module's build and simulator check take about 21 minutes on an idle 2-core machine, all of it
-# in the first test's setup; pytest's 30-minute default left no room on a busy one (it timed out here)
+# the module's build and simulator check take about 27 minutes on an idle 2-core machine, all of it
+# in the first test's setup: more than pytest's 30-minute default leaves room for on a busy one
 pytestmark = pytest.mark.timeout(3600)
 
 MODEL, SEQ = "smollm2-135m", 64  # seq 64 holds every verify prompt and its answer; the simulator is slow
