@@ -26,14 +26,17 @@ STAGES = ["patch", "export", "build", "verify"]  # build = ONNX verify + transfo
 DOIT = Path(sys.executable).parent / "doit"
 
 
-PIECE_START = re.compile(r"\[(export|transform|deploy) \d+/\d+\] (\S+) (?!done in)")
+# doit prints ".  <task id>" as each task starts; a piece's task id ends with the piece's name
+TASK_START = re.compile(r"^\.  (\S+)$")
+PIECE_TASK = re.compile(r"^(export|transform|deploy):\S*/(\S+)$")
 
 
 def run_stage(stage: str, variables: list[str], log: Path) -> tuple[float, float, dict, str, int]:
     """(seconds, peak RSS in MiB of the whole process tree, peak RSS per piece, output, exit code) of
     one doit run. The tree (doit, and the toolchain worker it starts, with the compiler processes
-    that one starts) is sampled every 0.2 s; each sample counts for the piece whose start doit
-    printed last ("[transform 3/7] block_0 ..."), so a piece's figure is the tree's peak while it ran."""
+    that one starts) is sampled every 0.2 s; each sample counts for the task doit started last
+    (".  transform:<model>/seq32/block_0"), so a piece's figure is the tree's peak while it ran, and
+    other tasks (the ONNX verification, combine) count for no piece."""
     import psutil
 
     start, peak, pieces, current = time.perf_counter(), 0, {}, None
@@ -44,8 +47,9 @@ def run_stage(stage: str, variables: list[str], log: Path) -> tuple[float, float
         root = psutil.Process(proc.pid)
         while proc.poll() is None:
             for line in follow.readlines():
-                if m := PIECE_START.search(line):
-                    current = f"{m[1]}:{m[2]}"
+                if started := TASK_START.match(line.rstrip("\n")):
+                    piece = PIECE_TASK.match(started[1])
+                    current = f"{piece[1]}:{piece[2]}" if piece else None
             try:
                 rss = sum(p.memory_info().rss for p in [root, *root.children(recursive=True)] if p.is_running())
             except psutil.Error:
