@@ -39,15 +39,17 @@ def run_stage(stage: str, variables: list[str], log: Path) -> tuple[float, float
     other tasks (the ONNX verification, combine) count for no piece."""
     import psutil
 
-    start, peak, pieces, current = time.perf_counter(), 0, {}, None
+    start, peak, pieces, current, pending = time.perf_counter(), 0, {}, None, ""
     with open(log, "w", encoding="utf-8") as out, open(log, encoding="utf-8") as follow:
         # --continue: a piece that fails (e.g. killed for memory) does not hide the others' figures
         proc = subprocess.Popen([str(DOIT), "--continue", stage, *variables], cwd=ROOT, stdout=out,
                                 stderr=subprocess.STDOUT)
         root = psutil.Process(proc.pid)
         while proc.poll() is None:
-            for line in follow.readlines():
-                if started := TASK_START.match(line.rstrip("\n")):
+            text = pending + follow.read()  # a line doit is still writing waits for its end
+            *lines, pending = text.split("\n")
+            for line in lines:
+                if started := TASK_START.match(line):
                     piece = PIECE_TASK.match(started[1])
                     current = f"{piece[1]}:{piece[2]}" if piece else None
             try:
