@@ -10,8 +10,8 @@ from pipeline.tasks import doit_config, make_tasks
 
 try:
     BUILD = parse_build_config(variables_given())
+    DOIT_CONFIG = doit_config(BUILD)
 except PipelineError as err:
     sys.exit(f"error: {err}")
 
-DOIT_CONFIG = doit_config(BUILD)
 globals().update(make_tasks(BUILD))

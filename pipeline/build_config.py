@@ -1,22 +1,17 @@
 """The build's variables (`doit build model=X mode=Y ...`), parsed and validated in one place."""
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
+
+from doit import get_var
 
 from . import PROJECT_ROOT
 from .errors import PipelineError
 from .model_config import ModelConfig, load_model_config
+from .modes import MODES
 
 DEFAULT_MODEL = "tiny-qwen2"  # builds anywhere: the project generates its weights
-# mode -> TPU-MLIR --quantize. Embedding and lm_head stay in the float type of the mode.
-MODES = {
-    "bf16": "BF16",
-    "f16": "F16",
-    "int8": "W8BF16",
-    "int4": "W4BF16",
-    "int8f16": "W8F16",
-    "int4f16": "W4F16",
-}
 DEVICE_COUNTS = (1, 2, 4, 8)
 CHIPS = ("bm1684x", "bm1688", "cv186x")
 SEQ_MULTIPLE = 8
@@ -120,8 +115,12 @@ def parse_build_config(variables: dict[str, str | None]) -> BuildConfig:
                        dist_dir.expanduser().resolve(), sim_tokens)
 
 
-def variables_given() -> dict[str, str]:
-    """Every `name=value` word of the doit command line (unknown names included, to report them)."""
-    from doit import doit_cmd
-
-    return dict(doit_cmd._CMDLINE_VARS or {})
+def variables_given(argv: list[str] | None = None) -> dict[str, str]:
+    """The `name=value` words of the doit command line: the known ones through doit's `get_var`; the
+    unknown ones (to report them) found as doit itself finds variables (a word with '=' that does
+    not start with '-')."""
+    argv = sys.argv[1:] if argv is None else argv
+    words = {a.split("=", 1)[0] for a in argv if not a.startswith("-") and "=" in a}
+    given = {name: get_var(name) for name in VARIABLES}
+    given.update({name: "" for name in words - set(VARIABLES)})
+    return {k: v for k, v in given.items() if v is not None}

@@ -13,9 +13,9 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from .build_config import MODES
 from .errors import PipelineError
-from .fsutil import atomic_dir, atomic_path
+from .fsutil import atomic_dir, atomic_path, require_space
+from .modes import MODES
 from .pieces import Piece
 from .toolchain.tools import run_binary, run_python_tool
 
@@ -67,7 +67,7 @@ def deploy_args(piece: Piece, mode: str, devices: int, chip: str, group_size: in
 def deploy(piece: Piece, mlir_dir: Path, args: list[str], out: Path, log: Path, log_dir: Path) -> None:
     """model_deploy.py in a scratch folder; only the bmodel is kept, renamed into place."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(prefix=f".{piece.name}.", dir=out.parent))
+    scratch = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
         for f in mlir_dir.iterdir():  # the mlir names its weight file relative to the working folder
             (scratch / f.name).symlink_to(f.resolve())
@@ -83,16 +83,32 @@ def deploy(piece: Piece, mlir_dir: Path, args: list[str], out: Path, log: Path, 
 
 def combine(bmodels: list[Path], out: Path, expected_nets: list[str], log: Path) -> dict:
     """model_tool --combine; the result is published only if it holds exactly the expected nets."""
+    needed = combined_bytes([b.stat().st_size for b in bmodels])
+    require_space(out.parent, needed, f"the combined {out.name}")
     with atomic_path(out) as tmp:
         run_binary(["model_tool", "--combine", *(str(b.resolve()) for b in bmodels), "-o", str(tmp.resolve())],
                    out.parent, log)
-        info = bmodel_info(tmp, log.with_name(log.stem + ".info.log"))
+        try:
+            info = bmodel_info(tmp, log.with_name(log.stem + ".info.log"))
+        except PipelineError:  # model_tool --combine exits 0 on a file it could not finish
+            require_space(out.parent, needed - tmp.stat().st_size, f"the combined {out.name}")
+            raise
         nets = [net["name"] for net in info["nets"]]
         if sorted(set(nets)) != sorted(expected_nets):
             missing, extra = sorted(set(expected_nets) - set(nets)), sorted(set(nets) - set(expected_nets))
             raise PipelineError(f"the combined bmodel does not hold the nets of the contract: missing {missing}, "
                                 f"unexpected {extra} (log: {log})")
     return info
+
+
+# Every one-piece bmodel embeds the kernel module (about 5.4 MiB for the BM1684X); the combined file
+# keeps one copy.
+KERNEL_MODULE_BYTES = 5 * 2**20
+
+
+def combined_bytes(piece_sizes: list[int]) -> int:
+    """About the size of the combined bmodel (at least that; at least its largest piece)."""
+    return max(max(piece_sizes), sum(piece_sizes) - (len(piece_sizes) - 1) * KERNEL_MODULE_BYTES)
 
 
 def bmodel_info(path: Path, log: Path) -> dict:

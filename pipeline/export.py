@@ -12,7 +12,7 @@ import warnings
 from pathlib import Path
 
 from .checkpoint import Checkpoint
-from .fsutil import UMASK
+from .fsutil import UMASK, require_space
 from .patch import load_tensor
 from .pieces import Dims, Piece, io_spec
 
@@ -40,7 +40,10 @@ def export_piece(piece: Piece, config: dict, source: Path, mapping: dict, out: P
     dims = Dims.from_config(config)
     inputs, outputs = io_spec(piece.kind, dims)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{piece.name}.", dir=out.parent))
+    weight_bytes = sum(t.numel() * t.element_size() for t in module.state_dict().values())
+    # over the external-data size, the weights are written twice (torch's files, then one .data)
+    require_space(out.parent, weight_bytes * (2 if weight_bytes > external_data_bytes else 1), out.name)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     captured, caught = io.StringIO(), []
     try:
         with warnings.catch_warnings(record=True) as caught, contextlib.redirect_stdout(captured), \
@@ -49,7 +52,6 @@ def export_piece(piece: Piece, config: dict, source: Path, mapping: dict, out: P
             torch.onnx.export(module, example_inputs(piece.kind, dims), str(tmp / out.name),
                               input_names=[n for n, _, _ in inputs], output_names=outputs,
                               opset_version=OPSET, dynamo=False, do_constant_folding=True)
-        weight_bytes = sum(t.numel() * t.element_size() for t in module.state_dict().values())
         del module
         if weight_bytes > external_data_bytes:
             _to_single_external_file(tmp / out.name)

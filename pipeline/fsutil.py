@@ -1,10 +1,16 @@
-"""Atomic file writes: every artifact appears whole under its final name, or not at all."""
+"""Atomic file writes: every artifact appears whole under its final name, or not at all.
+
+Temporary files and folders are named `.<final name>.<random>.tmp` (and `.<final name>.old`) beside
+the artifact, so the next run of a killed task finds its leftovers (pipeline/task_state.py)."""
+import errno
 import json
 import os
 import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
+
+from .errors import PipelineError
 
 UMASK = os.umask(0)
 os.umask(UMASK)
@@ -45,6 +51,54 @@ def atomic_dir(final: Path):
             os.replace(tmp, final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def ensure_writable_dir(path: Path, variable: str, create: bool = True) -> None:
+    """A folder the build will write to (or, with create=False, its nearest existing parent) must be
+    writable: say so at once, naming the variable that sets it, rather than fail mid-build."""
+    path = Path(path)
+    if create:
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise PipelineError(f"{variable}={path} cannot be created: {err.strerror}; "
+                                f"choose a writable folder with {variable}=") from None
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        what = "is not a folder" if not existing.is_dir() else "is not writable"
+        raise PipelineError(f"{variable}={path}: {existing} {what}; choose a writable folder with {variable}=")
+
+
+def free_bytes(path: Path) -> int:
+    """Free space on the file system that holds `path` (or would: its nearest existing parent)."""
+    existing = next(p for p in (Path(path), *Path(path).parents) if p.exists())
+    return shutil.disk_usage(existing).free
+
+
+def gib(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+def require_space(folder: Path, needed: int, what: str) -> None:
+    """Refuse before writing, rather than leave the tools to fail on a full disk (model_tool --combine
+    reports success on a file it could not finish)."""
+    free = free_bytes(folder)
+    if free < needed:
+        raise PipelineError(f"no space left for {what} in {folder}: {gib(free)} free, about {gib(needed)} needed; "
+                            "free some space, or build elsewhere with build_dir= / dist_dir=")
+
+
+def explain_os_error(err: OSError) -> str | None:
+    """One paragraph for the file-system errors a user can fix (full disk, read-only or foreign
+    folder); None for the others, which are bugs and keep their traceback."""
+    where = err.filename or "a file"
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        free = gib(free_bytes(where)) if err.filename else "?"
+        return (f"no space left on the device while writing {where} ({free} free); free some space, or build "
+                "elsewhere with build_dir= / dist_dir=")
+    if err.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return f"cannot write {where}: {err.strerror}; use a writable folder (build_dir= / dist_dir=)"
+    return None
 
 
 def write_text(path: Path, text: str) -> None:

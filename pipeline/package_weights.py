@@ -12,7 +12,7 @@ import sys
 from importlib import metadata
 from pathlib import Path
 
-from runtime.toolchain_process import cache_dir
+from runtime.cache import cache_dir
 
 from .errors import PipelineError
 from .fsutil import atomic_dir

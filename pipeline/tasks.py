@@ -12,14 +12,15 @@ import time
 from importlib.metadata import version
 from pathlib import Path
 
-from doit.exceptions import TaskFailed
 from doit.tools import config_changed
 
 from . import PROJECT_ROOT
 from .build_config import BuildConfig
+from .code_keys import source_files
 from .errors import PipelineError
-from .fsutil import read_json, write_json, write_json_if_changed
+from .fsutil import ensure_writable_dir, read_json, write_json, write_json_if_changed
 from .pieces import Dims, model_pieces
+from .task_state import task_action
 from .toolchain.install import expected_version
 
 def portable(path: Path) -> Path:
@@ -32,20 +33,20 @@ def portable(path: Path) -> Path:
         return path
 
 
-P = Path("pipeline")
-CODE = {
-    "checkpoint": [P / "download.py", P / "checkpoint.py", P / "patch.py"],
-    "patch": [P / "patch.py", P / "checkpoint.py", P / "families.py", Path("patches/overrides.yaml")],
-    "export": [P / "export.py", P / "torch_pieces.py", P / "pieces.py", P / "families.py", P / "patch.py"],
-    "transform": [P / "compile.py", P / "toolchain" / "tools.py", Path("runtime/toolchain_worker.py")],
-    "deploy": [P / "compile.py", P / "toolchain" / "tools.py", Path("runtime/toolchain_worker.py")],
-    "combine": [P / "compile.py", P / "toolchain" / "tools.py"],
-    "verify": [P / "verify.py", Path("runtime/engine.py"), Path("runtime/onnx_backend.py"), Path("runtime/tokenizer.py"),
-               Path("runtime/chat_format.py"), Path("runtime/generate.py")],
-    "verify_sim": [P / "verify_sim.py", P / "verify.py", P / "toolchain" / "tools.py", Path("runtime/toolchain_worker.py"),
-                   Path("runtime/engine.py"), Path("runtime/onnx_backend.py"), Path("runtime/bmodel_backend.py"),
-                   Path("runtime/isolated_backend.py"), Path("runtime/bmrt.py")],
+# What each stage's action runs: its code key is these modules' source files and everything they
+# import, transitively (pipeline/code_keys.py), plus the data files it reads.
+STAGE_MODULES = {
+    "checkpoint": ["pipeline.download"],
+    "patch": ["pipeline.patch"],
+    "export": ["pipeline.export"],
+    "transform": ["pipeline.compile"],
+    "deploy": ["pipeline.compile"],
+    "combine": ["pipeline.compile"],
+    "verify": ["pipeline.verify"],
+    "verify_sim": ["pipeline.verify_sim"],
 }
+STAGE_DATA = {"patch": [Path("patches/overrides.yaml")]}
+CODE = {stage: [*source_files(*modules), *STAGE_DATA.get(stage, [])] for stage, modules in STAGE_MODULES.items()}
 TOOL_VERSIONS = {name: version(name) for name in ("torch", "transformers", "onnx")}
 COMPILER = {"tpu-mlir": expected_version()}  # part of every compiled artifact's key
 
@@ -54,16 +55,12 @@ def say(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def guarded(fn):
-    """A doit python-action that turns PipelineError into a clean task failure (no traceback)."""
-    def action(*args, **kwargs):
-        try:
-            result = fn(*args, **kwargs)
-        except PipelineError as err:
-            return TaskFailed(str(err))
-        return result if isinstance(result, dict) else None
-    action.__name__ = fn.__name__
-    return action
+class Stage:
+    """A task generator: its actions run under the task's lock, leftovers of killed runs removed."""
+    build: BuildConfig
+
+    def action(self, fn):
+        return task_action(fn, self.build.build_dir)
 
 
 class Paths:
@@ -87,7 +84,7 @@ class Paths:
         return self.weights / f"{group}.json"
 
 
-class CheckpointTasks:
+class CheckpointTasks(Stage):
     """download: resolve the checkpoint and check it; re-checks when its files change."""
 
     def __init__(self, build: BuildConfig, paths: Paths):
@@ -99,11 +96,10 @@ class CheckpointTasks:
 
         spec = source_spec(self.build)
         file_dep = [portable(self.build.model.yaml_path), *CODE["checkpoint"]]
-        if spec["kind"] in ("generated", "package"):
-            file_dep.append(P / ("generate.py" if spec["kind"] == "generated" else "package_weights.py"))
         yield {"name": self.build.model.name,
                "doc": "find (download, generate or take path=) and check the checkpoint",
-               "actions": [guarded(self.run)], "file_dep": file_dep, "targets": [self.paths.source],
+               "actions": [self.action(self.run)], "file_dep": file_dep, "targets": [self.paths.source],
+               "meta": {"outputs": [self.paths.source, self.build.model_dir / "checkpoint"]},
                "uptodate": [config_changed(spec), self.files_unchanged], "clean": True}
 
     def run(self):
@@ -124,7 +120,7 @@ class CheckpointTasks:
         return current_signature(recorded["folder"]) == recorded["signature"]
 
 
-class PatchTasks:
+class PatchTasks(Stage):
     """patch: canonical config, tensor map and weight fingerprints (per model), export config (per seq)."""
 
     def __init__(self, build: BuildConfig, paths: Paths):
@@ -137,13 +133,13 @@ class PatchTasks:
         family_rules = Path("patches") / f"{self.build.model.family}.yaml"
         yield {"name": f"{name}/weights",
                "doc": "map the checkpoint onto the canonical layout; fingerprint each weight group",
-               "actions": [guarded(self.patch_weights)],
+               "actions": [self.action(self.patch_weights)],
                "file_dep": [self.paths.source, family_rules, *CODE["patch"]],
                "targets": [self.paths.canonical_config, self.paths.tensor_map,
                            *(self.paths.fingerprint(g) for g in self.groups)], "clean": True}
         yield {"name": f"{name}/seq{self.build.seq}",
                "doc": "the export config for this seq_length",
-               "actions": [guarded(self.patch_seq)],
+               "actions": [self.action(self.patch_seq)],
                "file_dep": [self.paths.canonical_config, *CODE["patch"]],
                "targets": [self.paths.export_config, self.paths.onnx / "model.json"], "clean": True}
 
@@ -180,7 +176,7 @@ class PatchTasks:
             "vocab_size": dims.vocab})
 
 
-class ExportTasks:
+class ExportTasks(Stage):
     """export: one task per piece; its key is the export config (seq), its weight group's
     fingerprint, the export code and the tool versions: never mode or devices."""
 
@@ -195,7 +191,7 @@ class ExportTasks:
         """one ONNX file per piece of the net interface"""
         for k, piece in enumerate(self.pieces, 1):
             yield {"name": f"{self.build.model.name}/seq{self.build.seq}/{piece.name}",
-                   "doc": f"export {piece.name} to ONNX", "actions": [(guarded(self.run), [piece, k])],
+                   "doc": f"export {piece.name} to ONNX", "actions": [(self.action(self.run), [piece, k])],
                    "file_dep": [self.paths.export_config, self.paths.tensor_map,
                                 self.paths.fingerprint(piece.group), *CODE["export"]],
                    "targets": [self.target(piece)], "uptodate": [config_changed(TOOL_VERSIONS)], "clean": True}
@@ -211,7 +207,7 @@ class ExportTasks:
         say(f"[export {index}/{len(self.pieces)}] {piece.name} done in {time.perf_counter() - start:.1f} s (log {log})")
 
 
-class TransformTasks:
+class TransformTasks(Stage):
     """transform: model_transform.py per piece, shared by every mode, device count and chip."""
 
     def __init__(self, build: BuildConfig, paths: Paths, export: ExportTasks):
@@ -228,9 +224,9 @@ class TransformTasks:
         """model_transform.py per piece (one long-lived toolchain process for all)"""
         for k, piece in enumerate(self.export.pieces, 1):
             yield {"name": f"{self.build.model.name}/seq{self.build.seq}/{piece.name}",
-                   "doc": f"transform {piece.name} to MLIR", "actions": [(guarded(self.run), [piece, k])],
+                   "doc": f"transform {piece.name} to MLIR", "actions": [(self.action(self.run), [piece, k])],
                    "file_dep": [self.export.target(piece), *CODE["transform"]],
-                   "targets": [self.mlir(piece), self.weights(piece)],
+                   "targets": [self.mlir(piece), self.weights(piece)], "meta": {"outputs": [self.mlir(piece).parent]},
                    "uptodate": [config_changed(COMPILER)], "clean": [(_rmtree, [self.mlir(piece).parent])]}
 
     def run(self, piece, index):
@@ -243,7 +239,7 @@ class TransformTasks:
         say(f"[transform {index}/{total}] {piece.name} done in {time.perf_counter() - start:.1f} s (log {log})")
 
 
-class DeployTasks:
+class DeployTasks(Stage):
     """deploy: model_deploy.py per (piece, mode, devices, chip)."""
 
     def __init__(self, build: BuildConfig, paths: Paths, transform: TransformTasks):
@@ -262,7 +258,7 @@ class DeployTasks:
             args = deploy_args(piece, b.mode, b.devices, b.chip, b.group_size)
             yield {"name": f"{b.model.name}/seq{b.seq}/{b.variant}/{piece.name}",
                    "doc": f"deploy {piece.name} ({b.mode}, {b.devices} device(s), {b.chip})",
-                   "actions": [(guarded(self.run), [piece, args, k])],
+                   "actions": [(self.action(self.run), [piece, args, k])],
                    "file_dep": [self.transform.mlir(piece), self.transform.weights(piece), *CODE["deploy"]],
                    "targets": [self.bmodel(piece)],
                    "uptodate": [config_changed({**COMPILER, "args": args})], "clean": True}
@@ -277,7 +273,7 @@ class DeployTasks:
         say(f"[deploy {index}/{total}] {piece.name} done in {time.perf_counter() - start:.1f} s (log {log})")
 
 
-class CombineTasks:
+class CombineTasks(Stage):
     """combine: one bmodel in dist/, with a description beside it."""
 
     def __init__(self, build: BuildConfig, paths: Paths, deploy: DeployTasks):
@@ -287,7 +283,7 @@ class CombineTasks:
         """model_tool --combine into dist/, checked against the net contract, with a description"""
         b = self.build
         yield {"name": f"{b.model.name}/seq{b.seq}/{b.variant}", "doc": f"combine into {self.paths.dist.name}",
-               "actions": [guarded(self.run)],
+               "actions": [self.action(self.run)],
                "file_dep": [*(self.deploy.bmodel(p) for p in self.deploy.pieces), *CODE["combine"]],
                "targets": [self.paths.dist, self.paths.dist.with_suffix(".json"), self.paths.dist.with_suffix(".md")],
                "uptodate": [config_changed(COMPILER)], "clean": True}
@@ -346,7 +342,7 @@ def _rmtree(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
-class VerifyTasks:
+class VerifyTasks(Stage):
     """verify: each ONNX piece against torch, then greedy decode against transformers; and on the
     simulator, each deployed piece against onnxruntime, then the combined bmodel's greedy decode."""
 
@@ -362,7 +358,7 @@ class VerifyTasks:
         """onnxruntime vs torch per piece, greedy decode vs transformers"""
         yield {"name": self.name,
                "doc": "onnxruntime vs torch per piece; greedy decode vs transformers generate()",
-               "actions": [guarded(self.run)],
+               "actions": [self.action(self.run)],
                "file_dep": [*(self.export.target(p) for p in self.export.pieces), self.paths.tensor_map,
                             *CODE["verify"]],
                "targets": [self.paths.report, self.paths.report.with_suffix(".md")],
@@ -370,7 +366,7 @@ class VerifyTasks:
                "clean": True}
         yield {"name": f"{self.name}/{self.build.variant}",
                "doc": "on the simulator: each deployed piece vs onnxruntime; combined bmodel's greedy decode",
-               "actions": [guarded(self.run_simulator)],
+               "actions": [self.action(self.run_simulator)],
                "file_dep": [self.paths.dist, *(self.deploy.bmodel(p) for p in self.export.pieces),
                             *(self.export.target(p) for p in self.export.pieces), self.paths.report,
                             *CODE["verify_sim"]],
@@ -491,6 +487,7 @@ def make_tasks(build: BuildConfig) -> dict:
 
 
 def doit_config(build: BuildConfig) -> dict:
-    build.build_dir.mkdir(parents=True, exist_ok=True)
-    return {"backend": "sqlite3", "dep_file": str(build.build_dir / ".doit.sqlite3"),
+    ensure_writable_dir(build.build_dir, "build_dir")
+    ensure_writable_dir(build.dist_dir, "dist_dir", create=False)
+    return {"backend": "sqlite3-durable", "dep_file": str(build.build_dir / ".doit.sqlite3"),
             "default_tasks": ["build"], "verbosity": 2}

@@ -3,8 +3,11 @@ where to find that toolchain. Shared by the build (tools, simulator checks) and 
 (running bmodels); it imports nothing of the build."""
 import json
 import os
+import signal
 import subprocess
 from pathlib import Path
+
+from .cache import cache_dir
 
 WORKER_SCRIPT = Path(__file__).with_name("toolchain_worker.py")
 MARKER = ".qwen-tpu-toolchain.json"
@@ -12,10 +15,6 @@ MARKER = ".qwen-tpu-toolchain.json"
 
 class ToolchainError(RuntimeError):
     pass
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("QWEN_TPU_CACHE") or Path.home() / ".cache" / "qwen-tpu").expanduser()
 
 
 def find_toolchain() -> Path:
@@ -46,24 +45,32 @@ class ToolchainProcess:
         log.parent.mkdir(parents=True, exist_ok=True)
         self.prefix, self.log, self.pid = prefix, log, os.getpid()
         env = {**toolchain_env(prefix), "QWEN_TPU_WORKER_LOG": str(log)}
+        # A session of its own: Ctrl-C in the terminal interrupts this process (which stops the worker
+        # in close()), not the worker in the middle of a tool, which read as a failed tool.
         self.process = subprocess.Popen([str(prefix / "bin" / "python3"), str(WORKER_SCRIPT)], stdin=subprocess.PIPE,
-                                        stdout=subprocess.PIPE, env=env, text=True, bufsize=1)
+                                        stdout=subprocess.PIPE, env=env, text=True, bufsize=1,
+                                        start_new_session=True)
+        self.busy = False
 
     def alive(self) -> bool:
         return self.pid == os.getpid() and self.process.poll() is None
 
     def request(self, **request) -> dict:
+        self.busy = True
         try:
             self.process.stdin.write(json.dumps(request) + "\n")
             self.process.stdin.flush()
             answer = self.process.stdout.readline()
         except (BrokenPipeError, OSError):
             answer = ""
+        self.busy = False  # (a KeyboardInterrupt above leaves it True: close() then kills the worker)
         if not answer:
             try:
                 code = self.process.wait(timeout=5)
             except subprocess.TimeoutExpired:
                 code = None
+            if code == -signal.SIGINT:  # interrupted, not failed
+                raise KeyboardInterrupt
             why = (" (SIGKILL: on Linux, most often the out-of-memory killer; see `dmesg`; this piece needs "
                    "more memory than the machine has free)" if code == -9 else "")
             raise ToolchainError(f"the toolchain process died (exit {code}){why} during {request.get('op')} "
@@ -71,6 +78,8 @@ class ToolchainProcess:
         return json.loads(answer)
 
     def close(self) -> None:
+        if self.process.poll() is None and self.busy:  # interrupted mid-request: its work is not wanted
+            self.process.kill()
         if self.process.poll() is None:
             self.process.stdin.close()
             try:

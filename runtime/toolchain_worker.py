@@ -12,6 +12,7 @@ import json
 import os
 import runpy
 import sys
+import threading
 import time
 import traceback
 
@@ -104,7 +105,18 @@ def net_info(request):
     return {"code": 0, "nets": nets}
 
 
+def exit_with_parent(parent: int) -> None:
+    """A build killed by SIGKILL (an OOM kill, a CI time-out) cannot stop this worker, which would
+    go on with the piece it was given for minutes. It notices being orphaned and exits."""
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+    threading.Thread(target=watch, daemon=True).start()
+
+
 def main():
+    exit_with_parent(os.getppid())
     answers = os.fdopen(os.dup(1), "w")
     log = os.environ.get("QWEN_TPU_WORKER_LOG", os.devnull)
     fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)

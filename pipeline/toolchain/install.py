@@ -19,7 +19,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from runtime.toolchain_process import MARKER, cache_dir, toolchain_env
+from runtime.cache import cache_dir
+from runtime.toolchain_process import MARKER, toolchain_env
 
 from ..errors import PipelineError
 from .logs import relevant_lines

@@ -1,0 +1,174 @@
+"""What makes a build survive a kill, and two builds of one build folder at once:
+
+- `DurableSqliteDB`, the doit backend this project registers (pyproject.toml,
+  [tool.doit.plugins.backend]): doit's own sqlite3 backend keeps every task's state in memory and
+  commits once at exit, so a SIGKILL (an OOM kill, a CI time-out) forgot every task of the run.
+  This one commits each task's row as soon as doit has recorded it.
+- A lock per task (`flock` on build_dir/.locks/<task>.lock): one build at a time runs a given task.
+  A build that finds the task locked waits; then it re-reads the task's state, and if the other
+  build has just made it, takes its work instead of doing it again. The kernel drops the lock of a
+  killed process, so a lock never outlives its build.
+- Leftovers: every artifact is written to `.<name>.<random>.tmp` beside it (pipeline/fsutil.py);
+  a killed run leaves those behind. Holding the task's lock, the next run of the task removes the
+  ones of its own outputs: no live build can be writing them, since that build would hold the lock.
+"""
+import fcntl
+import os
+import shutil
+import socket
+import sys
+import time
+from pathlib import Path
+
+from doit.dependency import Dependency, SqliteDB
+from doit.exceptions import TaskFailed
+
+from .errors import PipelineError
+from .fsutil import explain_os_error
+
+_OWNER_PID = None  # the process whose doit records task states (not a `doit -n N` worker)
+_awaiting_commit: dict[str, "TaskLock"] = {}  # task -> its lock, held until doit has recorded it
+
+
+class DurableSqliteDB(SqliteDB):
+    """doit's sqlite3 backend, committing each task's state when doit has written all of it."""
+
+    desc = "sqlite3, each task's state committed when the task ends (survives SIGKILL)"
+    LAST_ENTRY = "deps:"  # doit's Dependency.save_success writes this entry last
+
+    def __init__(self, name, codec, **kwargs):
+        global _OWNER_PID
+        super().__init__(name, codec, **kwargs)
+        _OWNER_PID = os.getpid()
+
+    def _sqlite3(self, name):
+        conn = super()._sqlite3(name)
+        conn.execute("PRAGMA busy_timeout = 60000")  # another build may be committing
+        return conn
+
+    def set(self, task_id, dependency, value):
+        super().set(task_id, dependency, value)
+        if dependency in (self.LAST_ENTRY, "ignore:"):
+            self._commit(task_id)
+
+    def _commit(self, task_id):
+        self._conn.execute("insert or replace into doit values (?,?)",
+                           (task_id, self.codec.encode(self._cache[task_id])))
+        self._conn.commit()
+        self._dirty.discard(task_id)
+        lock = _awaiting_commit.pop(task_id, None)
+        if lock:
+            lock.release()
+
+    def remove(self, task_id):
+        super().remove(task_id)
+        self._conn.commit()
+
+    def remove_all(self):
+        super().remove_all()
+        self._conn.commit()
+
+
+class TaskLock:
+    """An exclusive flock on one file per task, with who holds it written inside (for messages)."""
+
+    def __init__(self, path: Path):
+        self.path, self.fd = path, None
+
+    def acquire(self, task_name: str) -> bool:
+        """Take the lock, waiting for another build if need be; True if it had to wait."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        waited = False
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(self.fd, 200, 0).decode(errors="replace").strip() or "another build"
+            print(f"[wait] {task_name} is being built by {holder}; waiting for it", file=sys.stderr, flush=True)
+            fcntl.flock(self.fd, fcntl.LOCK_EX)
+            waited = True
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%H:%M:%S')}".encode(), 0)
+        return waited
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing the file drops the flock
+            self.fd = None
+
+
+def lock_path(build_dir: Path, task_name: str) -> Path:
+    return Path(build_dir) / ".locks" / (task_name.replace("/", "~").replace(":", "=") + ".lock")
+
+
+def leftovers(outputs) -> list[Path]:
+    """Temporary files and folders of these outputs (pipeline/fsutil.py names them)."""
+    found = []
+    for output in map(Path, outputs):
+        if output.parent.is_dir():
+            found += [p for p in output.parent.glob(f".{output.name}.*") if p.name.endswith((".tmp", ".old"))]
+    return found
+
+
+def remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _state_manager():
+    """doit's dependency manager of this run, when it keeps its state with this module's backend."""
+    from doit.globals import Globals
+
+    manager = Globals.dep_manager
+    return manager if manager is not None and isinstance(manager.backend, DurableSqliteDB) else None
+
+
+def done_by_another_build(task, manager) -> bool:
+    """The task's state read again from the file (another build may have just recorded it)."""
+    global _OWNER_PID
+    owner = _OWNER_PID
+    fresh = Dependency(DurableSqliteDB, manager.backend.name, checker_cls=type(manager.checker))
+    _OWNER_PID = owner  # opening a second connection does not make this process the recorder
+    try:
+        return fresh.get_status(task, None).status == "up-to-date"
+    finally:
+        fresh.close()
+
+
+def task_action(fn, build_dir: Path):
+    """A doit python-action running `fn` under the task's lock, after removing the task's leftovers.
+    A PipelineError, or a full or read-only disk, becomes a clean task failure (one paragraph, no
+    traceback)."""
+    def action(*args, task, **kwargs):
+        for name in list(_awaiting_commit):  # doit did not record that task (it failed to save): let go
+            _awaiting_commit.pop(name).release()
+        lock = TaskLock(lock_path(build_dir, task.name))
+        manager = _state_manager()
+        if lock.acquire(task.name) and manager and done_by_another_build(task, manager):
+            print(f"[shared] {task.name}: made by the build we waited for", file=sys.stderr, flush=True)
+            result = None
+        else:
+            try:
+                for path in leftovers(task.meta.get("outputs", task.targets) if task.meta else task.targets):
+                    remove(path)
+                result = fn(*args, **kwargs)
+            except PipelineError as err:
+                lock.release()
+                return TaskFailed(str(err))
+            except OSError as err:
+                lock.release()
+                if (message := explain_os_error(err)) is None:
+                    raise
+                return TaskFailed(message)
+            except BaseException:
+                lock.release()
+                raise
+        if os.getpid() == _OWNER_PID:  # held until doit has committed the task's state
+            _awaiting_commit[task.name] = lock
+        else:  # a `doit -n N` worker: the parent records the state
+            lock.release()
+        return result if isinstance(result, dict) else None
+    action.__name__ = fn.__name__
+    return action

@@ -1,0 +1,140 @@
+"""Builds that survive a kill, two builds of one folder at once, and code keys that follow imports:
+real `doit` processes on a real tiny build, killed with SIGKILL as an OOM killer or a CI time-out
+would, in the middle of each stage."""
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from pipeline.code_keys import source_files
+
+from .conftest import ROOT
+
+DOIT = Path(sys.executable).parent / "doit"
+MODEL, VARIANT, DIST = "tiny-qwen2", "int8_1dev_bm1684x", "tiny-qwen2_int8_seq32_1dev"
+
+
+def ran(output: str) -> list[str]:
+    return re.findall(r"^\.  (\S+)", output, re.M)
+
+
+def leftovers(*folders: Path) -> list[Path]:
+    return [p for folder in folders if folder.exists() for p in folder.rglob(".*")
+            if p.name.endswith((".tmp", ".old"))]
+
+
+def doit(args: list[str], cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    return subprocess.run([str(DOIT), *args], cwd=cwd, capture_output=True, text=True, timeout=900,
+                          env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+def doit_killed(args: list[str], trigger: str, leftover: str | None, build_dir: Path) -> str:
+    """Run doit until `trigger` is printed (and, if given, a temporary file matching `leftover`
+    exists: the kill lands mid-write), then SIGKILL doit and its toolchain process."""
+    process = subprocess.Popen([str(DOIT), *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True, start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    lines = []
+    for line in process.stdout:
+        lines.append(line)
+        if trigger in line:
+            deadline = time.monotonic() + 30
+            while leftover and not list(build_dir.glob(leftover)) and time.monotonic() < deadline:
+                time.sleep(0.001)
+            os.killpg(process.pid, signal.SIGKILL)
+            break
+    lines += process.stdout.read()
+    process.wait()
+    output = "".join(lines)
+    assert process.returncode == -signal.SIGKILL, f"the build ended before the trigger {trigger!r}:\n{output}"
+    if leftover:
+        assert list(build_dir.glob(leftover)), f"killed, but no temporary file {leftover} was being written"
+    return output
+
+
+# (what the kill interrupts, the line that starts it, the temporary file it writes meanwhile)
+KILLS = [  # in the order doit runs the stages
+    ("export", "[export 3/7] block_0 ...", f"{MODEL}/seq32/onnx/.block_0.onnx.*.tmp"),
+    ("transform", "[transform 5/7] block_1 ...", f"{MODEL}/seq32/transform/.block_1.*.tmp"),
+    ("onnx verification", "[verify 1/7]", None),
+    ("deploy", "[deploy 4/7] block_cache_0 --quantize", f"{MODEL}/seq32/deploy/{VARIANT}/.block_cache_0.bmodel.*.tmp"),
+    ("combine", f".  combine:{MODEL}/seq32/{VARIANT}", f"dist/.{DIST}.bmodel.*.tmp"),
+    ("simulator verification", "[verify int8 on the simulator 1/7]", None),
+]
+
+
+@pytest.mark.compiler
+def test_a_build_killed_in_every_stage_resumes_with_exactly_the_unfinished_tasks(tmp_path):
+    args = ["verify", f"model={MODEL}", f"build_dir={tmp_path}", f"dist_dir={tmp_path / 'dist'}"]
+    done: list[str] = []
+    for stage, trigger, leftover in KILLS:
+        started = ran(doit_killed(args, trigger, leftover, tmp_path))
+        assert started, f"nothing ran before the kill in {stage}"
+        assert not set(started) & set(done), f"killed in {stage}: tasks finished before a kill ran again"
+        done += started[:-1]  # every task but the one killed was recorded when it ended
+    final = doit(args)
+    assert final.returncode == 0, final.stdout + final.stderr
+    again = ran(final.stdout)
+    assert not set(again) & set(done), "tasks finished before a kill ran again"
+    assert "[verify int8 on the simulator] PASS" in final.stderr  # every ONNX piece and bmodel loads and runs
+    assert leftovers(tmp_path) == []
+    assert doit(args).stdout.count("\n.  ") == 0  # and now everything is recorded
+
+
+@pytest.mark.compiler
+def test_two_builds_of_one_folder_at_once_share_the_work(tmp_path):
+    args = ["build", "model=tiny-llama", f"build_dir={tmp_path}", f"dist_dir={tmp_path / 'dist'}"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    builds = [subprocess.Popen([str(DOIT), *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True, env=env) for _ in range(2)]
+    outputs = [b.communicate(timeout=900)[0] for b in builds]
+    assert [b.returncode for b in builds] == [0, 0], "\n".join(outputs)
+    made = [line.split(" done in")[0] for o in outputs for line in o.splitlines() if " done in " in line]
+    assert len(made) == 21 and len(set(made)) == len(made), made  # each piece exported, transformed, deployed once
+    assert "[wait]" in "".join(outputs)  # they did meet on a task
+    assert leftovers(tmp_path) == []
+    assert ran(doit(args).stdout) == []
+
+
+def test_code_keys_follow_imports_transitively():
+    compile_key = {str(p) for p in source_files("pipeline.compile")}
+    # compile -> toolchain/tools -> runtime/toolchain_process -> toolchain_worker.py (run as a script)
+    # -> native_output (imported as the script's sibling)
+    assert {"pipeline/toolchain/logs.py", "runtime/toolchain_worker.py", "runtime/native_output.py"} <= compile_key
+    assert "pipeline/verify.py" not in compile_key and "pipeline/export.py" not in compile_key
+    export_key = {str(p) for p in source_files("pipeline.export")}
+    assert {"pipeline/torch_pieces.py", "pipeline/checkpoint.py", "pipeline/fsutil.py"} <= export_key
+    assert "runtime/serve.py" not in {str(p) for p in source_files("pipeline.verify_sim")}
+
+
+@pytest.mark.compiler
+def test_editing_a_module_deep_in_a_stages_imports_reruns_that_stage_only(tmp_path):
+    project = tmp_path / "project"  # a copy of the project's code, to edit
+    project.mkdir()
+    for item in ("dodo.py", "pyproject.toml"):
+        shutil.copy2(ROOT / item, project / item)
+    for item in ("pipeline", "runtime", "patches", "model_configs"):
+        shutil.copytree(ROOT / item, project / item, ignore=shutil.ignore_patterns("__pycache__"))
+    args = ["build", f"build_dir={tmp_path / 'build'}", f"dist_dir={tmp_path / 'dist'}"]
+
+    def edit_and_build(module: str) -> list[str]:
+        with open(project / module, "a") as f:
+            f.write("\n# edited\n")
+        result = doit(args, cwd=project)
+        assert result.returncode == 0, result.stdout + result.stderr
+        return ran(result.stdout)
+
+    first = doit(args, cwd=project)
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert edit_and_build("runtime/serve.py") == []  # no stage imports the server
+    rerun = edit_and_build("runtime/native_output.py")  # four imports deep under transform and deploy
+    assert sorted({t.split(":")[0] for t in rerun}) == ["combine", "deploy", "transform"]
+    assert len([t for t in rerun if t.startswith(("transform:", "deploy:"))]) == 14
+    rerun = edit_and_build("pipeline/torch_pieces.py")  # export's, and the ONNX verification's
+    assert {t.split(":")[0] for t in rerun} >= {"export", "verify"}
+    assert not [t for t in rerun if t.startswith("checkpoint") or t.startswith("patch")]
