@@ -7,6 +7,8 @@ Deploy flags follow Sophgo's Qwen-TPU compile.sh and tpu-mlir's llm_convert: emb
 in the mode's float type, blocks in the mode, --quant_input/--quant_output so hidden states and
 K/V move between nets as bf16/f16, io_alone addressing for cache blocks.
 """
+import hashlib
+import json
 import os
 import re
 import shutil
@@ -14,7 +16,7 @@ import tempfile
 from pathlib import Path
 
 from .errors import PipelineError
-from .fsutil import atomic_dir, atomic_path, require_space
+from .fsutil import atomic_dir, atomic_path, require_space, write_json, write_text
 from .modes import MODES
 from .pieces import Piece
 from .toolchain.tools import run_binary, run_python_tool
@@ -128,3 +130,34 @@ def bmodel_info(path: Path, log: Path) -> dict:
             net[m[1] + "s"].append(tensor)
     device = re.search(r"device num:\s*(\d+)", text)
     return {"nets": nets, "devices": int(device[1]) if device else 1, "text": text}
+
+
+def describe(bmodel: Path, info: dict, build: dict, source_folder: str, fingerprints: dict) -> dict:
+    """The bmodel's description beside it (<name>.json and <name>.md): what was built, from what,
+    with which tools, and its nets (what the runtime and the user read)."""
+    description = {
+        **build, "file": bmodel.name, "quantize": MODES[build["mode"]], "bytes": bmodel.stat().st_size,
+        "source": {"folder": source_folder,
+                   "fingerprint": hashlib.sha256(json.dumps(fingerprints, sort_keys=True).encode()).hexdigest()},
+        "device_count_in_file": info["devices"], "nets": info["nets"],
+    }
+    write_json(bmodel.with_suffix(".json"), description)
+    write_text(bmodel.with_suffix(".md"), describe_markdown(description))
+    return description
+
+
+def describe_markdown(d: dict) -> str:
+    lines = [f"# {d['file']}", "",
+             f"{d['display_name']} ({d['family']}), mode {d['mode']} ({d['quantize']}"
+             f"{', group ' + str(d['group_size']) if d['quantize'].startswith('W4') else ''}), "
+             f"seq {d['seq']}, {d['devices']} device(s), chip {d['chip']}, {d['bytes'] / 2**20:.1f} MiB.", "",
+             f"Source: {d['source']['folder']} (weights fingerprint {d['source']['fingerprint'][:16]}).",
+             "Tools: " + ", ".join(f"{k} {v}" for k, v in d["tools"].items()) + ".", "",
+             "| net | inputs | outputs |", "|---|---|---|"]
+
+    def tensors(ts):
+        return "<br>".join(f"{'device %d: ' % t['device'] if 'device' in t else ''}{t['name']} {t['shape']} "
+                           f"{t['dtype']}" for t in ts)
+
+    lines += [f"| {n['name']} | {tensors(n['inputs'])} | {tensors(n['outputs'])} |" for n in d["nets"]]
+    return "\n".join(lines) + "\n"

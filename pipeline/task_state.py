@@ -162,6 +162,11 @@ def task_action(fn, build_dir: Path):
                 if (message := explain_os_error(err)) is None:
                     raise
                 return TaskFailed(message)
+            except KeyboardInterrupt:  # Ctrl-C: stop the build, quietly, as the user asked
+                lock.release()
+                print(f"[interrupted] {task.name} stopped by Ctrl-C; nothing of it was kept. The same command "
+                      "goes on from there.", file=sys.stderr, flush=True)
+                raise SystemExit(130) from None
             except BaseException:
                 lock.release()
                 raise

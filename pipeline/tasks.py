@@ -6,7 +6,6 @@ collects them. Every artifact is keyed so that:
   - a seq has its own folder and task names, so switching seq keeps the other seq's artifacts valid,
   - a layer's pieces re-export only when that layer's weight fingerprint changes.
 """
-import json
 import sys
 import time
 from importlib.metadata import version
@@ -289,51 +288,22 @@ class CombineTasks(Stage):
                "uptodate": [config_changed(COMPILER)], "clean": True}
 
     def run(self):
-        from .compile import MODES, combine
-        from .fsutil import write_text
+        from .compile import combine, describe
         from .patch import copy_tokenizer
 
         start, b = time.perf_counter(), self.build
         pieces = self.deploy.pieces
         log = self.paths.logs / "combine" / f"{b.variant}.log"
         info = combine([self.deploy.bmodel(p) for p in pieces], self.paths.dist, [p.name for p in pieces], log)
-        fingerprints = {g.stem: read_json(g)["sha256"] for g in sorted(self.paths.weights.glob("*.json"))}
-        description = {
-            "file": self.paths.dist.name, "model": b.model.name, "display_name": b.model.display_name,
-            "family": b.model.family, "mode": b.mode, "quantize": MODES[b.mode], "group_size": b.group_size,
-            "devices": b.devices, "chip": b.chip, "seq": b.seq, "bytes": self.paths.dist.stat().st_size,
-            "source": {"folder": read_json(self.paths.source)["folder"],
-                       "fingerprint": _sha256_text(json.dumps(fingerprints, sort_keys=True))},
-            "tools": {**TOOL_VERSIONS, **COMPILER}, "device_count_in_file": info["devices"],
-            "nets": [{k: v for k, v in net.items()} for net in info["nets"]],
-        }
         tokenizer = f"{b.model.name}-tokenizer"  # shared by this model's bmodels
         copy_tokenizer(self.paths.onnx, self.paths.dist.parent / tokenizer)
-        description["tokenizer"] = tokenizer
-        write_json(self.paths.dist.with_suffix(".json"), description)
-        write_text(self.paths.dist.with_suffix(".md"), _describe_markdown(description))
-        say(f"[combine] {self.paths.dist} ({description['bytes'] / 2**20:.1f} MiB, {len(info['nets'])} nets) "
+        build = {"model": b.model.name, "display_name": b.model.display_name, "family": b.model.family,
+                 "mode": b.mode, "group_size": b.group_size, "devices": b.devices, "chip": b.chip, "seq": b.seq,
+                 "tokenizer": tokenizer, "tools": {**TOOL_VERSIONS, **COMPILER}}
+        fingerprints = {g.stem: read_json(g)["sha256"] for g in sorted(self.paths.weights.glob("*.json"))}
+        described = describe(self.paths.dist, info, build, read_json(self.paths.source)["folder"], fingerprints)
+        say(f"[combine] {self.paths.dist} ({described['bytes'] / 2**20:.1f} MiB, {len(info['nets'])} nets) "
             f"in {time.perf_counter() - start:.1f} s")
-
-
-def _sha256_text(text: str) -> str:
-    import hashlib
-
-    return hashlib.sha256(text.encode()).hexdigest()
-
-
-def _describe_markdown(d: dict) -> str:
-    lines = [f"# {d['file']}", "",
-             f"{d['display_name']} ({d['family']}), mode {d['mode']} ({d['quantize']}"
-             f"{', group ' + str(d['group_size']) if d['quantize'].startswith('W4') else ''}), "
-             f"seq {d['seq']}, {d['devices']} device(s), chip {d['chip']}, {d['bytes'] / 2**20:.1f} MiB.", "",
-             f"Source: {d['source']['folder']} (weights fingerprint {d['source']['fingerprint'][:16]}).",
-             "Tools: " + ", ".join(f"{k} {v}" for k, v in d["tools"].items()) + ".", "",
-             "| net | inputs | outputs |", "|---|---|---|"]
-    fmt = lambda ts: "<br>".join(  # noqa: E731
-        f"{'device %d: ' % t['device'] if 'device' in t else ''}{t['name']} {t['shape']} {t['dtype']}" for t in ts)
-    lines += [f"| {n['name']} | {fmt(n['inputs'])} | {fmt(n['outputs'])} |" for n in d["nets"]]
-    return "\n".join(lines) + "\n"
 
 
 def _rmtree(path: Path) -> None:

@@ -138,3 +138,26 @@ def test_editing_a_module_deep_in_a_stages_imports_reruns_that_stage_only(tmp_pa
     rerun = edit_and_build("pipeline/torch_pieces.py")  # export's, and the ONNX verification's
     assert {t.split(":")[0] for t in rerun} >= {"export", "verify"}
     assert not [t for t in rerun if t.startswith("checkpoint") or t.startswith("patch")]
+
+
+@pytest.mark.compiler
+def test_ctrl_c_stops_the_build_as_interrupted_not_failed(tmp_path):
+    args = ["build", "model=tiny-qwen3", f"build_dir={tmp_path}", f"dist_dir={tmp_path / 'dist'}"]
+    process = subprocess.Popen([str(DOIT), *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True, start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    lines = []
+    for line in process.stdout:
+        lines.append(line)
+        if "[deploy 3/7] block_0 --quantize" in line:  # mid-tool
+            time.sleep(0.05)
+            os.killpg(process.pid, signal.SIGINT)  # what Ctrl-C in a terminal sends: the whole group
+            break
+    output = "".join(lines) + process.stdout.read()
+    process.wait()
+    assert process.returncode == 130, output
+    assert "[interrupted] deploy:tiny-qwen3/seq32/int8_1dev_bm1684x/block_0 stopped by Ctrl-C" in output
+    assert "Traceback" not in output and "failed" not in output, output
+    resumed = doit(args)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert "deploy:tiny-qwen3/seq32/int8_1dev_bm1684x/block_0" in ran(resumed.stdout)
+    assert not [t for t in ran(resumed.stdout) if t.split(":")[0] in ("export", "transform")]
