@@ -7,15 +7,18 @@ head) so that a changed layer re-exports only its own pieces, and (4) per seq, t
 with the overrides of patches/overrides.yaml.
 """
 import hashlib
+import time
 from pathlib import Path
 
 import yaml
 
 from . import PROJECT_ROOT
-from .checkpoint import Checkpoint
+from .checkpoint import TOKENIZER_FILES, Checkpoint
 from .errors import PipelineError
-from .fsutil import atomic_path
+from .fsutil import atomic_path, read_json, write_json, write_json_if_changed
 from .model_config import ModelConfig
+from .pieces import Dims
+from .progress import say
 
 PATCH_DIR = PROJECT_ROOT / "patches"
 # canonical config key -> Architecture field: what a checkpoint must agree on with its YAML
@@ -27,32 +30,30 @@ CHECKED_KEYS = {
     "intermediate_size": "intermediate_size",
     "vocab_size": "vocab_size",
 }
+# Read by name by the export and the verification (a missing one would be a KeyError there).
+REQUIRED_KEYS = (*CHECKED_KEYS, "rms_norm_eps")
 
 
 def patch_rules(family: str) -> dict:
     return yaml.safe_load((PATCH_DIR / f"{family}.yaml").read_text(encoding="utf-8"))
 
 
-def canonical_config(source: dict, family: str) -> dict:
-    """The checkpoint's config.json expressed in the canonical (transformers) layout."""
+def canonical_config(source: dict, family: str, origin: str = "the checkpoint's config.json") -> dict:
+    """The checkpoint's config.json expressed in the canonical (transformers) layout. `origin`
+    names the file in messages."""
     rules = patch_rules(family)
-    if source.get("model_type") != rules["source_model_type"]:
+    if "model_type" not in source:
+        raise PipelineError(f"{origin} has no model_type; family {family} expects {rules['source_model_type']!r}: "
+                            "is it a Hugging Face model config? download it again")
+    if source["model_type"] != rules["source_model_type"]:
         raise PipelineError(
-            f"the checkpoint's config.json has model_type {source.get('model_type')!r}, but family "
+            f"{origin} has model_type {source['model_type']!r}, but family "
             f"{family} expects {rules['source_model_type']!r}: is it the checkpoint of another model?")
-    if "config" not in rules:  # already canonical
-        config = dict(source)
-    else:
-        for key, want in rules.get("require", {}).items():
-            if source.get(key) != want:
-                raise PipelineError(f"{family} checkpoint has {key}={source.get(key)!r}; only {want!r} is supported")
-        config = dict(rules["constants"])
-        for key, spec in rules["config"].items():
-            src_key = spec["key"] if isinstance(spec, dict) else spec
-            if src_key not in source:
-                raise PipelineError(f"{family} checkpoint config.json lacks '{src_key}'")
-            value = source[src_key]
-            config[key] = value // 2 if isinstance(spec, dict) and spec.get("half") else value
+    config = dict(source) if "config" not in rules else _mapped_config(source, family, rules, origin)
+    missing = [key for key in REQUIRED_KEYS if key not in config]
+    if missing:
+        raise PipelineError(f"{origin} lacks {', '.join(missing)}, which a {family} config has: "
+                            "is it complete? download it again")
     rope = config.get("rope_scaling") or config.get("rope_parameters") or {}
     rope_type = rope.get("rope_type", rope.get("type", "default")) if isinstance(rope, dict) else "default"
     if rope_type != "default":
@@ -60,9 +61,25 @@ def canonical_config(source: dict, family: str) -> dict:
     return config
 
 
+def _mapped_config(source: dict, family: str, rules: dict, origin: str) -> dict:
+    """A non-canonical config (Qwen v1) mapped key by key, following the family's rules."""
+    for key, want in rules.get("require", {}).items():
+        if source.get(key) != want:
+            raise PipelineError(f"{family} checkpoint has {key}={source.get(key)!r}; only {want!r} is supported")
+    config = dict(rules["constants"])
+    for key, spec in rules["config"].items():
+        src_key = spec["key"] if isinstance(spec, dict) else spec
+        if src_key not in source:
+            raise PipelineError(f"{origin} lacks '{src_key}', which a {family} config has: is it complete? "
+                                "download it again")
+        value = source[src_key]
+        config[key] = value // 2 if isinstance(spec, dict) and spec.get("half") else value
+    return config
+
+
 def check_against_model_config(config: dict, model: ModelConfig, folder: Path) -> None:
     arch = model.architecture
-    wrong = [f"{key} is {config.get(key)} in the checkpoint but {getattr(arch, field)} in {model.yaml_path.name}"
+    wrong = [f"{key} is {config.get(key)!r} in the checkpoint but {getattr(arch, field)} in {model.yaml_path.name}"
              for key, field in CHECKED_KEYS.items() if config.get(key) != getattr(arch, field)]
     if wrong:
         raise PipelineError(f"checkpoint {folder} does not match model {model.name}: " + "; ".join(wrong))
@@ -138,17 +155,44 @@ def load_tensor(ckpt: Checkpoint, mapping: dict, canonical: str):
 
 
 def fingerprint(ckpt: Checkpoint, mapping: dict, names: list[str]) -> str:
-    """sha256 over the names, dtypes, shapes and bytes of a group's tensors (one at a time)."""
+    """sha256 over the names, dtypes, shapes and bytes of a group's tensors (one at a time), each
+    checked for NaN and inf while it is loaded."""
     import torch
 
     h = hashlib.sha256()
-    for name in names:
-        tensor = load_tensor(ckpt, mapping, name).contiguous()
-        h.update(f"{name}|{tensor.dtype}|{list(tensor.shape)}|".encode())
-        h.update(tensor.view(-1).view(torch.uint8).numpy())  # the buffer itself, no copy
-        del tensor
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # for the finiteness sums: more threads only spin beside the hashing
+    try:
+        for name in names:
+            tensor = load_tensor(ckpt, mapping, name).contiguous()
+            _check_finite(ckpt, mapping[name], tensor)
+            h.update(f"{name}|{tensor.dtype}|{list(tensor.shape)}|".encode())
+            h.update(tensor.view(-1).view(torch.uint8).numpy())  # the buffer itself, no copy
+            del tensor
+    finally:
+        torch.set_num_threads(threads)
     ckpt.release()  # one group's pages resident at a time
     return h.hexdigest()
+
+
+def _check_finite(ckpt: Checkpoint, entry: dict, tensor) -> None:
+    """Corrupt weights are named here, not as NaN outputs stages later. A sum is NaN or inf
+    whenever a value is, and costs a fifteenth of the hashing (one thread, about 30 GiB/s), where
+    isfinite() on every value costs more than the hashing. A sum can also overflow (fp16), so the
+    count decides."""
+    import torch
+
+    if tensor.dtype not in (torch.bfloat16, torch.float16, torch.float32, torch.float64):
+        return  # integers are finite; float8 has no sum
+    if torch.isfinite(tensor.sum()):
+        return
+    bad = int((~torch.isfinite(tensor)).sum())
+    if bad:
+        shard = ckpt.tensor_index[entry["name"]][0].name
+        rows = f"rows {entry['rows'][0]}..{entry['rows'][1]} of " if entry["rows"] else ""
+        raise PipelineError(
+            f"checkpoint {ckpt.folder} has corrupt weights: NaN or inf in {rows}tensor {entry['name']} (in {shard}): "
+            f"{bad} of {tensor.numel()} values; download {shard} again")
 
 
 def export_config(config: dict, seq: int) -> dict:
@@ -156,10 +200,6 @@ def export_config(config: dict, seq: int) -> dict:
     out = dict(config)
     out.update({k: seq if v == "SEQ" else v for k, v in overrides.items()})
     return out
-
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "qwen.tiktoken",
-                   "generation_config.json")
 
 
 def copy_tokenizer(source: Path, dest: Path) -> None:
@@ -170,3 +210,34 @@ def copy_tokenizer(source: Path, dest: Path) -> None:
         if (source / name).is_file():
             with atomic_path(dest / name) as tmp:
                 shutil.copyfile(source / name, tmp)
+
+
+def patch_weights(model_name: str, family: str, paths) -> None:
+    """The per-model patch stage: canonical config, tensor map, and a fingerprint per weight group.
+    Every group is hashed (and checked for NaN and inf) before any file is written, so a corrupt
+    layer leaves nothing behind; a file whose content is the same keeps its mtime."""
+    start = time.perf_counter()
+    ckpt = Checkpoint(Path(read_json(paths.source)["folder"]))
+    config = canonical_config(ckpt.config, family)
+    mapping = tensor_map(ckpt, config, family)
+    groups = weight_groups(config["num_hidden_layers"], mapping)
+    fingerprints = {}
+    for k, (group, names) in enumerate(groups.items(), 1):
+        fingerprints[group] = {"sha256": fingerprint(ckpt, mapping, names), "tensors": names}
+        say(f"[patch] fingerprint {group} ({k}/{len(groups)})")
+    changed = [g for g, data in fingerprints.items() if write_json_if_changed(paths.fingerprint(g), data)]
+    write_json_if_changed(paths.tensor_map, mapping)
+    write_json_if_changed(paths.canonical_config, config)
+    say(f"[patch] {model_name}: {len(mapping)} tensors mapped, {len(changed)} weight groups new or changed, "
+        f"{time.perf_counter() - start:.1f} s")
+
+
+def patch_seq(model_name: str, seq: int, paths) -> None:
+    """The per-seq patch stage: the export config, the tokenizer and the dims the runtime reads."""
+    config = export_config(read_json(paths.canonical_config), seq)
+    write_json(paths.export_config, config)
+    copy_tokenizer(Path(read_json(paths.source)["folder"]), paths.onnx)
+    dims = Dims.from_config(config)
+    write_json(paths.onnx / "model.json", {
+        "model": model_name, "seq": dims.seq, "num_layers": dims.num_layers, "hidden_size": dims.hidden,
+        "kv_heads": dims.kv_heads, "head_dim": dims.head_dim, "vocab_size": dims.vocab})

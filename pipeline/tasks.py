@@ -6,7 +6,6 @@ collects them. Every artifact is keyed so that:
   - a seq has its own folder and task names, so switching seq keeps the other seq's artifacts valid,
   - a layer's pieces re-export only when that layer's weight fingerprint changes.
 """
-import sys
 import time
 from importlib.metadata import version
 from pathlib import Path
@@ -16,9 +15,9 @@ from doit.tools import config_changed
 from . import PROJECT_ROOT
 from .build_config import BuildConfig
 from .code_keys import source_files
-from .errors import PipelineError
-from .fsutil import ensure_writable_dir, read_json, write_json, write_json_if_changed
-from .pieces import Dims, model_pieces
+from .fsutil import ensure_writable_dir, read_json
+from .pieces import model_pieces
+from .progress import say
 from .task_state import task_action
 from .toolchain.install import expected_version
 
@@ -50,10 +49,6 @@ TOOL_VERSIONS = {name: version(name) for name in ("torch", "transformers", "onnx
 COMPILER = {"tpu-mlir": expected_version()}  # part of every compiled artifact's key
 
 
-def say(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-
-
 class Stage:
     """A task generator: its actions run under the task's lock, leftovers of killed runs removed."""
     build: BuildConfig
@@ -75,6 +70,7 @@ class Paths:
         self.onnx = self.seq / "onnx"
         self.logs = self.seq / "logs"
         self.report = self.seq / "verify" / "report.json"
+        self.layers_plot = self.seq / "verify" / "layers.png"
         self.transform = self.seq / "transform"
         self.deploy = self.seq / "deploy" / build.variant
         self.dist = portable(build.dist_dir) / f"{build.dist_name}.bmodel"
@@ -102,13 +98,9 @@ class CheckpointTasks(Stage):
                "uptodate": [config_changed(spec), self.files_unchanged], "clean": True}
 
     def run(self):
-        from .download import check, fetch, source_spec
+        from .download import resolve
 
-        say(f"[checkpoint] {self.build.model.name}: {source_spec(self.build)['kind']}")
-        folder = fetch(self.build)
-        signature = check(self.build, folder)
-        write_json(self.paths.source, {"folder": str(folder), "signature": signature,
-                                       "spec": source_spec(self.build)})
+        resolve(self.build, self.paths.source)
 
     def files_unchanged(self, task, values):
         from .download import current_signature
@@ -143,36 +135,14 @@ class PatchTasks(Stage):
                "targets": [self.paths.export_config, self.paths.onnx / "model.json"], "clean": True}
 
     def patch_weights(self):
-        from .checkpoint import Checkpoint
-        from .patch import canonical_config, fingerprint, tensor_map, weight_groups
+        from .patch import patch_weights
 
-        start = time.perf_counter()
-        ckpt = Checkpoint(Path(read_json(self.paths.source)["folder"]))
-        config = canonical_config(ckpt.config, self.build.model.family)
-        mapping = tensor_map(ckpt, config, self.build.model.family)
-        groups = weight_groups(config["num_hidden_layers"], mapping)
-        changed = []
-        for k, (group, names) in enumerate(groups.items(), 1):
-            if write_json_if_changed(self.paths.fingerprint(group), {"sha256": fingerprint(ckpt, mapping, names),
-                                                                    "tensors": names}):
-                changed.append(group)
-            say(f"[patch] fingerprint {group} ({k}/{len(groups)})")
-        write_json_if_changed(self.paths.tensor_map, mapping)
-        write_json_if_changed(self.paths.canonical_config, config)
-        say(f"[patch] {self.build.model.name}: {len(mapping)} tensors mapped, "
-            f"{len(changed)} weight groups new or changed, {time.perf_counter() - start:.1f} s")
+        patch_weights(self.build.model.name, self.build.model.family, self.paths)
 
     def patch_seq(self):
-        from .patch import copy_tokenizer, export_config
+        from .patch import patch_seq
 
-        config = export_config(read_json(self.paths.canonical_config), self.build.seq)
-        write_json(self.paths.export_config, config)
-        copy_tokenizer(Path(read_json(self.paths.source)["folder"]), self.paths.onnx)
-        dims = Dims.from_config(config)
-        write_json(self.paths.onnx / "model.json", {
-            "model": self.build.model.name, "seq": dims.seq, "num_layers": dims.num_layers,
-            "hidden_size": dims.hidden, "kv_heads": dims.kv_heads, "head_dim": dims.head_dim,
-            "vocab_size": dims.vocab})
+        patch_seq(self.build.model.name, self.build.seq, self.paths)
 
 
 class ExportTasks(Stage):
@@ -341,97 +311,18 @@ class VerifyTasks(Stage):
                             *(self.export.target(p) for p in self.export.pieces), self.paths.report,
                             *CODE["verify_sim"]],
                "targets": [self.sim_report, self.sim_report.with_suffix(".md")],
+               "meta": {"outputs": [self.sim_report, self.sim_report.with_suffix(".md"), self.paths.layers_plot]},
                "uptodate": [config_changed({**COMPILER, "sim_tokens": self.build.sim_tokens})], "clean": True}
 
     def run(self):
         from . import verify
-        from .fsutil import write_text
 
-        config, mapping = read_json(self.paths.export_config), read_json(self.paths.tensor_map)
-        source = Path(read_json(self.paths.source)["folder"])
-        total = len(self.export.pieces)
-        done = []
-
-        def progress(net, seconds):
-            done.append(net)
-            say(f"[verify {len(done)}/{total}] {net} {seconds:.1f} s")
-
-        new_tokens = verify.new_tokens_for(config["seq_length"])
-        ids = verify.prompt_ids(source, config["seq_length"], new_tokens)
-        report = {"model": self.build.model.name, "seq": self.build.seq, "prompt_ids": ids, "tools": TOOL_VERSIONS,
-                  "pieces": verify.check_pieces(config, source, mapping, self.paths.onnx, ids, progress)}
-        say("[verify] greedy decode: onnx pieces vs transformers generate() ...")
-        report["decode"] = verify.decode_check(config, source, mapping, self.build.model.family, self.paths.onnx,
-                                               ids, new_tokens)
-        if self.build.model.verify_prompts and report["decode"]["run"]:
-            say(f"[verify] answers to {len(self.build.model.verify_prompts)} questions: onnx pieces vs transformers ...")
-            questions = verify.answer_prompts(source, self.build.model.verify_prompts, config["seq_length"])
-            report["answers"] = verify.answers_check(config, source, mapping, self.build.model.family,
-                                                     self.paths.onnx, questions)
-        write_json(self.paths.report, report)
-        write_text(self.paths.report.with_suffix(".md"), verify.markdown(report))
-        failures = verify.summarize(report)
-        if failures:
-            raise PipelineError(f"verification failed ({self.paths.report.with_suffix('.md')}):\n  "
-                                + "\n  ".join(failures))
-        decode = report["decode"]
-        say(f"[verify] PASS: {total} pieces; greedy decode "
-            + (f"{len(decode['onnx'])} tokens identical" if decode["run"] else f"not run ({decode['reason']})")
-            + f"; report {self.paths.report.with_suffix('.md')}")
-
+        verify.run(self.build, self.paths, self.export.pieces, TOOL_VERSIONS)
 
     def run_simulator(self):
         from . import verify_sim
-        from .fsutil import write_text
 
-        b = self.build
-        total, done = len(self.export.pieces), []
-
-        def progress(net, seconds):
-            done.append(net)
-            say(f"[verify {b.mode} on the simulator {len(done)}/{total}] {net} {seconds:.1f} s")
-
-        ids = read_json(self.paths.report)["prompt_ids"]
-        report = {"model": b.model.name, "seq": b.seq, "mode": b.mode, "variant": b.variant,
-                  "bmodel": self.paths.dist.name, "prompt_ids": ids, "tools": {**TOOL_VERSIONS, **COMPILER}}
-        dims = Dims.from_config(read_json(self.paths.export_config))
-        with verify_sim.Simulator(self.paths.logs, b.devices) as sim:
-            report["pieces"] = verify_sim.check_pieces(b.mode, dims, self.paths.onnx, self.paths.deploy, ids, sim,
-                                                       progress)
-            report["decode"] = self._simulator_decode(report, ids, sim)
-        report["simulated"] = True
-        write_json(self.sim_report, report)
-        write_text(self.sim_report.with_suffix(".md"), verify_sim.markdown(report))
-        if report["simulated"]:
-            reports = [read_json(p) for p in sorted(self.paths.seq.glob("verify/*/report.json"))]
-            verify_sim.plot_layers([r for r in reports if r.get("simulated") and r["pieces"]],
-                                   self.paths.seq / "verify" / "layers.png")
-        failures = verify_sim.summarize(report)
-        if failures:
-            raise PipelineError(f"simulator verification failed ({self.sim_report.with_suffix('.md')}):\n  "
-                                + "\n  ".join(failures))
-        decode = report["decode"]
-        summary = (f"greedy choices as the ONNX pipeline at {decode['agree']}/{len(decode['onnx'])} steps"
-                   if decode["run"] else "answers share " + ", ".join(
-                       f"{a['shared']}/{len(a['reference'])}" for a in report["answers"]) + " tokens with transformers'"
-                   if report.get("answers") else f"not run: {decode['reason']}")
-        say(f"[verify {b.mode} on the simulator] PASS; {summary}; report {self.sim_report.with_suffix('.md')}")
-
-    def _simulator_decode(self, report: dict, ids: list[int], sim) -> dict:
-        """The whole bmodel: answering the model's questions where it has some, else a greedy decode."""
-        from . import verify_sim
-
-        b = self.build
-        answers = read_json(self.paths.report).get("answers")
-        if answers:  # real questions replace the generic decode (the simulator is slow)
-            say(f"[verify {b.mode} on the simulator] answers of {self.paths.dist.name} to {len(answers)} questions ...")
-            report["answers"] = verify_sim.answers_check(b.mode, self.paths.onnx, self.paths.dist, answers, sim)
-            return {"run": False, "reason": "replaced by the answers to the model's verify_prompts"}
-        if b.sim_tokens == 0:
-            return {"run": False, "reason": "sim_tokens=0: the pieces only"}
-        steps = min(b.sim_tokens, b.seq - len(ids))  # the window holds the prompt and the new tokens
-        say(f"[verify {b.mode} on the simulator] greedy decode of {self.paths.dist.name}, {steps} tokens ...")
-        return verify_sim.decode_check(b.mode, self.paths.onnx, self.paths.dist, ids, steps, sim)
+        verify_sim.run(self.build, self.paths, self.export.pieces, self.sim_report, {**TOOL_VERSIONS, **COMPILER})
 
 
 def make_tasks(build: BuildConfig) -> dict:

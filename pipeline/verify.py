@@ -15,8 +15,10 @@ from runtime.tokenizer import load_tokenizer
 
 from .checkpoint import Checkpoint
 from .errors import PipelineError
+from .fsutil import read_json, write_json, write_text
 from .patch import load_tensor
 from .pieces import Dims, io_spec
+from .progress import say
 
 PROMPT = "Give me a short introduction to large language models."
 SYSTEM = "You are a helpful assistant."
@@ -33,12 +35,33 @@ def chatml(prompt: str) -> str:
 
 def compare(ref: np.ndarray, got: np.ndarray, min_cosine: float = MIN_COSINE,
             max_abs_relative: float = MAX_ABS_RELATIVE) -> dict:
+    """`got` (the candidate) against `ref` (the reference). NaN or inf on either side fails, with
+    their counts instead of a cosine and a max abs error, which they would make meaningless."""
     ref, got = ref.astype(np.float64).ravel(), got.astype(np.float64).ravel()
-    cosine = float(ref @ got / max(np.linalg.norm(ref) * np.linalg.norm(got), 1e-30))
-    max_abs = float(np.max(np.abs(ref - got)))
-    scale = max(1.0, float(np.max(np.abs(ref))))
+    nonfinite = {"reference": int(ref.size - np.isfinite(ref).sum()),
+                 "candidate": int(got.size - np.isfinite(got).sum())}
+    if any(nonfinite.values()):
+        return {"cosine": None, "max_abs": None, "ref_max": None, "size": ref.size, "nonfinite": nonfinite, "ok": False}
+    cosine, max_abs = cosine_similarity(ref, got), float(np.max(np.abs(ref - got), initial=0.0))
+    scale = max(1.0, float(np.max(np.abs(ref), initial=0.0)))
     return {"cosine": cosine, "max_abs": max_abs, "ref_max": scale,
             "ok": cosine >= min_cosine and max_abs <= max_abs_relative * scale}
+
+
+def cosine_similarity(ref: np.ndarray, got: np.ndarray) -> float:
+    """Two all-zero outputs (a zeroed projection gives them) are identical: cosine 1, not 0."""
+    norms = float(np.linalg.norm(ref) * np.linalg.norm(got))
+    if norms == 0.0:
+        return 1.0 if not ref.any() and not got.any() else 0.0
+    return float(ref @ got / norms)
+
+
+def nonfinite_words(r: dict, labels: dict) -> str:
+    """Where the NaN and inf values of a failed comparison are, e.g. 'NaN or inf: none in the
+    reference (torch), 12 of 2048 values in the candidate (onnxruntime)'."""
+    return "NaN or inf: " + ", ".join(
+        f"{r['nonfinite'][side]} of {r['size']} values in the {side} ({labels[side]})" if r["nonfinite"][side]
+        else f"none in the {side} ({labels[side]})" for side in ("reference", "candidate"))
 
 
 class _Pieces:
@@ -177,7 +200,7 @@ def decode_check(config, source, mapping, family, onnx_dir, ids, new_tokens) -> 
     onnx_logits = Engine(backend).prefill(ids)
     onnx_tokens = Engine(backend).greedy(ids, new_tokens)
     return {"run": True, "reference": ref_tokens, "onnx": onnx_tokens, "match": ref_tokens == onnx_tokens,
-            "first_logits_max_abs": float(np.max(np.abs(ref_logits - onnx_logits))),
+            "first_logits_max_abs": compare(ref_logits, onnx_logits)["max_abs"],  # None: NaN or inf
             "seconds": round(time.perf_counter() - start, 2)}
 
 
@@ -230,9 +253,13 @@ def answers_check(config, source, mapping, family, onnx_dir, questions: list[dic
     return results
 
 
-def piece_failures(pieces: dict) -> list[str]:
+LABELS = {"reference": "torch", "candidate": "onnxruntime"}  # what compare() saw on each side, here
+
+
+def piece_failures(pieces: dict, labels: dict = LABELS) -> list[str]:
     """Every output of every piece that failed its comparison, in words."""
-    return [f"{net}.{out}: cosine {r['cosine']:.6f}, max abs {r['max_abs']:.3g} (ref max {r['ref_max']:.3g})"
+    return [f"{net}.{out}: " + (nonfinite_words(r, labels) if "nonfinite" in r else
+                                f"cosine {r['cosine']:.6f}, max abs {r['max_abs']:.3g} (ref max {r['ref_max']:.3g})")
             for net, outs in pieces.items() for out, r in outs.items() if not r["ok"]]
 
 
@@ -241,6 +268,11 @@ def pieces_table(pieces: dict, digits: int) -> list[str]:
     lines = ["| piece | output | cosine | max abs error | reference max | ok |", "|---|---|---|---|---|---|"]
     for net, outs in pieces.items():
         for out, r in outs.items():
+            if "nonfinite" in r:
+                n = r["nonfinite"]
+                lines.append(f"| {net} | {out} | - | - | - | **NO**: NaN or inf in {n['reference']} reference and "
+                             f"{n['candidate']} candidate values of {r['size']} |")
+                continue
             lines.append(f"| {net} | {out} | {r['cosine']:.{digits}f} | {r['max_abs']:.2e} | {r['ref_max']:.3g} | "
                          f"{'yes' if r['ok'] else '**NO**'} |")
     return lines
@@ -266,7 +298,8 @@ def markdown(report: dict) -> str:
     if d.get("run"):
         lines += [f"- tokens ({len(d['reference'])}): {'identical' if d['match'] else '**differ**'}",
                   f"- transformers: {d['reference']}", f"- onnx pieces:  {d['onnx']}",
-                  f"- first-token logits, max abs difference: {d['first_logits_max_abs']:.2e}"]
+                  "- first-token logits, max abs difference: " + (
+                      f"{d['first_logits_max_abs']:.2e}" if d["first_logits_max_abs"] is not None else "NaN or inf")]
     else:
         lines.append(f"- not run: {d['reason']}")
     if report.get("answers"):
@@ -277,3 +310,35 @@ def markdown(report: dict) -> str:
     failures = summarize(report)
     lines += ["", f"**Result: {'PASS' if not failures else 'FAIL'}**"] + [f"- {f}" for f in failures]
     return "\n".join(lines) + "\n"
+
+
+def run(build, paths, pieces, tools: dict) -> None:
+    """The verify stage: every ONNX piece against torch, the greedy decode against transformers, and
+    the model's questions where it has some; a report, and a failure naming what failed."""
+    config, mapping = read_json(paths.export_config), read_json(paths.tensor_map)
+    source = Path(read_json(paths.source)["folder"])
+    done = []
+
+    def progress(net, seconds):
+        done.append(net)
+        say(f"[verify {len(done)}/{len(pieces)}] {net} {seconds:.1f} s")
+
+    new_tokens = new_tokens_for(config["seq_length"])
+    ids = prompt_ids(source, config["seq_length"], new_tokens)
+    report = {"model": build.model.name, "seq": build.seq, "prompt_ids": ids, "tools": tools,
+              "pieces": check_pieces(config, source, mapping, paths.onnx, ids, progress)}
+    say("[verify] greedy decode: onnx pieces vs transformers generate() ...")
+    report["decode"] = decode_check(config, source, mapping, build.model.family, paths.onnx, ids, new_tokens)
+    if build.model.verify_prompts and report["decode"]["run"]:
+        say(f"[verify] answers to {len(build.model.verify_prompts)} questions: onnx pieces vs transformers ...")
+        questions = answer_prompts(source, build.model.verify_prompts, config["seq_length"])
+        report["answers"] = answers_check(config, source, mapping, build.model.family, paths.onnx, questions)
+    write_json(paths.report, report)
+    write_text(paths.report.with_suffix(".md"), markdown(report))
+    failures = summarize(report)
+    if failures:
+        raise PipelineError(f"verification failed ({paths.report.with_suffix('.md')}):\n  " + "\n  ".join(failures))
+    decode = report["decode"]
+    say(f"[verify] PASS: {len(pieces)} pieces; greedy decode "
+        + (f"{len(decode['onnx'])} tokens identical" if decode["run"] else f"not run ({decode['reason']})")
+        + f"; report {paths.report.with_suffix('.md')}")

@@ -18,10 +18,15 @@ from runtime.engine import Engine
 from runtime.isolated_backend import IsolatedBmodelBackend
 from runtime.onnx_backend import OnnxBackend
 
+from .errors import PipelineError
+from .fsutil import atomic_path, read_json, write_json, write_text
 from .pieces import Dims
+from .progress import say
 from .toolchain.install import ensure_toolchain
 from .toolchain.tools import Worker
 from .verify import compare, piece_failures, pieces_table, walk_pieces
+
+LABELS = {"reference": "onnxruntime", "candidate": "simulator"}  # what compare() saw on each side, here
 
 # Per mode: minimum cosine and max abs error relative to max(1, |reference|), for every output of
 # every piece. Measured on the tiny models (README): bf16 >= 0.99989, int8 >= 0.9998, int4 0.938
@@ -112,9 +117,15 @@ def decode_check(mode: str, onnx_dir: Path, bmodel: Path, ids: list[int], new_to
             "agree": sum(agree), "free_running_prefix": agree.index(False) if False in agree else len(agree),
             "decisive_disagreements": [k for k, (ok, m) in enumerate(zip(agree, margins))
                                        if not ok and m >= TIE_MARGIN],
-            "logits_cosine_min": round(min(compare(r, g)["cosine"] for r, g in zip(ref_logits, sim_logits)), 6),
+            "logits_cosine_min": _lowest_cosine(ref_logits, sim_logits),
             "exact_required": mode in EXACT_TOKENS_MODES, "seconds": round(time.perf_counter() - start, 1),
             "simulator_seconds": round(backend.seconds, 1)}
+
+
+def _lowest_cosine(ref_logits: list[np.ndarray], sim_logits: list[np.ndarray]) -> float | None:
+    """The worst step's cosine; None when a step's logits hold NaN or inf (no cosine there)."""
+    cosines = [compare(r, g)["cosine"] for r, g in zip(ref_logits, sim_logits)]
+    return None if None in cosines else round(min(cosines), 6)
 
 
 def answers_check(mode: str, onnx_dir: Path, bmodel: Path, answers: list[dict], sim: Simulator) -> list[dict]:
@@ -145,8 +156,10 @@ def answers_check(mode: str, onnx_dir: Path, bmodel: Path, answers: list[dict], 
 
 
 def summarize(report: dict) -> list[str]:
-    failures = piece_failures(report["pieces"])
+    failures = piece_failures(report["pieces"], LABELS)
     decode = report["decode"]
+    if decode.get("run") and decode["logits_cosine_min"] is None:
+        failures.append("the combined bmodel's greedy decode gives NaN or inf logits on the simulator")
     if decode.get("run") and decode["exact_required"] and decode["decisive_disagreements"]:
         failures.append(f"greedy choices differ at steps {decode['decisive_disagreements']} although the fp32 "
                         f"margin there is >= {TIE_MARGIN}: simulator {decode['simulator']} vs onnx {decode['onnx']}")
@@ -173,7 +186,8 @@ def markdown(report: dict) -> str:
                   f"- steps where fp32's top-2 margin is below {TIE_MARGIN} (near-ties): {near}; disagreements "
                   f"elsewhere: {d['decisive_disagreements'] or 'none'}"
                   f"{' (none allowed for this mode)' if d['exact_required'] else ''}",
-                  f"- lowest cosine of a step's logits vs fp32: {d['logits_cosine_min']}",
+                  "- lowest cosine of a step's logits vs fp32: "
+                  + (str(d["logits_cosine_min"]) if d["logits_cosine_min"] is not None else "none: NaN or inf"),
                   f"- onnx:      {d['onnx']}", f"- simulator: {d['simulator']}",
                   f"- fp32 margins: {d['margins']}",
                   f"- {d['seconds']} s ({d['simulator_seconds']} s inside the simulator)"]
@@ -193,6 +207,11 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _or_nan(cosine: float | None) -> float:
+    """A comparison with NaN or inf has no cosine: a gap in the plot."""
+    return float("nan") if cosine is None else cosine
+
+
 def plot_layers(reports: list[dict], out: Path) -> None:
     """Cosine of each block's hidden output, per mode: where along the depth accuracy goes."""
     import matplotlib
@@ -204,7 +223,7 @@ def plot_layers(reports: list[dict], out: Path) -> None:
     for ax, kind in zip(axes, ("block", "block_cache")):
         for report in reports:
             layers = sorted(int(n.rsplit("_", 1)[1]) for n in report["pieces"] if n.rsplit("_", 1)[0] == kind)
-            cosines = [report["pieces"][f"{kind}_{i}"]["hidden_states"]["cosine"] for i in layers]
+            cosines = [_or_nan(report["pieces"][f"{kind}_{i}"]["hidden_states"]["cosine"]) for i in layers]
             ax.plot(layers, cosines, marker="o", label=report["mode"])
         ax.set_title(f"{kind}_i hidden_states")
         ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
@@ -214,8 +233,54 @@ def plot_layers(reports: list[dict], out: Path) -> None:
     axes[1].legend()
     fig.suptitle(f"{reports[0]['model']} seq {reports[0]['seq']}: simulator vs onnxruntime per layer")
     fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
     plt.close(fig)
-    tmp.replace(out)
+
+
+def run(build, paths, pieces, report_path: Path, tools: dict) -> None:
+    """The simulator stage of `doit verify`: every deployed piece against onnxruntime, then the
+    combined bmodel (its answers to the model's questions, or a greedy decode); a report, the
+    per-layer plot, and a failure naming what failed."""
+    done = []
+
+    def progress(net, seconds):
+        done.append(net)
+        say(f"[verify {build.mode} on the simulator {len(done)}/{len(pieces)}] {net} {seconds:.1f} s")
+
+    ids = read_json(paths.report)["prompt_ids"]
+    report = {"model": build.model.name, "seq": build.seq, "mode": build.mode, "variant": build.variant,
+              "bmodel": paths.dist.name, "prompt_ids": ids, "tools": tools}
+    dims = Dims.from_config(read_json(paths.export_config))
+    with Simulator(paths.logs, build.devices) as sim:
+        report["pieces"] = check_pieces(build.mode, dims, paths.onnx, paths.deploy, ids, sim, progress)
+        report["decode"] = _whole_bmodel(build, paths, report, ids, sim)
+    report["simulated"] = True
+    write_json(report_path, report)
+    write_text(report_path.with_suffix(".md"), markdown(report))
+    reports = [read_json(p) for p in sorted(paths.seq.glob("verify/*/report.json"))]
+    plot_layers([r for r in reports if r.get("simulated") and r["pieces"]], paths.layers_plot)
+    failures = summarize(report)
+    if failures:
+        raise PipelineError(f"simulator verification failed ({report_path.with_suffix('.md')}):\n  "
+                            + "\n  ".join(failures))
+    decode = report["decode"]
+    summary = (f"greedy choices as the ONNX pipeline at {decode['agree']}/{len(decode['onnx'])} steps"
+               if decode["run"] else "answers share " + ", ".join(
+                   f"{a['shared']}/{len(a['reference'])}" for a in report["answers"]) + " tokens with transformers'"
+               if report.get("answers") else f"not run: {decode['reason']}")
+    say(f"[verify {build.mode} on the simulator] PASS; {summary}; report {report_path.with_suffix('.md')}")
+
+
+def _whole_bmodel(build, paths, report: dict, ids: list[int], sim: Simulator) -> dict:
+    """The whole bmodel: answering the model's questions where it has some, else a greedy decode."""
+    answers = read_json(paths.report).get("answers")
+    if answers:  # real questions replace the generic decode (the simulator is slow)
+        say(f"[verify {build.mode} on the simulator] answers of {paths.dist.name} to {len(answers)} questions ...")
+        report["answers"] = answers_check(build.mode, paths.onnx, paths.dist, answers, sim)
+        return {"run": False, "reason": "replaced by the answers to the model's verify_prompts"}
+    if build.sim_tokens == 0:
+        return {"run": False, "reason": "sim_tokens=0: the pieces only"}
+    steps = min(build.sim_tokens, build.seq - len(ids))  # the window holds the prompt and the new tokens
+    say(f"[verify {build.mode} on the simulator] greedy decode of {paths.dist.name}, {steps} tokens ...")
+    return decode_check(build.mode, paths.onnx, paths.dist, ids, steps, sim)
