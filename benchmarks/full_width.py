@@ -120,7 +120,7 @@ def measure(model: str, args, build_dir: Path) -> dict:
     if not result["failed"] and "verify" in args.stages:
         sim = json.loads(next((seq_dir / "verify").glob(f"{args.mode}_*/report.json")).read_text())
         result["simulator"] = {"decode": sim["decode"], "min_cosine": min(
-            o["cosine"] for outs in sim["pieces"].values() for o in outs.values())}
+            o["cosine"] or 0.0 for outs in sim["pieces"].values() for o in outs.values())}  # None: NaN or inf
     result["onnx_bytes"] = {p.name: p.stat().st_size for p in (seq_dir / "onnx").iterdir() if p.is_file()}
     result["estimated_full_seconds"] = {  # None where a piece did not get through that stage
         kind: round(estimate(result["pieces"][kind], args.layers, result["full_layers"]))

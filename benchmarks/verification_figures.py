@@ -36,7 +36,7 @@ def main():
                 blocks = [r for net, outs in report["pieces"].items() if net.startswith("block")
                           for r in outs.values()]
                 d = report["decode"]
-                rows.append((model, mode, min(r["cosine"] for r in blocks),
+                rows.append((model, mode, min(r["cosine"] or 0.0 for r in blocks),
                              max(r["max_abs"] / r["ref_max"] for r in values),
                              report["pieces"]["lm_head"]["logits"]["cosine"], d["agree"], len(d["onnx"]),
                              sum(m >= 0.1 for m in d["margins"]), len(d["decisive_disagreements"]),
