@@ -3,17 +3,26 @@
     python -m runtime.chat --model dist/<name>.bmodel [--devid 2]      # TPU (or its simulator)
     python -m runtime.chat --model build/<model>/seq<L>/onnx            # onnxruntime (CPU)
     python -m runtime.chat --model <model> --prompt "Hello"             # one answer, then exit
+
+Ctrl-C during an answer stops it (back to the prompt); at the prompt it ends the session.
 """
 import argparse
+import contextlib
 import json
+import os
+import re
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from .chat_format import DEFAULT_SYSTEM, Message, PromptTooLong, fit_history
 from .engine import Engine
 from .generate import Result, generate
-from .sampling import SamplingParams
+from .sampling import SamplingParams, sampling_problem
 from .tokenizer import load_tokenizer
+
+SURROGATES = re.compile("[\ud800-\udfff]")
 
 
 def open_backend(model: Path, devid: str = "0"):
@@ -47,6 +56,30 @@ def default_tokenizer(model: Path) -> Path:
     return model
 
 
+def at_least(least: int):
+    """An argparse type: an integer, `least` or more."""
+    def integer(text: str) -> int:
+        value = int(text)
+        if value < least:
+            raise argparse.ArgumentTypeError(f"must be at least {least} (got {value})")
+        return value
+
+    return integer
+
+
+def sampling_option(name: str, convert):
+    """An argparse type for a sampling field: converted, then checked by SamplingParams' rule."""
+    def parse(text: str):
+        value = convert(text)
+        problem = sampling_problem(name, value)
+        if problem:
+            raise argparse.ArgumentTypeError(problem)
+        return value
+
+    parse.__name__ = convert.__name__  # argparse's "invalid float value: 'x'"
+    return parse
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m runtime.chat", description=__doc__.splitlines()[0])
     p.add_argument("--model", type=Path, required=True,
@@ -56,17 +89,35 @@ def parse_args(argv=None):
     p.add_argument("--tokenizer", type=Path, help="folder with tokenizer.json or qwen.tiktoken "
                    "(default: the one the build put beside the model)")
     p.add_argument("--prompt", help="answer this one message and exit (no interaction)")
-    p.add_argument("--system", default=DEFAULT_SYSTEM, help="system prompt ('' for none)")
-    p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--repetition-penalty", type=float, default=1.0)
-    p.add_argument("--seed", type=int)
+    p.add_argument("--system", help=f"system prompt ('' for none). Without it: {DEFAULT_SYSTEM!r}, left out "
+                   "when it does not fit with the message; a given one is kept (a message it leaves no room "
+                   "for is refused)")
+    p.add_argument("--max-new-tokens", type=at_least(1), default=256)
+    p.add_argument("--temperature", type=sampling_option("temperature", float), default=0.0,
+                   help="0 = greedy (at most 2)")
+    p.add_argument("--top-k", type=sampling_option("top_k", int), default=0)
+    p.add_argument("--top-p", type=sampling_option("top_p", float), default=1.0)
+    p.add_argument("--repetition-penalty", type=sampling_option("repetition_penalty", float), default=1.0)
+    p.add_argument("--seed", type=sampling_option("seed", int), help="any 64-bit integer")
     p.add_argument("--stop", action="append", default=[], help="a stop string (repeatable)")
     p.add_argument("--no-think", action="store_true", help="Qwen3: answer without a thinking block")
     p.add_argument("--chatml", action="store_true", help="use plain ChatML even if the model has a chat template")
     return p.parse_args(argv)
+
+
+def clean_text(text: str) -> tuple[str, int]:
+    """Undecodable input bytes (read as lone surrogates) become U+FFFD; returns the text and how many."""
+    return SURROGATES.subn("\ufffd", text)
+
+
+@contextlib.contextmanager
+def interrupt_sets(event: threading.Event):
+    """While inside, Ctrl-C sets `event` (generation stops at the next token) instead of raising."""
+    previous = signal.signal(signal.SIGINT, lambda *_: event.set())
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 class Chat:
@@ -80,26 +131,38 @@ class Chat:
             self.tokenizer = load_tokenizer(tokenizer_dir)
         except FileNotFoundError as err:
             raise SystemExit(f"error: {err}; pass --tokenizer <checkpoint folder>") from None
-        try:
-            self.params = SamplingParams(args.temperature, args.top_k, args.top_p, args.repetition_penalty, args.seed)
-        except ValueError as err:
-            raise SystemExit(f"error: {err}") from None
+        self.params = SamplingParams(args.temperature, args.top_k, args.top_p, args.repetition_penalty, args.seed)
         self.history: list[Message] = []
+        self.said_system_dropped = False
 
-    def answer(self, query: str, out) -> Result:
-        seq = self.engine_info["seq"]
-        room = min(self.args.max_new_tokens, seq // 2)  # keep room for the answer
-        options = {"enable_thinking": False if self.args.no_think else None, "use_template": not self.args.chatml}
-        ids, dropped = fit_history(self.tokenizer, self.args.system or None, self.history, query, seq - room,
-                                   **options)
-        if dropped:
-            print(f"[history: dropped the {dropped} oldest turn(s) to fit seq_length {seq}]", file=out, flush=True)
-        result = Result()
-        for piece in generate(Engine(self.backend), self.tokenizer, ids, self.args.max_new_tokens, self.params,
-                              self.args.stop, result):
-            print(piece, end="", file=out, flush=True)
+    def prompt(self, query: str, notes) -> list[int]:
+        """The prompt ids; the history keeps only what fitted (so the past is not tokenized again
+        turn after turn). Says on `notes` what was left out."""
+        seq, system = self.engine_info["seq"], self.args.system
+        prompt = fit_history(self.tokenizer, DEFAULT_SYSTEM if system is None else system or None, self.history,
+                             query, seq, self.args.max_new_tokens, optional_system=system is None,
+                             enable_thinking=False if self.args.no_think else None, use_template=not self.args.chatml)
+        self.history = prompt.history
+        if prompt.system_dropped and not self.said_system_dropped:
+            self.said_system_dropped = True
+            print(f"[the default system prompt does not fit with your messages in seq_length {seq}: left out; "
+                  "--system sets one]", file=notes, flush=True)
+        if prompt.dropped:
+            print(f"[history: dropped the {prompt.dropped} oldest turn(s) to fit seq_length {seq}]", file=notes,
+                  flush=True)
+        return prompt.ids
+
+    def answer(self, query: str, out, notes=None) -> Result:
+        """Streams the answer to `out` (notes to `notes`, default `out`). Ctrl-C stops it:
+        finish_reason "cancelled", and the turn is not kept."""
+        ids, result, stop = self.prompt(query, notes or out), Result(), threading.Event()
+        with interrupt_sets(stop):
+            for piece in generate(Engine(self.backend), self.tokenizer, ids, self.args.max_new_tokens,
+                                  self.params, self.args.stop, result, stop.is_set):
+                print(piece, end="", file=out, flush=True)
         print(file=out)
-        self.history += [Message("user", query), Message("assistant", result.text)]
+        if result.finish_reason != "cancelled":
+            self.history += [Message("user", query), Message("assistant", result.text)]
         return result
 
 
@@ -108,24 +171,23 @@ def stats(result: Result) -> str:
             f"first token {result.first_token_seconds:.2f} s; {result.decode_tokens_per_second:.3g} tokens/s]")
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    chat = Chat(args)
-    if args.prompt is not None:
-        try:
-            result = chat.answer(args.prompt, sys.stdout)
-        except PromptTooLong as err:
-            raise SystemExit(f"error: {err}") from None
-        print(stats(result), file=sys.stderr)
-        return
+def read_query() -> str | None:
+    """The next line typed, or None at the end of input or on Ctrl-C (the session ends)."""
+    try:
+        line = input("\nUser: ")
+    except (EOFError, KeyboardInterrupt):
+        print()
+        return None
+    line, replaced = clean_text(line)
+    if replaced:
+        print(f"[input: {replaced} byte(s) that are not {sys.stdin.encoding} replaced by \ufffd]")
+    return line
+
+
+def interact(chat: Chat, args) -> None:
     print(f"Chatting with {args.model} (seq_length {chat.engine_info['seq']}). /clear forgets the conversation, "
-          "/exit quits.", flush=True)
-    while True:
-        try:
-            query = input("\nUser: ")
-        except EOFError:
-            print()
-            break
+          "/exit quits; Ctrl-C stops an answer, or quits at the prompt.", flush=True)
+    while (query := read_query()) is not None:
         if query.strip() == "/exit":
             break
         if query.strip() == "/clear":
@@ -137,10 +199,53 @@ def main(argv=None):
         print("Assistant: ", end="", flush=True)
         try:
             result = chat.answer(query, sys.stdout)
-        except PromptTooLong as err:
+        except (PromptTooLong, ValueError) as err:  # ValueError: the model's chat template refused
             print(f"\n[error: {err}]")
             continue
         print(stats(result), flush=True)
+
+
+def clean_option(args, name: str) -> None:
+    """Bytes in --prompt or --system that are not in the filesystem encoding arrive as lone
+    surrogates too: replaced, and said."""
+    if getattr(args, name):
+        text, replaced = clean_text(getattr(args, name))
+        if replaced:
+            print(f"[--{name}: {replaced} byte(s) that are not {sys.getfilesystemencoding()} replaced by \ufffd]",
+                  file=sys.stderr)
+        setattr(args, name, text)
+
+
+def one_answer(chat: Chat, text: str) -> None:
+    try:
+        result = chat.answer(text, sys.stdout, sys.stderr)
+    except (PromptTooLong, ValueError) as err:
+        raise SystemExit(f"error: {err}") from None
+    print(stats(result), file=sys.stderr)
+    if result.finish_reason == "cancelled":
+        raise SystemExit(130)
+
+
+def main(argv=None):
+    # Undecodable input bytes arrive as lone surrogates (cleaned, and said, by clean_text); text the
+    # terminal's encoding cannot show is printed as "?" rather than ending the session.
+    sys.stdin.reconfigure(errors="surrogateescape")
+    sys.stdout.reconfigure(errors="replace")
+    args = parse_args(argv)
+    clean_option(args, "prompt")
+    clean_option(args, "system")
+    try:
+        chat = Chat(args)
+        if args.prompt is None:
+            interact(chat, args)
+        else:
+            one_answer(chat, args.prompt)
+    except KeyboardInterrupt:  # while the model loads
+        print(file=sys.stderr)
+        raise SystemExit(130) from None
+    except BrokenPipeError:  # the reader went away (| head): stop quietly, and so does the exit's flush
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise SystemExit(1) from None
 
 
 if __name__ == "__main__":

@@ -1,8 +1,44 @@
 """Choosing the next token from logits (numpy): greedy, or sampling with temperature, top-k,
 top-p and a repetition penalty, reproducible with a seed."""
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, fields
 
 import numpy as np
+
+SEED_RANGE = (-2**63, 2**63 - 1)  # OpenAI's: a signed 64-bit integer
+
+
+# field: (test, the range it states); each also has to be a finite number
+_RANGES = {"temperature": (lambda v: 0 <= v <= 2, "in [0, 2]"),  # OpenAI's range; above 2 is noise
+           "top_p": (lambda v: 0 < v <= 1, "in (0, 1]"),
+           "repetition_penalty": (lambda v: v > 0, "> 0")}
+
+
+def _shown(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _integer(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def sampling_problem(name: str, value) -> str | None:
+    """What is wrong with one sampling field's value, or None: the one rule for the CLI's options
+    (checked by argparse) and the server's fields (checked per request)."""
+    if name in _RANGES:
+        test, stated = _RANGES[name]
+        finite = _integer(value) or (isinstance(value, float) and math.isfinite(value))
+        if not finite:
+            return f"{name} must be a finite number (got {_shown(value)})"
+        return None if test(value) else f"{name} must be {stated} (got {_shown(value)})"
+    if name == "top_k":
+        return None if _integer(value) and value >= 0 else f"top_k must be an integer >= 0 (got {_shown(value)})"
+    if name == "seed":
+        low, high = SEED_RANGE
+        ok = value is None or (_integer(value) and low <= value <= high)
+        return None if ok else f"seed must be an integer in [-2**63, 2**63 - 1] (got {_shown(value)})"
+    raise KeyError(name)
 
 
 @dataclass
@@ -11,18 +47,10 @@ class SamplingParams:
     top_k: int = 0                  # 0 = no limit
     top_p: float = 1.0
     repetition_penalty: float = 1.0
-    seed: int | None = None
+    seed: int | None = None         # any 64-bit integer; a negative one is read as its two's complement
 
     def __post_init__(self):
-        problems = []
-        if self.temperature < 0:
-            problems.append(f"temperature must be >= 0 (got {self.temperature})")
-        if self.top_k < 0:
-            problems.append(f"top_k must be >= 0 (got {self.top_k})")
-        if not 0 < self.top_p <= 1:
-            problems.append(f"top_p must be in (0, 1] (got {self.top_p})")
-        if self.repetition_penalty <= 0:
-            problems.append(f"repetition_penalty must be > 0 (got {self.repetition_penalty})")
+        problems = [p for f in fields(self) if (p := sampling_problem(f.name, getattr(self, f.name)))]
         if problems:
             raise ValueError("; ".join(problems))
 
@@ -30,7 +58,8 @@ class SamplingParams:
 class Sampler:
     def __init__(self, params: SamplingParams):
         self.params = params
-        self.rng = np.random.default_rng(params.seed)
+        # numpy wants a seed >= 0: -1 becomes 2**64 - 1, so every 64-bit seed is one fixed stream
+        self.rng = np.random.default_rng(None if params.seed is None else params.seed % 2**64)
 
     def __call__(self, logits: np.ndarray, seen: list[int]) -> int:
         p = self.params
@@ -43,11 +72,16 @@ class Sampler:
             logits[ids] = np.where(values > 0, values / p.repetition_penalty, values * p.repetition_penalty)
         if p.temperature == 0:
             return int(np.argmax(logits))
-        logits /= p.temperature
+        # extreme penalties or temperatures overflow to inf: clip, then subtract the maximum before
+        # dividing, so the best token stays at 0 and the others go to -inf at worst (never NaN)
+        top = np.finfo(np.float64).max
+        logits = np.clip(logits, -top, top)
+        with np.errstate(over="ignore"):
+            logits = (logits - logits.max()) / p.temperature
         if p.top_k and p.top_k < logits.shape[0]:
             kth = np.partition(logits, -p.top_k)[-p.top_k]
             logits[logits < kth] = -np.inf
-        probs = np.exp(logits - np.max(logits))
+        probs = np.exp(logits)
         probs /= probs.sum()
         if p.top_p < 1.0:
             order = np.argsort(-probs)

@@ -1,19 +1,30 @@
 """The runtime without a compiler: chat formatting, sampling, generation and the chat CLI on the
 onnxruntime backend (tiny models built through export)."""
 import importlib.util
+import random
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from runtime.chat_format import Message, PromptTooLong, chatml_ids, fit_history, prompt_ids, template_ids
+from runtime.chat_format import (
+    DEFAULT_SYSTEM,
+    Message,
+    PromptTooLong,
+    answer_room,
+    chatml_ids,
+    fit_history,
+    prompt_ids,
+    template_ids,
+)
 from runtime.engine import Engine
 from runtime.generate import Result, generate
 from runtime.onnx_backend import OnnxBackend
-from runtime.sampling import Sampler, SamplingParams
+from runtime.sampling import Sampler, SamplingParams, sampling_problem
 from runtime.tokenizer import load_tokenizer
 
 from .conftest import ROOT, onnx_verify_task, run_doit
@@ -58,11 +69,102 @@ def test_history_trimming_drops_oldest_turns_and_refuses_what_cannot_fit(qwen3_t
     history = [Message("user", f"question {i} " * 10) if i % 2 == 0 else Message("assistant", f"answer {i} " * 10)
                for i in range(8)]
     full = prompt_ids(tok, [Message("system", "S")] + history + [Message("user", "now")], use_template=False)
-    ids, dropped = fit_history(tok, "S", history, "now", len(full) - 1, use_template=False)
-    assert dropped == 1 and len(ids) < len(full)
-    assert "question 0" not in tok.decode(ids) and "question 2" in tok.decode(ids)
-    with pytest.raises(PromptTooLong, match="takes at most 5"):
-        fit_history(tok, "S", history, "a long message " * 20, 5, use_template=False)
+    seq = len(full) + 15  # 16 tokens kept for the answer: one token short of the whole history
+    prompt = fit_history(tok, "S", history, "now", seq, 16, use_template=False)
+    assert prompt.dropped == 1 and prompt.history == history[2:] and len(prompt.ids) < len(full)
+    assert "question 0" not in tok.decode(prompt.ids) and "question 2" in tok.decode(prompt.ids)
+    with pytest.raises(PromptTooLong, match=r"takes at most 30 \(seq_length 32 minus 2 kept for the answer\)"):
+        fit_history(tok, "S", history, "a long message " * 20, 32, 2, use_template=False)
+
+
+def _reference_fit(tok, system, history, query, seq, max_new_tokens, **options):
+    """The old way, quadratic: drop the oldest turn and render everything again, until it fits."""
+    kept, least = answer_room(seq, max_new_tokens)
+    head, turns = [Message("system", system)] if system else [], list(history)
+    while True:
+        ids = prompt_ids(tok, head + turns + [Message("user", query)], **options)
+        if len(ids) <= seq - kept or (not turns and len(ids) <= seq - least):
+            return ids, turns
+        if not turns:
+            return None, None
+        turns = turns[2 if len(turns) >= 2 and turns[1].role == "assistant" else 1:]
+
+
+def _conversation(rng, size):
+    words = ["你好", "深圳", "hello", "world", "<|im_start|>", "def f(x):", "  ", "\n", "🙂", "ok", "é"]
+    roles = ["user", "assistant"] + ["user"] * (size % 3 == 0)  # now and then two user messages in a row
+    return [Message(rng.choice(roles), " ".join(rng.choice(words) for _ in range(rng.randint(0, 30))))
+            for _ in range(size)]
+
+
+@pytest.mark.parametrize("use_template", [False, True], ids=["chatml", "qwen3-template"])
+def test_linear_trimming_gives_what_the_full_render_gives(qwen3_tokenizers, use_template):
+    """Token for token what rendering the whole kept conversation gives, and the same turns kept
+    as the old quadratic loop, over random conversations, budgets and answer rooms."""
+    tok, _ = qwen3_tokenizers
+    rng = random.Random(5)
+    for case in range(60):
+        history, system = _conversation(rng, rng.randint(0, 14)), rng.choice([None, "S", "You are terse."])
+        query, seq, new = rng.choice(["now", "一个问题", "x " * 40]), rng.randint(24, 400), rng.randint(1, 300)
+        expected, turns = _reference_fit(tok, system, history, query, seq, new, use_template=use_template)
+        if expected is None:
+            with pytest.raises(PromptTooLong):
+                fit_history(tok, system, history, query, seq, new, use_template=use_template)
+            continue
+        prompt = fit_history(tok, system, history, query, seq, new, use_template=use_template)
+        assert prompt.ids == prompt_ids(tok, ([Message("system", system)] if system else []) + prompt.history +
+                                        [Message("user", query)], use_template=use_template), case
+        assert (prompt.ids, prompt.history) == (expected, turns), case
+
+
+class CountingTokenizer:
+    """The real tokenizer, counting what it encodes: texts, and whole rendered prompts among them."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.texts, self.renders = tokenizer, 0, 0
+
+    def encode(self, text, allow_special=True):
+        self.texts += 1
+        self.renders += "<|im_start|>" in text
+        return self.tokenizer.encode(text, allow_special)
+
+    def __getattr__(self, name):
+        return getattr(self.tokenizer, name)
+
+
+@pytest.mark.parametrize("use_template", [False, True], ids=["chatml", "qwen3-template"])
+def test_trimming_10000_messages_is_linear(qwen3_tokenizers, use_template):
+    """The old loop rendered all of them again for each turn it dropped (minutes). Now the newest
+    messages are tokenized once each until the budget is spent, and a template renders 3 times:
+    system + message, the turns guessed, one turn more."""
+    tok = CountingTokenizer(qwen3_tokenizers[0])
+    history = [Message("user" if k % 2 == 0 else "assistant", "a") for k in range(10_000)]
+    start = time.perf_counter()
+    prompt = fit_history(tok, DEFAULT_SYSTEM, history, "hello", 512, 256, use_template=use_template)
+    seconds = time.perf_counter() - start
+    kept = len(prompt.history)
+    assert kept > 20 and prompt.dropped == (10_000 - kept) // 2 and len(prompt.ids) <= 256
+    assert seconds < 0.5
+    assert tok.renders == (3 if use_template else 0)
+    assert tok.texts <= 2 * (kept + 2 + 2) + 4 + tok.renders  # role and content of each message kept, one
+    # turn over, system and query; newline, "assistant\n"... once; the renders
+
+
+def test_default_system_prompt_only_when_it_fits(qwen3_tokenizers):
+    tok, _ = qwen3_tokenizers
+    alone = prompt_ids(tok, [Message("user", "hi")], use_template=False)
+    with_system = prompt_ids(tok, [Message("system", DEFAULT_SYSTEM), Message("user", "hi")], use_template=False)
+    seq = 2 * len(alone)  # half kept for the answer: room for "hi", not for the system prompt too
+    assert len(alone) <= seq // 2 < len(with_system)
+    prompt = fit_history(tok, DEFAULT_SYSTEM, [], "hi", seq, 256, optional_system=True, use_template=False)
+    assert prompt.system_dropped and prompt.ids == alone
+    roomy = fit_history(tok, DEFAULT_SYSTEM, [], "hi", 4 * len(with_system), 256, optional_system=True,
+                        use_template=False)
+    assert not roomy.system_dropped and roomy.ids == with_system
+    explicit = fit_history(tok, DEFAULT_SYSTEM, [], "hi", len(with_system) + 8, 256, use_template=False)
+    assert explicit.ids == with_system  # a given one is kept while it leaves the least room (seq/8)
+    with pytest.raises(PromptTooLong, match="with the chat format and the system prompt"):
+        fit_history(tok, DEFAULT_SYSTEM, [], "hi", seq, 256, use_template=False)
 
 
 def test_sampling():
@@ -71,12 +173,49 @@ def test_sampling():
     assert Sampler(SamplingParams(repetition_penalty=2.0))(logits, [1]) == 2  # 3/2 < 2
     draws = [Sampler(SamplingParams(temperature=1.0, seed=7))(logits, []) for _ in range(3)]
     assert len(set(draws)) == 1  # one seed, one draw
-    sampler = Sampler(SamplingParams(temperature=5.0, top_k=2, seed=1))
+    sampler = Sampler(SamplingParams(temperature=2.0, top_k=2, seed=1))
     assert {sampler(logits, []) for _ in range(200)} == {1, 2}
     sampler = Sampler(SamplingParams(temperature=1.0, top_p=0.5, seed=1))
     assert {sampler(logits, []) for _ in range(200)} == {1}  # token 1 alone holds over half the mass
     with pytest.raises(ValueError, match="top_p must be in"):
         SamplingParams(top_p=0)
+
+
+@pytest.mark.parametrize("field, value, problem", [
+    ("temperature", float("nan"), "temperature must be a finite number (got nan)"),
+    ("temperature", float("inf"), "temperature must be a finite number (got inf)"),
+    ("top_p", float("nan"), "top_p must be a finite number"),
+    ("repetition_penalty", float("-inf"), "repetition_penalty must be a finite number"),
+    ("temperature", 2.5, "temperature must be in [0, 2]"),
+    ("temperature", "1", "temperature must be a finite number"),
+    ("top_p", 0, "top_p must be in (0, 1]"),
+    ("repetition_penalty", 0, "repetition_penalty must be > 0"),
+    ("top_k", -1, "top_k must be an integer >= 0"),
+    ("top_k", 1.5, "top_k must be an integer >= 0"),
+    ("seed", 2**63, "seed must be an integer in [-2**63, 2**63 - 1]"),
+    ("seed", True, "seed must be an integer"),
+])
+def test_sampling_params_refuse_what_they_cannot_use(field, value, problem):
+    assert problem in sampling_problem(field, value)
+    with pytest.raises(ValueError, match=re.escape(problem)):
+        SamplingParams(**{field: value})
+
+
+def test_any_64_bit_seed_samples_reproducibly_and_extremes_never_give_nan():
+    logits = np.linspace(-3, 3, 50)
+    for seed in (-1, -2**63, 0, 2**63 - 1):
+        draws = [Sampler(SamplingParams(temperature=1.0, seed=seed)) for _ in range(2)]
+        assert [draws[0](logits, []) for _ in range(20)] == [draws[1](logits, []) for _ in range(20)]
+    reference = np.random.default_rng(2**64 - 1)  # -1 is read as its two's complement
+    probs = np.exp(logits - logits.max()) / np.exp(logits - logits.max()).sum()
+    expected = [int(reference.choice(50, p=probs)) for _ in range(20)]
+    sampler = Sampler(SamplingParams(temperature=1.0, seed=-1))
+    assert [sampler(logits, []) for _ in range(20)] == expected
+    extremes = [{"temperature": 5e-324}, {"temperature": 2.0, "repetition_penalty": 1e-300},
+                {"temperature": 1e-300, "repetition_penalty": 1e300},
+                {"temperature": 2.0, "top_p": 5e-324, "top_k": 10**30}]
+    for params in extremes:  # overflow to inf once made NaN probabilities, and numpy raised
+        assert 0 <= Sampler(SamplingParams(**params, seed=1))(logits, list(range(50))) < 50
 
 
 @pytest.fixture(scope="module")
