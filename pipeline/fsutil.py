@@ -3,10 +3,14 @@
 Temporary files and folders are named `.<final name>.<random>.tmp` (and `.<final name>.old`) beside
 the artifact, so the next run of a killed task finds its leftovers (pipeline/task_state.py)."""
 import errno
+import fcntl
 import json
 import os
 import shutil
+import socket
+import sys
 import tempfile
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -51,6 +55,52 @@ def atomic_dir(final: Path):
             os.replace(tmp, final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+class FileLock:
+    """An exclusive flock on a file, with who holds it written inside (for messages). The kernel
+    drops it when its process dies, so a lock never outlives a killed build."""
+
+    def __init__(self, path: Path):
+        self.path, self.fd = path, None
+
+    def acquire(self, what: str) -> bool:
+        """Take the lock, waiting for another build if need be; True if it had to wait."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        waited = False
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(self.fd, 200, 0).decode(errors="replace").strip() or "another build"
+            print(f"[wait] {what} is being built by {holder}; waiting for it", file=sys.stderr, flush=True)
+            fcntl.flock(self.fd, fcntl.LOCK_EX)
+            waited = True
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%H:%M:%S')}".encode(), 0)
+        return waited
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing the file drops the flock
+            self.fd = None
+
+
+def leftovers(outputs) -> list[Path]:
+    """Temporary files and folders of these outputs (atomic_path and atomic_dir name them), left by a
+    killed writer. Remove them only holding the lock of whatever writes the outputs."""
+    found = []
+    for output in map(Path, outputs):
+        if output.parent.is_dir():
+            found += [p for p in output.parent.glob(f".{output.name}.*") if p.name.endswith((".tmp", ".old"))]
+    return found
+
+
+def remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def ensure_writable_dir(path: Path, variable: str, create: bool = True) -> None:

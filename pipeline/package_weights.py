@@ -8,15 +8,15 @@ the same numbers. The package's file is only read.
 """
 import hashlib
 import json
-import sys
 from importlib import metadata
 from pathlib import Path
 
 from runtime.cache import cache_dir
 
 from .errors import PipelineError
-from .fsutil import atomic_dir
+from .fsutil import FileLock, atomic_dir, leftovers, remove
 from .model_config import ModelConfig
+from .progress import say
 
 
 def install_hint(spec) -> str:
@@ -62,10 +62,20 @@ def package_checkpoint(model: ModelConfig) -> Path:
     folder = converted_folder(model)
     if (folder / "config.json").is_file():
         return folder
-    gguf = locate_gguf(model)
-    print(f"[checkpoint] {model.name}: converting {gguf.name} (once) into {folder}", file=sys.stderr, flush=True)
-    with atomic_dir(folder) as tmp:
-        _convert(gguf, tmp)
+    # the cache is shared by every build folder: one conversion at a time, and the leftovers of a
+    # killed one removed only by the next one
+    lock = FileLock(folder.with_name(folder.name + ".lock"))
+    lock.acquire(f"the conversion of {model.name}")
+    try:
+        if not (folder / "config.json").is_file():  # not made meanwhile by the build we waited for
+            for leftover in leftovers([folder]):
+                remove(leftover)
+            gguf = locate_gguf(model)
+            say(f"[checkpoint] {model.name}: converting {gguf.name} (once) into {folder}")
+            with atomic_dir(folder) as tmp:
+                _convert(gguf, tmp)
+    finally:
+        lock.release()
     return folder
 
 

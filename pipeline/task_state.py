@@ -12,22 +12,18 @@
   a killed run leaves those behind. Holding the task's lock, the next run of the task removes the
   ones of its own outputs: no live build can be writing them, since that build would hold the lock.
 """
-import fcntl
 import os
-import shutil
-import socket
 import sys
-import time
 from pathlib import Path
 
 from doit.dependency import Dependency, SqliteDB
 from doit.exceptions import TaskFailed
 
 from .errors import PipelineError
-from .fsutil import explain_os_error
+from .fsutil import FileLock, explain_os_error, leftovers, remove
 
 _OWNER_PID = None  # the process whose doit records task states (not a `doit -n N` worker)
-_awaiting_commit: dict[str, "TaskLock"] = {}  # task -> its lock, held until doit has recorded it
+_awaiting_commit: dict[str, FileLock] = {}  # task -> its lock, held until doit has recorded it
 
 
 class DurableSqliteDB(SqliteDB):
@@ -69,52 +65,8 @@ class DurableSqliteDB(SqliteDB):
         self._conn.commit()
 
 
-class TaskLock:
-    """An exclusive flock on one file per task, with who holds it written inside (for messages)."""
-
-    def __init__(self, path: Path):
-        self.path, self.fd = path, None
-
-    def acquire(self, task_name: str) -> bool:
-        """Take the lock, waiting for another build if need be; True if it had to wait."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
-        waited = False
-        try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(self.fd, 200, 0).decode(errors="replace").strip() or "another build"
-            print(f"[wait] {task_name} is being built by {holder}; waiting for it", file=sys.stderr, flush=True)
-            fcntl.flock(self.fd, fcntl.LOCK_EX)
-            waited = True
-        os.ftruncate(self.fd, 0)
-        os.pwrite(self.fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%H:%M:%S')}".encode(), 0)
-        return waited
-
-    def release(self) -> None:
-        if self.fd is not None:
-            os.close(self.fd)  # closing the file drops the flock
-            self.fd = None
-
-
 def lock_path(build_dir: Path, task_name: str) -> Path:
     return Path(build_dir) / ".locks" / (task_name.replace("/", "~").replace(":", "=") + ".lock")
-
-
-def leftovers(outputs) -> list[Path]:
-    """Temporary files and folders of these outputs (pipeline/fsutil.py names them)."""
-    found = []
-    for output in map(Path, outputs):
-        if output.parent.is_dir():
-            found += [p for p in output.parent.glob(f".{output.name}.*") if p.name.endswith((".tmp", ".old"))]
-    return found
-
-
-def remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        path.unlink(missing_ok=True)
 
 
 def _state_manager():
@@ -144,7 +96,7 @@ def task_action(fn, build_dir: Path):
     def action(*args, task, **kwargs):
         for name in list(_awaiting_commit):  # doit did not record that task (it failed to save): let go
             _awaiting_commit.pop(name).release()
-        lock = TaskLock(lock_path(build_dir, task.name))
+        lock = FileLock(lock_path(build_dir, task.name))
         manager = _state_manager()
         if lock.acquire(task.name) and manager and done_by_another_build(task, manager):
             print(f"[shared] {task.name}: made by the build we waited for", file=sys.stderr, flush=True)
