@@ -4,7 +4,9 @@ collects them. Every artifact is keyed so that:
   - nothing reruns when nothing changed (targets + file_dep + uptodate on every task),
   - mode / devices never re-export (export keys hold neither),
   - a seq has its own folder and task names, so switching seq keeps the other seq's artifacts valid,
-  - a layer's pieces re-export only when that layer's weight fingerprint changes.
+  - a layer's pieces re-export only when that layer's weight fingerprint changes,
+  - a stage reruns when any project module its work imports changes (code_keys.py),
+  - a killed build resumes, and two builds of one folder share the work (task_state.py).
 """
 import time
 from importlib.metadata import version
@@ -20,6 +22,7 @@ from .pieces import model_pieces
 from .progress import say
 from .task_state import task_action
 from .toolchain.install import expected_version
+
 
 def portable(path: Path) -> Path:
     """Paths inside the checkout relative to it (doit runs from the checkout's root), so that the
