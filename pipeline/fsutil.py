@@ -146,8 +146,11 @@ def explain_os_error(err: OSError) -> str | None:
         free = gib(free_bytes(where)) if err.filename else "?"
         return (f"no space left on the device while writing {where} ({free} free); free some space, or build "
                 "elsewhere with build_dir= / dist_dir=")
-    if err.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+    if err.errno == errno.EROFS:
         return f"cannot write {where}: {err.strerror}; use a writable folder (build_dir= / dist_dir=)"
+    if err.errno in (errno.EACCES, errno.EPERM):  # a file to read, or a folder to write
+        return (f"{where}: {err.strerror}; check its permissions (build_dir= / dist_dir= choose where the build "
+                "writes)")
     return None
 
 

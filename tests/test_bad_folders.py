@@ -65,3 +65,13 @@ def test_full_dist_disk_names_free_and_needed_space(tmp_path):
         _refused(result, f"no space left for the combined tiny-qwen2_int8_seq32_1dev.bmodel in {small}",
                  "3.0 MiB free", "needed")
         assert list(small.iterdir()) == []  # nothing half-written
+
+
+@pytest.mark.compiler
+def test_a_folder_that_turns_read_only_mid_build_is_named(tmp_path):
+    common = [f"build_dir={tmp_path / 'build'}", f"dist_dir={tmp_path / 'dist'}"]
+    assert run_cli(["transform", *common]).returncode == 0
+    deploy = tmp_path / "build" / "tiny-qwen2" / "seq32" / "deploy"
+    with read_only(deploy):  # e.g. a disk remounted read-only after an error
+        why = "Read-only file system" if os.geteuid() == 0 else "Permission denied"
+        _refused(run_cli(["build", *common]), f"{deploy}/int8_1dev_bm1684x", why)
