@@ -8,13 +8,13 @@ import json
 import os
 import shutil
 import socket
-import sys
 import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
 
 from .errors import PipelineError
+from .progress import say
 
 UMASK = os.umask(0)
 os.umask(UMASK)
@@ -73,7 +73,7 @@ class FileLock:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.pread(self.fd, 200, 0).decode(errors="replace").strip() or "another build"
-            print(f"[wait] {what} is being built by {holder}; waiting for it", file=sys.stderr, flush=True)
+            say(f"[wait] {what} is being built by {holder}; waiting for it")
             fcntl.flock(self.fd, fcntl.LOCK_EX)
             waited = True
         os.ftruncate(self.fd, 0)
@@ -113,16 +113,20 @@ def ensure_writable_dir(path: Path, variable: str, create: bool = True) -> None:
         except OSError as err:
             raise PipelineError(f"{variable}={path} cannot be created: {err.strerror}; "
                                 f"choose a writable folder with {variable}=") from None
-    existing = next(p for p in (path, *path.parents) if p.exists())
+    existing = nearest_existing(path)
     if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
         what = "is not a folder" if not existing.is_dir() else "is not writable"
         raise PipelineError(f"{variable}={path}: {existing} {what}; choose a writable folder with {variable}=")
 
 
+def nearest_existing(path: Path) -> Path:
+    """`path`, or the nearest of its parents that exists (where it would be created)."""
+    return next(p for p in (Path(path), *Path(path).parents) if p.exists())
+
+
 def free_bytes(path: Path) -> int:
-    """Free space on the file system that holds `path` (or would: its nearest existing parent)."""
-    existing = next(p for p in (Path(path), *Path(path).parents) if p.exists())
-    return shutil.disk_usage(existing).free
+    """Free space on the file system that holds `path` (or would)."""
+    return shutil.disk_usage(nearest_existing(path)).free
 
 
 def gib(n: int) -> str:

@@ -1,7 +1,7 @@
 """What makes a build survive a kill, and two builds of one build folder at once:
 
-- `DurableSqliteDB`, the doit backend this project registers (pyproject.toml,
-  [tool.doit.plugins.backend]): doit's own sqlite3 backend keeps every task's state in memory and
+- `DurableSqliteDB`, the doit backend this project registers as `sqlite3-durable` (an entry point
+  in pyproject.toml, group doit.BACKEND): doit's own sqlite3 backend keeps every task's state in memory and
   commits once at exit, so a SIGKILL (an OOM kill, a CI time-out) forgot every task of the run.
   This one commits each task's row as soon as doit has recorded it.
 - A lock per task (`flock` on build_dir/.locks/<task>.lock): one build at a time runs a given task.
@@ -13,7 +13,6 @@
   ones of its own outputs: no live build can be writing them, since that build would hold the lock.
 """
 import os
-import sys
 from pathlib import Path
 
 from doit.dependency import Dependency, SqliteDB
@@ -21,6 +20,7 @@ from doit.exceptions import TaskFailed
 
 from .errors import PipelineError
 from .fsutil import FileLock, explain_os_error, leftovers, remove
+from .progress import say
 
 _OWNER_PID = None  # the process whose doit records task states (not a `doit -n N` worker)
 _awaiting_commit: dict[str, FileLock] = {}  # task -> its lock, held until doit has recorded it
@@ -89,6 +89,23 @@ def done_by_another_build(task, manager) -> bool:
         fresh.close()
 
 
+def _user_errors(fn, args, kwargs, task):
+    """fn's result; what a user can act on (a PipelineError, a full or read-only disk, Ctrl-C) as one
+    paragraph instead of a traceback."""
+    try:
+        return fn(*args, **kwargs)
+    except PipelineError as err:
+        return TaskFailed(str(err))
+    except OSError as err:
+        if (message := explain_os_error(err)) is None:
+            raise
+        return TaskFailed(message)
+    except KeyboardInterrupt:  # Ctrl-C: stop the build, quietly, as the user asked
+        say(f"[interrupted] {task.name} stopped by Ctrl-C; nothing of it was kept. The same command goes on "
+            "from there.")
+        raise SystemExit(130) from None
+
+
 def task_action(fn, build_dir: Path):
     """A doit python-action running `fn` under the task's lock, after removing the task's leftovers.
     A PipelineError, or a full or read-only disk, becomes a clean task failure (one paragraph, no
@@ -98,34 +115,23 @@ def task_action(fn, build_dir: Path):
             _awaiting_commit.pop(name).release()
         lock = FileLock(lock_path(build_dir, task.name))
         manager = _state_manager()
-        if lock.acquire(task.name) and manager and done_by_another_build(task, manager):
-            print(f"[shared] {task.name}: made by the build we waited for", file=sys.stderr, flush=True)
-            result = None
-        else:
-            try:
-                for path in leftovers(task.meta.get("outputs", task.targets) if task.meta else task.targets):
+        try:
+            if lock.acquire(task.name) and manager and done_by_another_build(task, manager):
+                say(f"[shared] {task.name}: made by the build we waited for")
+                result = None
+            else:
+                for path in leftovers((task.meta or {}).get("outputs", task.targets)):
                     remove(path)
-                result = fn(*args, **kwargs)
-            except PipelineError as err:
-                lock.release()
-                return TaskFailed(str(err))
-            except OSError as err:
-                lock.release()
-                if (message := explain_os_error(err)) is None:
-                    raise
-                return TaskFailed(message)
-            except KeyboardInterrupt:  # Ctrl-C: stop the build, quietly, as the user asked
-                lock.release()
-                print(f"[interrupted] {task.name} stopped by Ctrl-C; nothing of it was kept. The same command "
-                      "goes on from there.", file=sys.stderr, flush=True)
-                raise SystemExit(130) from None
-            except BaseException:
-                lock.release()
-                raise
-        if os.getpid() == _OWNER_PID:  # held until doit has committed the task's state
+                result = _user_errors(fn, args, kwargs, task)
+        except BaseException:
+            lock.release()
+            raise
+        if isinstance(result, TaskFailed):
+            lock.release()
+        elif os.getpid() == _OWNER_PID:  # held until doit has committed the task's state
             _awaiting_commit[task.name] = lock
         else:  # a `doit -n N` worker: the parent records the state
             lock.release()
-        return result if isinstance(result, dict) else None
+        return result if isinstance(result, (dict, TaskFailed)) else None
     action.__name__ = fn.__name__
     return action
