@@ -57,24 +57,29 @@ def doit_killed(args: list[str], trigger: str, leftover: str | None, build_dir: 
     return output
 
 
-# (what the kill interrupts, the line that starts it, the temporary file it writes meanwhile)
-KILLS = [  # in the order doit runs the stages
-    ("export", "[export 3/7] block_0 ...", f"{MODEL}/seq32/onnx/.block_0.onnx.*.tmp"),
-    ("transform", "[transform 5/7] block_1 ...", f"{MODEL}/seq32/transform/.block_1.*.tmp"),
-    ("onnx verification", "[verify 1/7]", None),
-    ("deploy", "[deploy 4/7] block_cache_0 --quantize", f"{MODEL}/seq32/deploy/{VARIANT}/.block_cache_0.bmodel.*.tmp"),
-    ("combine", f".  combine:{MODEL}/seq32/{VARIANT}", f"dist/.{DIST}.bmodel.*.tmp"),
-    ("simulator verification", "[verify int8 on the simulator 1/7]", None),
+# (what the kill interrupts, the one task asked for, the line that starts it, the temporary file it
+# writes meanwhile). Each run asks for one task (and so its unfinished dependencies): doit's order
+# among ready tasks changes from run to run, and a whole build could finish a stage before its kill.
+SEQ, NETS = f"{MODEL}/seq32", f"{MODEL}/seq32/{VARIANT}"
+KILLS = [
+    ("export", f"export:{SEQ}/block_0", "[export 3/7] block_0 ...", f"{SEQ}/onnx/.block_0.onnx.*.tmp"),
+    ("transform", f"transform:{SEQ}/block_1", "[transform 5/7] block_1 ...", f"{SEQ}/transform/.block_1.*.tmp"),
+    ("onnx verification", f"verify:{SEQ}", "[verify 1/7]", None),
+    ("deploy", f"deploy:{NETS}/block_cache_0", "[deploy 4/7] block_cache_0 --quantize",
+     f"{SEQ}/deploy/{VARIANT}/.block_cache_0.bmodel.*.tmp"),
+    ("combine", f"combine:{NETS}", f".  combine:{NETS}", f"dist/.{DIST}.bmodel.*.tmp"),
+    ("simulator verification", f"verify:{NETS}", "[verify int8 on the simulator 1/7]", None),
 ]
 
 
 @pytest.mark.compiler
 def test_a_build_killed_in_every_stage_resumes_with_exactly_the_unfinished_tasks(tmp_path):
-    args = ["verify", f"model={MODEL}", f"build_dir={tmp_path}", f"dist_dir={tmp_path / 'dist'}"]
+    variables = [f"model={MODEL}", f"build_dir={tmp_path}", f"dist_dir={tmp_path / 'dist'}"]
+    args = ["verify", *variables]
     done: list[str] = []
-    for stage, trigger, leftover in KILLS:
-        started = ran(doit_killed(args, trigger, leftover, tmp_path))
-        assert started, f"nothing ran before the kill in {stage}"
+    for stage, task, trigger, leftover in KILLS:
+        started = ran(doit_killed([task, *variables], trigger, leftover, tmp_path))
+        assert started and started[-1] == task, f"killed in {stage}, but the last task started was not {task}"
         assert not set(started) & set(done), f"killed in {stage}: tasks finished before a kill ran again"
         done += started[:-1]  # every task but the one killed was recorded when it ended
     final = doit(args)
