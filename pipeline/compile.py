@@ -15,6 +15,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import numpy as np
+
 from .errors import PipelineError
 from .fsutil import atomic_dir, atomic_path, require_space, write_json, write_text
 from .modes import MODES
@@ -41,6 +43,9 @@ def transform(piece: Piece, onnx: Path, out_dir: Path, log: Path, log_dir: Path)
         for pattern in LEFTOVERS:
             for leftover in tmp.glob(pattern):
                 leftover.unlink()
+        weights = tmp / f"{piece.name}_top_f32_all_weight.npz"
+        if not weights.exists():  # a piece without weights (the heads): an empty file, for one layout
+            np.savez(weights)
 
 
 def float_type(mode: str) -> str:
@@ -49,6 +54,8 @@ def float_type(mode: str) -> str:
 
 
 def deploy_args(piece: Piece, mode: str, devices: int, chip: str, group_size: int) -> list[str]:
+    if piece.kind in ("greedy_head", "sample_head"):  # float32 as the logits; on the first device, as llm_convert
+        return ["--quantize", "F32", "--addr_mode", "io_alone", "--chip", chip]
     if piece.kind in ("embedding", "embedding_cache", "lm_head"):
         args = ["--quantize", float_type(mode), "--quant_input"]
         if piece.kind != "lm_head":  # logits stay float32 for host-side sampling

@@ -9,9 +9,18 @@ SEQ = seq_length, H = hidden, KVH = key/value heads, D = head dim, V = vocabular
   block_cache_i    input_states [1,1,H], position_ids [1,1], attention_mask [1,1,1,SEQ+1],
                    history_k, history_v [1,SEQ,KVH,D]             -> hidden_states [1,1,H], past_k, past_v [1,1,KVH,D]
   lm_head          hidden_states [1,H] (final norm inside)        -> logits [1,V]
+  greedy_head      logits [1,V]                                   -> token_id [1,1] int32
+  sample_head      logits [1,V], input_ids [1,SEQ] int32 (the tokens so far, padded with the first),
+                   penalty, temperature [1], top_k [1] int32, top_p [1]
+                                                                   -> probs, token_ids [1,TOP_K_MAX+1]
+The heads choose the next token on the device, as tpu-mlir's llm_convert.py --do_sample builds them:
+greedy_head the argmax, sample_head the candidates the host draws from (runtime/sampling.py's rule).
 Masks are additive: 0 attends, runtime.engine.MASK_VALUE masks (see its mask builders).
 """
 from dataclasses import dataclass
+
+TOP_K_MAX = 50  # the sample head's top-k (llm_convert's too); it returns one candidate more, to see a tie at the cut
+
 
 @dataclass(frozen=True)
 class Piece:
@@ -27,6 +36,7 @@ def model_pieces(num_layers: int) -> list[Piece]:
         pieces.append(Piece(f"block_{i}", "block", f"layer_{i}", i))
         pieces.append(Piece(f"block_cache_{i}", "block_cache", f"layer_{i}", i))
     pieces.append(Piece("lm_head", "lm_head", "head"))
+    pieces += [Piece("greedy_head", "greedy_head", "head"), Piece("sample_head", "sample_head", "head")]
     return pieces
 
 
@@ -59,4 +69,8 @@ def io_spec(kind: str, d: Dims) -> tuple[list[tuple[str, tuple, str]], list[str]
                          ("attention_mask", (1, 1, 1, d.seq + 1), "float32"),
                          ("history_k", kv, "float32"), ("history_v", kv, "float32")], block_out),
         "lm_head": ([("hidden_states", (1, d.hidden), "float32")], ["logits"]),
+        "greedy_head": ([("logits", (1, d.vocab), "float32")], ["token_id"]),
+        "sample_head": ([("logits", (1, d.vocab), "float32"), ("input_ids", (1, d.seq), "int32"),
+                         ("penalty", (1,), "float32"), ("temperature", (1,), "float32"), ("top_k", (1,), "int32"),
+                         ("top_p", (1,), "float32")], ["probs", "token_ids"]),
     }[kind]

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from .families import family_classes, load_hf_config
+from .pieces import TOP_K_MAX
 
 
 class _RecordingCache:
@@ -62,6 +63,43 @@ class LmHeadNet(nn.Module):
         return self.head(self.norm(hidden_states))
 
 
+class GreedyHeadNet(nn.Module):
+    """The argmax of the logits, as a [1,1] int32 token."""
+
+    def forward(self, logits):
+        return torch.topk(logits, 1, dim=1).indices.to(torch.int32)
+
+
+class SampleHeadNet(nn.Module):
+    """runtime/sampling.py's rule on the device, up to the draw: the repetition penalty on the
+    tokens so far, the top TOP_K_MAX + 1 by value, temperature, top-k (1..TOP_K_MAX), then the
+    smallest set whose probability reaches top_p. Returns the candidates' probabilities (0 where
+    cut) and ids. Where the last candidate is kept, equally likely tokens may lie beyond it: the
+    runtime then samples on the host."""
+    MASKED = -1e30
+
+    def __init__(self, vocab: int):
+        super().__init__()
+        self.k = min(TOP_K_MAX + 1, vocab)  # one more than the largest top-k: a tie there shows
+
+    def forward(self, logits, input_ids, penalty, temperature, top_k, top_p):
+        ids = input_ids.to(torch.int64)
+        seen = torch.gather(logits, 1, ids)  # repeated ids write the same value twice: harmless
+        logits = logits.scatter(1, ids, torch.where(seen > 0, seen / penalty, seen * penalty))
+        values, indices = torch.topk(logits, self.k, dim=1)
+        # top-k keeps every candidate as large as the k-th (ties too, as the host and transformers do)
+        kth = torch.gather(values, 1, (top_k.to(torch.int64) - 1).clamp(0, self.k - 1).reshape(1, 1))
+        values = torch.where(values >= kth, values / temperature, self.MASKED)
+        probs = torch.softmax(values, dim=1)
+        # top-p: a candidate stays if what is more likely than it sums to less than top_p. Ties stay
+        # or go together, whatever order TopK gave them: every candidate as likely as the last one
+        # kept stays (the same gather as top-k's; a pairwise comparison miscompiles)
+        above = torch.cumsum(probs, dim=1) - probs
+        last = ((above < top_p).to(torch.float32).sum(dim=1, keepdim=True) - 1).clamp(0, self.k - 1)
+        values = torch.where(probs >= torch.gather(probs, 1, last.to(torch.int64)), values, self.MASKED)
+        return torch.softmax(values, dim=1), indices.to(torch.int32)
+
+
 def _filled(module: nn.Module, weights: dict) -> nn.Module:
     module.load_state_dict(weights, strict=True, assign=True)
     return module.eval()
@@ -69,6 +107,10 @@ def _filled(module: nn.Module, weights: dict) -> nn.Module:
 
 def build_piece(kind: str, layer: int | None, config: dict, load) -> nn.Module:
     """The torch module of a piece; `load(canonical_name)` returns a float32 tensor."""
+    if kind == "greedy_head":
+        return GreedyHeadNet().eval()
+    if kind == "sample_head":
+        return SampleHeadNet(config["vocab_size"]).eval()
     hf_config = load_hf_config(config)
     classes = family_classes(config["model_type"])
     if kind in ("embedding", "embedding_cache"):

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime.engine import Engine, decode_mask, pad_ids, prefill_mask
+from runtime.engine import Engine, HostWalk, penalty_window
 from runtime.onnx_backend import OnnxBackend
 from runtime.tokenizer import load_tokenizer
 
@@ -17,7 +17,7 @@ from .checkpoint import Checkpoint
 from .errors import PipelineError
 from .fsutil import read_json, write_json, write_text
 from .patch import load_tensor
-from .pieces import Dims, io_spec
+from .pieces import Dims, io_spec, model_pieces
 from .progress import say
 
 PROMPT = "Give me a short introduction to large language models."
@@ -26,6 +26,9 @@ NEW_TOKENS = 16
 ANSWER_TOKENS = 24        # the longest answer compared, for models with verify_prompts
 MIN_COSINE = 0.99999      # fp32 against fp32: anything less is a broken export
 MAX_ABS_RELATIVE = 1e-3   # max abs error, relative to the largest reference value (at least 1)
+# the sample head's check: every part of its rule at work (a penalty, a temperature, top-k and top-p cuts)
+SAMPLE_CHECK = {"penalty": np.array([1.3], np.float32), "temperature": np.array([0.8], np.float32),
+                "top_k": np.array([40], np.int32), "top_p": np.array([0.9], np.float32)}
 
 
 def chatml(prompt: str) -> str:
@@ -46,6 +49,15 @@ def compare(ref: np.ndarray, got: np.ndarray, min_cosine: float = MIN_COSINE,
     scale = max(1.0, float(np.max(np.abs(ref), initial=0.0)))
     return {"cosine": cosine, "max_abs": max_abs, "ref_max": scale,
             "ok": cosine >= min_cosine and max_abs <= max_abs_relative * scale}
+
+
+def compare_exact(ref: np.ndarray, got: np.ndarray) -> dict:
+    """Token ids: the same ids, or a failure (a near id is no nearer to right)."""
+    same = ref.shape == got.shape and bool(np.array_equal(ref, got))
+    diff = float(np.max(np.abs(ref.astype(np.float64) - got.astype(np.float64)), initial=0.0)) if ref.shape == got.shape \
+        else float("inf")
+    return {"cosine": 1.0 if same else 0.0, "max_abs": diff, "ref_max": float(np.max(np.abs(ref), initial=0)),
+            "ok": same}
 
 
 def cosine_similarity(ref: np.ndarray, got: np.ndarray) -> float:
@@ -99,37 +111,41 @@ def prompt_ids(source: Path, seq: int, new_tokens: int) -> list[int]:
     return ids[-(seq - new_tokens):]  # keep the end of the prompt if seq is short
 
 
-def walk_pieces(dims: Dims, ids: list[int], reference, candidate, judge, progress) -> dict:
-    """Run every piece on the activations of `ids` (prefill) and of its next token (decode).
-    `reference(net, kind, layer, feeds)` gives the outputs that feed the next piece;
-    `candidate(net, feeds)` is what is checked against them; `judge(kind, ref, got)` compares."""
-    results, n, seq = {}, len(ids), dims.seq
+class _Compared:
+    """A backend for the engine's host walk that runs each net on two sides: `reference(net, kind,
+    layer, feeds)` gives the outputs that go on to the next net, `candidate(net, feeds)` is judged
+    against them (once per net; token ids must be equal)."""
 
-    def check(net, kind, layer, feeds):
-        start = time.perf_counter()
-        ref = reference(net, kind, layer, feeds)
-        got = candidate(net, feeds)
-        outputs = io_spec(kind, dims)[1]
-        results[net] = {name: judge(kind, r, g) for name, r, g in zip(outputs, ref, got, strict=True)}
-        progress(net, time.perf_counter() - start)
+    def __init__(self, dims: Dims, reference, candidate, judge, progress):
+        self.info = {"seq": dims.seq, "num_layers": dims.num_layers, "kv_heads": dims.kv_heads,
+                     "head_dim": dims.head_dim}
+        self.dims, self.pieces = dims, {p.name: p for p in model_pieces(dims.num_layers)}
+        self.reference, self.candidate, self.judge, self.progress = reference, candidate, judge, progress
+        self.results = {}
+
+    def run(self, net: str, feeds: dict) -> list[np.ndarray]:
+        start, piece = time.perf_counter(), self.pieces[net]
+        ref = self.reference(net, piece.kind, piece.layer, feeds)
+        if net not in self.results:
+            got = self.candidate(net, feeds)
+            self.results[net] = {name: compare_exact(r, g) if np.issubdtype(np.asarray(r).dtype, np.integer) else
+                                 self.judge(piece.kind, r, g)
+                                 for name, r, g in zip(io_spec(piece.kind, self.dims)[1], ref, got, strict=True)}
+            self.progress(net, time.perf_counter() - start)
         return ref
 
-    (hidden,) = check("embedding", "embedding", None, {"input_ids": pad_ids(ids, seq)})
-    positions, mask = np.arange(seq, dtype=np.int32)[None], prefill_mask(n, seq)
-    history = []
-    for i in range(dims.num_layers):
-        hidden, k, v = check(f"block_{i}", "block", i,
-                             {"input_states": hidden, "position_ids": positions, "attention_mask": mask})
-        history.append((k, v))
-    (logits,) = check("lm_head", "lm_head", None, {"hidden_states": np.ascontiguousarray(hidden[:, n - 1])})
-    token = int(np.argmax(logits[0]))
-    (hidden,) = check("embedding_cache", "embedding_cache", None, {"input_ids": np.array([[token]], np.int32)})
-    position, mask = np.array([[n]], np.int32), decode_mask(n, seq)
-    for i in range(dims.num_layers):
-        hidden, _, _ = check(f"block_cache_{i}", "block_cache", i, {
-            "input_states": hidden, "position_ids": position, "attention_mask": mask,
-            "history_k": history[i][0], "history_v": history[i][1]})
-    return results
+
+def walk_pieces(dims: Dims, ids: list[int], reference, candidate, judge, progress) -> dict:
+    """Run every piece on the activations of `ids` (prefill), of the heads on its logits, and of
+    its next token (decode): the engine's walk, each net judged on the way (see _Compared)."""
+    compared = _Compared(dims, reference, candidate, judge, progress)
+    walk = HostWalk(compared)
+    walk.prefill(ids)
+    logits = walk.logits()[None]
+    compared.run("greedy_head", {"logits": logits})
+    compared.run("sample_head", {"logits": logits, "input_ids": penalty_window(ids, dims.seq), **SAMPLE_CHECK})
+    walk.decode(int(np.argmax(logits)), len(ids))
+    return compared.results
 
 
 def check_pieces(config: dict, source: Path, mapping: dict, onnx_dir: Path, ids: list[int], progress) -> dict:
@@ -196,9 +212,10 @@ def decode_check(config, source, mapping, family, onnx_dir, ids, new_tokens) -> 
         return {"run": False, "reason": f"needs about {need / 2**30:.1f} GiB, {available / 2**30:.1f} GiB available"}
     start = time.perf_counter()
     ref_tokens, ref_logits = reference_generate(config, source, mapping, family, ids, new_tokens)
-    backend = OnnxBackend(onnx_dir)
-    onnx_logits = Engine(backend).prefill(ids)
-    onnx_tokens = Engine(backend).greedy(ids, new_tokens)
+    engine = Engine(OnnxBackend(onnx_dir))
+    onnx_tokens = engine.greedy(ids, new_tokens)
+    engine.prefill(ids)
+    onnx_logits = engine.logits()
     return {"run": True, "reference": ref_tokens, "onnx": onnx_tokens, "match": ref_tokens == onnx_tokens,
             "first_logits_max_abs": compare(ref_logits, onnx_logits)["max_abs"],  # None: NaN or inf
             "seconds": round(time.perf_counter() - start, 2)}
@@ -220,16 +237,6 @@ def answer_prompts(source: Path, prompts: list[str], seq: int) -> list[dict]:
     return out
 
 
-def greedy_answer(engine: Engine, ids: list[int], stops: set[int], max_new: int) -> list[int]:
-    """Free-running greedy decode up to and including a stop token, at most max_new tokens."""
-    logits, out = engine.prefill(ids), []
-    while True:
-        out.append(int(np.argmax(logits)))
-        if out[-1] in stops or len(out) == max_new:
-            return out
-        logits = engine.decode(out[-1])
-
-
 def answers_check(config, source, mapping, family, onnx_dir, questions: list[dict]) -> list[dict]:
     """Each question answered greedily by transformers' generate() and by the ONNX pieces."""
     import torch
@@ -247,7 +254,7 @@ def answers_check(config, source, mapping, family, onnx_dir, questions: list[dic
                                  do_sample=False, eos_token_id=sorted(stops), pad_token_id=sorted(stops)[0],
                                  max_new_tokens=ANSWER_TOKENS)
         reference = out[0, len(q["ids"]):].tolist()
-        onnx = greedy_answer(engine, q["ids"], stops, ANSWER_TOKENS)
+        onnx = engine.greedy(q["ids"], ANSWER_TOKENS, stops)
         results.append({**q, "reference": reference, "onnx": onnx, "match": reference == onnx,
                         "answer": tokenizer.decode(reference, skip_special=True)})
     return results

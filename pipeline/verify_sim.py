@@ -2,10 +2,10 @@
   1. each deployed one-piece bmodel against onnxruntime on the same real activations (the ONNX
      pipeline's, on the verify prompt), with thresholds per mode;
   2. the combined bmodel decoding greedily, token by token against the ONNX pipeline.
-One-device bmodels run in a toolchain process (pyruntime_bm, a Python 3.10 extension).
-Multi-device bmodels run through the BM runtime's C API (runtime/bmrt.py) in a child process:
-pyruntime_bm aborts on their nets, while bmrt_launch_tensor_ex runs every device's part on the one
-simulated chip. Either way the simulator gets a process of its own, stopped when the check ends: a
+One-device pieces run in a toolchain process (pyruntime_bm, a Python 3.10 extension). The combined
+bmodel, and multi-device pieces, run through the BM runtime's C API (runtime/bmrt.py) in a child
+process, the combined one with its state on the device as the chat runs it: pyruntime_bm aborts on
+multi-device nets, while bmrt_launch_tensor_ex runs every device's part on the one simulated chip. Either way the simulator gets a process of its own, stopped when the check ends: a
 process that loaded a bmodel on the simulator keeps both cores busy until it exits
 (runtime/isolated_backend.py), which would slow every later stage of the build."""
 import time
@@ -53,7 +53,9 @@ class Simulator:
         self.isolated: IsolatedBmodelBackend | None = None
 
     def open(self, bmodel: Path, whole_model: bool = True):
-        if self.devices > 1:
+        """A whole bmodel runs as users run it: the BM runtime's C API, the state on the device
+        (runtime/device_walk.py). One-piece bmodels run in the shared toolchain process."""
+        if whole_model or self.devices > 1:
             self._close_isolated()
             self.isolated = IsolatedBmodelBackend(bmodel, whole_model=whole_model)
             return self.isolated
@@ -91,26 +93,18 @@ def check_pieces(mode: str, dims: Dims, onnx_dir: Path, deploy_dir: Path, ids: l
                        lambda kind, ref, got: compare(ref, got, min_cosine, max_rel), progress)
 
 
-def _path(engine: Engine, ids: list[int], tokens: list[int] | None, steps: int) -> list[np.ndarray]:
-    """Logits of each step: greedy when `tokens` is None, else fed `tokens` (teacher forcing)."""
-    logits = [engine.prefill(ids)]
-    for k in range(steps - 1):
-        logits.append(engine.decode(int(np.argmax(logits[-1])) if tokens is None else tokens[k]))
-    return logits
-
-
 def decode_check(mode: str, onnx_dir: Path, bmodel: Path, ids: list[int], new_tokens: int, sim: Simulator) -> dict:
     """The combined bmodel decodes the ONNX pipeline's greedy path (teacher forcing: both see the
     same tokens, so one flipped near-tie does not derail every later step) and each step's
     greedy choice is compared. A float build must agree wherever the reference's top-2 margin is
     above TIE_MARGIN; closer calls are reported, not required."""
     onnx = OnnxBackend(onnx_dir)
-    ref_logits = _path(Engine(onnx), ids, None, new_tokens)
+    ref_logits = Engine(onnx).logits_along(ids, new_tokens)
     reference = [int(np.argmax(lg)) for lg in ref_logits]
     margins = [float(np.diff(np.sort(lg)[-2:])[0]) for lg in ref_logits]
     backend = sim.open(bmodel)
     start = time.perf_counter()
-    sim_logits = _path(Engine(backend), ids, reference, new_tokens)
+    sim_logits = Engine(backend).logits_along(ids, new_tokens, reference)
     chosen = [int(np.argmax(lg)) for lg in sim_logits]
     agree = [a == b for a, b in zip(chosen, reference)]
     return {"run": True, "onnx": reference, "simulator": chosen, "margins": [round(m, 4) for m in margins],
@@ -140,9 +134,9 @@ def answers_check(mode: str, onnx_dir: Path, bmodel: Path, answers: list[dict], 
     results = []
     for a in answers:
         reference, steps = a["reference"], len(a["reference"])
-        margins = [float(np.diff(np.sort(lg)[-2:])[0]) for lg in _path(onnx, a["ids"], reference, steps)]
+        margins = [float(np.diff(np.sort(lg)[-2:])[0]) for lg in onnx.logits_along(a["ids"], steps, reference)]
         start = time.perf_counter()
-        chosen = [int(np.argmax(lg)) for lg in _path(simulated, a["ids"], reference, steps)]
+        chosen = [int(np.argmax(lg)) for lg in simulated.logits_along(a["ids"], steps, reference)]
         agree = [x == y for x, y in zip(chosen, reference)]
         shared = agree.index(False) if False in agree else steps
         results.append({"prompt": a["prompt"], "reference": reference, "simulator": chosen, "shared": shared,

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .native_output import output_to
 from .toolchain_process import ToolchainError, ToolchainProcess, find_toolchain
 
 
@@ -30,7 +31,11 @@ def describe_nets(nets: dict, bmodel: Path) -> dict:
     token_head = "i" in head_out["dtype"] or head_out["shape"][-1] == 1  # int32 [1, 1]: the chosen token
     return {"model": Path(bmodel).stem, "seq": seq, "num_layers": len(blocks), "kv_heads": history[2],
             "head_dim": history[3], "hidden_size": nets["block_0"]["inputs"][0]["shape"][2],
-            "head": "token" if token_head else "logits", "bmodel": str(bmodel)}
+            "head": "token" if token_head else "logits", "bmodel": str(bmodel),
+            # the heads that choose on the device (llm_convert --do_sample's, and ours)
+            "greedy_head": "greedy_head" in nets and not token_head,
+            "sample_head": nets["sample_head"]["outputs"][0]["shape"][-1] if "sample_head" in nets and not token_head
+            else 0}
 
 
 def token_as_logits(token: np.ndarray) -> np.ndarray:
@@ -42,9 +47,12 @@ def token_as_logits(token: np.ndarray) -> np.ndarray:
 
 
 class BmodelBackend:
-    """A bmodel through the BM runtime's C API, in this process."""
+    """A bmodel through the BM runtime's C API, in this process. Its engine walk keeps the K/V
+    cache and the activations on the device (runtime/device_walk.py); `resident=False` walks it
+    from host arrays instead, every net's inputs copied in and outputs out (the old way, kept to
+    measure against and for one-piece bmodels)."""
 
-    def __init__(self, bmodel: Path, devids: list[int] = (0,), whole_model: bool = True):
+    def __init__(self, bmodel: Path, devids: list[int] = (0,), whole_model: bool = True, resident: bool = True):
         from .bmrt import Runtime
 
         self.bmodel = Path(bmodel).resolve()
@@ -53,7 +61,22 @@ class BmodelBackend:
         self.runtime = Runtime(self.bmodel, list(devids))
         self.nets = self.runtime.nets
         self.info = describe_nets(self.nets, self.bmodel) if whole_model else {}  # one-piece bmodels: the build
-        self.seconds = 0.0
+        self.resident, self.seconds, self._walk = resident, 0.0, None
+
+    @property
+    def traffic(self):
+        return self.runtime.traffic
+
+    def walk(self):
+        from .device_walk import DeviceWalk
+        from .engine import HostWalk
+
+        if not self.resident:
+            return HostWalk(self)
+        if self._walk is None:  # one per loaded bmodel: the cache is the nets' own memory
+            with output_to(self.runtime.log):
+                self._walk = DeviceWalk(self.runtime, self.info)
+        return self._walk
 
     def run(self, net: str, feeds: dict) -> list[np.ndarray]:
         names = [t["name"] for t in self.nets[net]["inputs"]]
@@ -67,6 +90,9 @@ class BmodelBackend:
     def close(self) -> None:
         """Frees the device memory and handles. On the simulator its threads keep spinning until the
         process exits: long-lived processes use isolated_backend.py instead."""
+        if self._walk is not None:
+            self._walk.close()
+            self._walk = None
         self.runtime.close()
 
 

@@ -15,14 +15,16 @@ from pathlib import Path
 
 import numpy as np
 
-from .native_output import output_to, redirect_to
+from .native_output import flush_c_stdio, output_to, redirect_to
 from .toolchain_process import ToolchainError, find_toolchain
+from .traffic import Traffic
 
 DEVICE_LIBS = Path("/opt/sophon/libsophon-current/lib")
 # bm_data_type_t
 DTYPES = {0: ("f32", np.float32), 1: ("f16", np.float16), 2: ("i8", np.int8), 3: ("u8", np.uint8),
           4: ("i16", np.int16), 5: ("u16", np.uint16), 6: ("i32", np.int32), 7: ("u32", np.uint32),
           8: ("bf16", np.uint16)}
+BM_RUNTIME_SHARE_MEM = 1  # bm_runtime_flag_t: the nets share one neuron memory (io_alone I/O stays apart)
 
 
 class Shape(ctypes.Structure):  # bm_shape_t
@@ -108,6 +110,9 @@ class Runtime:
             self.handles.append(handle)
         self.p = ctypes.c_void_p(self.bmrt.bmrt_create_ex((ctypes.c_void_p * len(devids))(*self.handles), len(devids)))
         atexit.register(self._close_at_exit)
+        # as Sophgo's LLM runtime: without it every net gets neuron memory of its own (GBs at 32 layers)
+        self.bmrt.bmrt_set_flags(self.p, BM_RUNTIME_SHARE_MEM)
+        self.traffic, self._allocated = Traffic(), []
         if not self.bmrt.bmrt_load_bmodel(self.p, str(bmodel).encode()):
             raise ToolchainError(f"the BM runtime could not load {bmodel} on device(s) {devids} "
                                  f"(a bmodel built for N devices needs N ids in --devid; the runtime's log: {self.log})")
@@ -115,6 +120,7 @@ class Runtime:
         self.bmrt.bmrt_get_network_names(self.p, ctypes.byref(names_pp))
         count = self.bmrt.bmrt_get_network_number(self.p)
         self.nets = {names_pp[i].decode(): self._net(names_pp[i]) for i in range(count)}
+        self.mems = {name: self._stage_mems(name) for name in self.nets}
         self._tensors = {}
 
     def _declare(self) -> None:
@@ -129,10 +135,18 @@ class Runtime:
         bmrt.bmrt_launch_tensor_ex.restype = ctypes.c_bool
         bmrt.bmrt_launch_tensor_ex.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.POINTER(Tensor), ctypes.c_int,
                                                ctypes.POINTER(Tensor), ctypes.c_int, ctypes.c_bool, ctypes.c_bool]
+        bmrt.bmrt_set_flags.argtypes = [ctypes.c_void_p, ctypes.c_uint32]
         for name in ("bm_memcpy_s2d_partial", "bm_memcpy_d2s_partial"):
             getattr(bmlib, name).argtypes = [ctypes.c_void_p] + (
                 [DeviceMem, ctypes.c_void_p] if name.endswith("s2d_partial") else [ctypes.c_void_p, DeviceMem]
             ) + [ctypes.c_uint32]
+        bmlib.bm_memcpy_d2d_byte.argtypes = [ctypes.c_void_p, DeviceMem, ctypes.c_size_t, DeviceMem, ctypes.c_size_t,
+                                             ctypes.c_size_t]
+        bmlib.bm_malloc_device_byte.argtypes = [ctypes.c_void_p, ctypes.POINTER(DeviceMem), ctypes.c_uint32]
+        bmlib.bm_free_device.argtypes = [ctypes.c_void_p, DeviceMem]
+        bmlib.bm_memset_device_ext.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, DeviceMem]
+        bmlib.bm_mem_from_device.restype = DeviceMem
+        bmlib.bm_mem_from_device.argtypes = [ctypes.c_ulonglong, ctypes.c_uint32]
         bmlib.bm_thread_sync.argtypes = [ctypes.c_void_p]
 
     def _check_devices(self, devids: list[int], folder: Path) -> None:
@@ -161,6 +175,9 @@ class Runtime:
                 for tensor in [*tensors[0], *tensors[1]]:
                     self.bmrt.bmrt_free_device(self.p, tensor.device_mem)
             self._tensors = {}
+            for device, mem in getattr(self, "_allocated", []):
+                self.bmlib.bm_free_device(self.handles[device], mem)
+            self._allocated = []
             self.bmrt.bmrt_destroy(self.p)
             self.p = None
         for handle in self.handles:
@@ -180,8 +197,96 @@ class Runtime:
                                   info.input_loc_devices),
                 "outputs": tensors(info.output_num, info.output_names, info.output_dtypes, stage.output_shapes,
                                    info.output_loc_devices),
+                "io_alone": info.addr_mode == 1, "dynamic": bool(info.is_dynamic),
                 "_dtypes": ([info.input_dtypes[i] for i in range(info.input_num)],
                             [info.output_dtypes[i] for i in range(info.output_num)])}
+
+    def _stage_mems(self, name: str) -> tuple[list[DeviceMem], list[DeviceMem]]:
+        """The device memory the compiler gave a net's inputs and outputs (stage 0): for io_alone
+        nets it is theirs alone and keeps its content between launches."""
+        info = self.bmrt.bmrt_get_network_info(self.p, name.encode()).contents
+        stage = info.stages[0]
+        return ([DeviceMem.from_buffer_copy(stage.input_mems[i]) for i in range(info.input_num)],
+                [DeviceMem.from_buffer_copy(stage.output_mems[i]) for i in range(info.output_num)])
+
+    # -- device memory, counted: the primitives of runtime/device_walk.py --------------------------
+
+    def alloc(self, nbytes: int, device: int = 0) -> DeviceMem:
+        mem = DeviceMem()
+        self._check(self.bmlib.bm_malloc_device_byte(self.handles[device], ctypes.byref(mem), nbytes),
+                    f"allocate {nbytes} bytes of device memory on device {device}")
+        self._allocated.append((device, mem))
+        return mem
+
+    def free(self, mem: DeviceMem, device: int = 0) -> None:
+        for k, (where, held) in enumerate(self._allocated):
+            if where == device and held.address == mem.address:
+                self.bmlib.bm_free_device(self.handles[device], self._allocated.pop(k)[1])
+                return
+
+    def zero(self, mem: DeviceMem, device: int = 0) -> None:
+        value = ctypes.c_int(0)
+        self._check(self.bmlib.bm_memset_device_ext(self.handles[device], ctypes.byref(value), 1, mem),
+                    "clear device memory")
+
+    def at(self, mem: DeviceMem, offset: int, nbytes: int) -> DeviceMem:
+        """A view of `nbytes` of `mem` from `offset`: what a net reads or writes in place."""
+        if offset + nbytes > mem.size:
+            raise ToolchainError(f"{offset}+{nbytes} bytes overrun a {mem.size}-byte device buffer")
+        return self.bmlib.bm_mem_from_device(mem.address + offset, nbytes)
+
+    def h2d(self, mem: DeviceMem, array: np.ndarray, device: int = 0, what: str = "input") -> None:
+        data = np.ascontiguousarray(array)
+        self._check(self.bmlib.bm_memcpy_s2d_partial(self.handles[device], mem, data.ctypes.data, data.nbytes),
+                    f"copy {what} in")
+        self.traffic.h2d += data.nbytes
+
+    def d2h(self, mem: DeviceMem, out: np.ndarray, device: int = 0, what: str = "output") -> np.ndarray:
+        self._check(self.bmlib.bm_memcpy_d2s_partial(self.handles[device], out.ctypes.data, mem, out.nbytes),
+                    f"copy {what} out")
+        self.traffic.d2h += out.nbytes
+        return out
+
+    def d2d(self, dst: DeviceMem, dst_offset: int, src: DeviceMem, src_offset: int, nbytes: int,
+            device: int = 0) -> None:
+        self._check(self.bmlib.bm_memcpy_d2d_byte(self.handles[device], dst, dst_offset, src, src_offset, nbytes),
+                    "copy on the device")
+        self.traffic.d2d += nbytes
+
+    def tensor(self, net: str, index: int, output: bool, mem: DeviceMem, shape=None) -> Tensor:
+        """A tensor of `net`'s input (or output) `index` placed at `mem`."""
+        spec = self.nets[net]["outputs" if output else "inputs"][index]
+        tensor = Tensor()
+        tensor.dtype = self.nets[net]["_dtypes"][1 if output else 0][index]
+        tensor.shape = _shape(shape or spec["shape"])
+        tensor.device_mem = mem
+        tensor.st_mode = 0
+        return tensor
+
+    def launch(self, net: str, inputs: list[Tensor], outputs: list[Tensor]) -> None:
+        """Queue a net on the device: no wait (sync() does that, once per step)."""
+        ok = self.bmrt.bmrt_launch_tensor_ex(self.p, net.encode(), (Tensor * len(inputs))(*inputs), len(inputs),
+                                             (Tensor * len(outputs))(*outputs), len(outputs), True, False)
+        self.traffic.launches += 1
+        if not ok:
+            raise ToolchainError(f"the BM runtime failed to launch {net}{self._log_says()} (its log: {self.log})")
+
+    def _log_says(self) -> str:
+        """The runtime's last complaint in its log, quoted."""
+        flush_c_stdio()
+        try:
+            lines = self.log.read_text(errors="replace").splitlines()[-50:]
+        except OSError:
+            return ""
+        said = [line.strip() for line in lines if any(w in line for w in ("WRONG", "ERROR", "FATAL", "error"))]
+        return f": {said[-1]}" if said else ""
+
+    def sync(self) -> None:
+        for handle in self.handles:  # a multi-device net runs on all of them
+            self._check(self.bmlib.bm_thread_sync(handle), "wait for the device")
+        self.traffic.syncs += 1
+
+    # -- the copy path: host arrays in, host arrays out ---------------------------------------------
 
     def _device_tensors(self, net: str) -> tuple:
         """Device memory for a net's inputs and outputs, on their devices; made once, reused."""
@@ -209,22 +314,15 @@ class Runtime:
         in_types, out_types = spec["_dtypes"]
         inputs, outputs = self._device_tensors(net)
         for tensor, t, array, dtype in zip(inputs, spec["inputs"], arrays, in_types, strict=True):
-            data = _to_device_type(array, dtype)
+            data = to_device_type(array, dtype)
             tensor.shape = _shape(data.shape)
-            self._check(self.bmlib.bm_memcpy_s2d_partial(self.handles[t["device"]], tensor.device_mem,
-                                                         data.ctypes.data, data.nbytes), f"copy {t['name']} in")
-        ok = self.bmrt.bmrt_launch_tensor_ex(self.p, net.encode(), inputs, len(inputs), outputs, len(outputs),
-                                             True, False)
-        for handle in self.handles:  # a multi-device net runs on all of them
-            self._check(self.bmlib.bm_thread_sync(handle), f"run {net}")
-        if not ok:
-            raise ToolchainError(f"the BM runtime failed to run {net} (its log: {self.log})")
+            self.h2d(tensor.device_mem, data, t["device"], t["name"])
+        self.launch(net, list(inputs), list(outputs))
+        self.sync()
         results = []
         for tensor, t, dtype in zip(outputs, spec["outputs"], out_types):
-            host = np.zeros(t["shape"], DTYPES[dtype][1])
-            self._check(self.bmlib.bm_memcpy_d2s_partial(self.handles[t["device"]], host.ctypes.data,
-                                                         tensor.device_mem, host.nbytes), f"copy {t['name']} out")
-            results.append(_from_device_type(host, dtype))
+            host = self.d2h(tensor.device_mem, np.zeros(t["shape"], DTYPES[dtype][1]), t["device"], t["name"])
+            results.append(from_device_type(host, dtype))
         return results
 
     def _check(self, status: int, what: str) -> None:
@@ -240,14 +338,14 @@ def _shape(dims) -> Shape:
     return shape
 
 
-def _to_device_type(array: np.ndarray, dtype: int) -> np.ndarray:
+def to_device_type(array: np.ndarray, dtype: int) -> np.ndarray:
     if dtype == 8:  # bf16: round to nearest even, keep the upper 16 bits
         bits = np.ascontiguousarray(array, np.float32).view(np.uint32)
         return ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
     return np.ascontiguousarray(array, DTYPES[dtype][1])
 
 
-def _from_device_type(array: np.ndarray, dtype: int) -> np.ndarray:
+def from_device_type(array: np.ndarray, dtype: int) -> np.ndarray:
     if dtype == 8:
         return (array.astype(np.uint32) << 16).view(np.float32)
     return array.astype(np.float32) if dtype in (1, 0) else array

@@ -21,6 +21,7 @@ from .engine import Engine
 from .generate import Result, generate
 from .sampling import SamplingParams, sampling_problem
 from .tokenizer import load_tokenizer
+from .traffic import per_token_line
 
 SURROGATES = re.compile("[\ud800-\udfff]")
 
@@ -125,7 +126,7 @@ class Chat:
         self.args = args
         backend = open_backend(args.model, args.devid)
         self.engine_info = backend.info
-        self.backend = backend
+        self.backend, self.engine = backend, Engine(backend)  # one engine: the device state is made once
         tokenizer_dir = args.tokenizer or default_tokenizer(args.model)
         try:
             self.tokenizer = load_tokenizer(tokenizer_dir)
@@ -157,7 +158,7 @@ class Chat:
         finish_reason "cancelled", and the turn is not kept."""
         ids, result, stop = self.prompt(query, notes or out), Result(), threading.Event()
         with interrupt_sets(stop):
-            for piece in generate(Engine(self.backend), self.tokenizer, ids, self.args.max_new_tokens,
+            for piece in generate(self.engine, self.tokenizer, ids, self.args.max_new_tokens,
                                   self.params, self.args.stop, result, stop.is_set):
                 print(piece, end="", file=out, flush=True)
         print(file=out)
@@ -167,8 +168,11 @@ class Chat:
 
 
 def stats(result: Result) -> str:
+    device = ""  # what crossed between host and device per generated token (a bmodel only)
+    if result.decode_steps and result.decode_traffic.launches:
+        device = "; " + per_token_line(result.decode_traffic, result.decode_steps)
     return (f"[{len(result.tokens)} tokens, {result.finish_reason}; prompt {result.prompt_tokens} tokens; "
-            f"first token {result.first_token_seconds:.2f} s; {result.decode_tokens_per_second:.3g} tokens/s]")
+            f"first token {result.first_token_seconds:.2f} s; {result.decode_tokens_per_second:.3g} tokens/s{device}]")
 
 
 def read_query() -> str | None:

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from .engine import Engine
 from .sampling import Sampler, SamplingParams
 from .tokenizer import StreamDecoder
+from .traffic import Traffic
 
 STOP_TOKENS = ("<|im_end|>", "<|endoftext|>", "<|im_start|>")
 
@@ -18,6 +19,9 @@ class Result:
     prompt_tokens: int = 0
     first_token_seconds: float = 0.0
     decode_tokens_per_second: float = 0.0
+    prefill_traffic: Traffic = field(default_factory=Traffic)  # what crossed to and from the device
+    decode_traffic: Traffic = field(default_factory=Traffic)
+    decode_steps: int = 0
 
 
 def stop_ids(tokenizer) -> set[int]:
@@ -35,11 +39,11 @@ def generate(engine: Engine, tokenizer, prompt: list[int], max_new_tokens: int, 
     hold = max((len(s) for s in stop), default=1) - 1  # text that might still become a stop string
     pending, seen = "", list(prompt)
     start = time.perf_counter()
-    logits = engine.prefill(prompt)
+    engine.prefill(prompt)
     result.first_token_seconds = time.perf_counter() - start
     decode_start = time.perf_counter()
     while True:
-        token = sampler(logits, seen)
+        token = engine.next_token(sampler, seen)
         if token in stops:
             result.finish_reason = "stop"
             break
@@ -61,12 +65,14 @@ def generate(engine: Engine, tokenizer, prompt: list[int], max_new_tokens: int, 
         if cancelled():
             result.finish_reason = "cancelled"
             break
-        logits = engine.decode(token)
+        engine.decode(token)
     pending += stream.flush() if result.finish_reason == "length" else ""
     if pending:
         result.text += pending
         yield pending
     decode_seconds = time.perf_counter() - decode_start
+    result.prefill_traffic, result.decode_traffic = engine.prefill_traffic, engine.decode_traffic
+    result.decode_steps = engine.decoded
     if len(result.tokens) > 1 and decode_seconds > 0:
         result.decode_tokens_per_second = (len(result.tokens) - 1) / decode_seconds
     return result

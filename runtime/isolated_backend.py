@@ -10,24 +10,35 @@ cost, and the chat CLI and server (processes of their own) use `BmodelBackend` d
 import json
 import subprocess
 import sys
+import time
+import warnings
 import weakref
 from multiprocessing import Pipe
 from multiprocessing.connection import Connection
 from pathlib import Path
 
+from . import device_walk
 from .toolchain_process import ToolchainError
+from .traffic import Traffic
 
 
-def _serve(conn, bmodel: str, devids: list[int], whole_model: bool) -> None:
-    """The child: opens the bmodel, then runs one net per request until told to stop."""
+WALK_STEPS = ("prefill", "decode", "logits", "token", "candidates")
+
+
+def _serve(conn, bmodel: str, devids: list[int], whole_model: bool, resident: bool) -> None:
+    """The child: opens the bmodel, then answers one request at a time until told to stop:
+    ("run", (net, feeds)) on the copy path, ("walk", ()) to start the engine's walk, then its steps."""
+    import warnings
+
     from .bmodel_backend import BmodelBackend
 
     try:
-        backend = BmodelBackend(Path(bmodel), devids, whole_model)
+        backend = BmodelBackend(Path(bmodel), devids, whole_model, resident)
         conn.send(("ok", {"nets": backend.nets, "info": backend.info}))
     except Exception as err:  # noqa: BLE001  (sent to the parent, which raises it)
         conn.send(("error", f"{type(err).__name__}: {err}"))
         return
+    walk = None
     while True:
         try:
             request = conn.recv()
@@ -35,9 +46,20 @@ def _serve(conn, bmodel: str, devids: list[int], whole_model: bool) -> None:
             return
         if request is None:
             return
+        method, args = request
         try:
-            outputs = backend.run(*request)
-            conn.send(("ok", (outputs, backend.seconds)))
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                if method == "run":
+                    value = backend.run(*args)
+                elif method == "walk":
+                    walk, value = backend.walk(), None
+                else:
+                    start = time.perf_counter()
+                    value = getattr(walk, method)(*args)
+                    backend.seconds += time.perf_counter() - start
+            conn.send(("ok", (value, backend.seconds, backend.traffic.as_dict(),
+                              [(w.category.__name__, str(w.message)) for w in caught])))
         except Exception as err:  # noqa: BLE001
             conn.send(("error", f"{type(err).__name__}: {err}"))
 
@@ -56,15 +78,16 @@ def _stop(conn: Connection, process: subprocess.Popen) -> None:
 
 
 def main() -> None:
-    """The child's entry: `python -c ... <fd> <bmodel> <devids json> <whole_model>`."""
-    fd, bmodel, devids, whole_model = sys.argv[1:5]
-    _serve(Connection(int(fd)), bmodel, json.loads(devids), whole_model == "1")
+    """The child's entry: `python -c ... <fd> <bmodel> <devids json> <whole_model> <resident>`."""
+    fd, bmodel, devids, whole_model, resident = sys.argv[1:6]
+    _serve(Connection(int(fd)), bmodel, json.loads(devids), whole_model == "1", resident == "1")
 
 
 class IsolatedBmodelBackend:
-    """Same interface as BmodelBackend (nets, info, seconds, run, close); the runtime lives in a child."""
+    """Same interface as BmodelBackend (nets, info, seconds, traffic, run, walk, close); the runtime
+    lives in a child."""
 
-    def __init__(self, bmodel: Path, devids: list[int] = (0,), whole_model: bool = True):
+    def __init__(self, bmodel: Path, devids: list[int] = (0,), whole_model: bool = True, resident: bool = True):
         self.bmodel = Path(bmodel).resolve()
         if not self.bmodel.is_file():
             raise FileNotFoundError(f"{bmodel} does not exist")
@@ -74,7 +97,8 @@ class IsolatedBmodelBackend:
         root = str(Path(__file__).resolve().parent.parent)
         child = f"import sys; sys.path.insert(0, {root!r}); from runtime.isolated_backend import main; main()"
         self._process = subprocess.Popen([sys.executable, "-c", child, str(child_conn.fileno()), str(self.bmodel),
-                                          json.dumps(list(devids)), "1" if whole_model else "0"],
+                                          json.dumps(list(devids)), "1" if whole_model else "0",
+                                          "1" if resident else "0"],
                                          pass_fds=[child_conn.fileno()])
         child_conn.close()
         self._close = weakref.finalize(self, _stop, self._conn, self._process)
@@ -83,7 +107,7 @@ class IsolatedBmodelBackend:
         except ToolchainError:
             self._close()
             raise
-        self.nets, self.info, self.seconds = opened["nets"], opened["info"], 0.0
+        self.nets, self.info, self.seconds, self.traffic = opened["nets"], opened["info"], 0.0, Traffic()
 
     def _receive(self, what: str):
         try:
@@ -96,10 +120,20 @@ class IsolatedBmodelBackend:
             raise ToolchainError(f"{self.bmodel}: {what}: {value}")
         return value
 
+    def call(self, method: str, *args):
+        self._conn.send((method, args))
+        value, self.seconds, traffic, warned = self._receive(method if method != "run" else f"net {args[0]}")
+        self.traffic = Traffic(**traffic)
+        for category, message in warned:  # the child's warnings, for this process's user
+            warnings.warn(message, getattr(device_walk, category, UserWarning), stacklevel=3)
+        return value
+
     def run(self, net: str, feeds: dict) -> list:
-        self._conn.send((net, feeds))
-        outputs, self.seconds = self._receive(f"net {net}")
-        return outputs
+        return self.call("run", net, feeds)
+
+    def walk(self) -> "RemoteWalk":
+        self.call("walk")
+        return RemoteWalk(self)
 
     def close(self) -> None:
         self._close()
@@ -109,3 +143,19 @@ class IsolatedBmodelBackend:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class RemoteWalk:
+    """The engine's walk over the nets, run in the child (runtime/device_walk.py there)."""
+
+    def __init__(self, backend: IsolatedBmodelBackend):
+        self.backend, self.info = backend, backend.info
+
+    @property
+    def traffic(self) -> Traffic:
+        return self.backend.traffic
+
+    def __getattr__(self, step: str):
+        if step not in WALK_STEPS:
+            raise AttributeError(step)
+        return lambda *args: self.backend.call(step, *args)

@@ -7,7 +7,7 @@ import os
 import sys
 
 
-def _flush_c_stdio() -> None:
+def flush_c_stdio() -> None:
     try:
         ctypes.CDLL(None).fflush(None)
     except (OSError, AttributeError):
@@ -35,7 +35,7 @@ def output_to(log):
     finally:
         sys.stdout.flush()
         sys.stderr.flush()
-        _flush_c_stdio()
+        flush_c_stdio()
         os.dup2(saved[0], 1)
         os.dup2(saved[1], 2)
         for f in saved:

@@ -61,7 +61,23 @@ class Sampler:
         # numpy wants a seed >= 0: -1 becomes 2**64 - 1, so every 64-bit seed is one fixed stream
         self.rng = np.random.default_rng(None if params.seed is None else params.seed % 2**64)
 
+    @property
+    def greedy(self) -> bool:
+        """The choice is the argmax of the raw logits: a device's greedy head can make it."""
+        return self.params.temperature == 0 and self.params.repetition_penalty == 1.0
+
     def __call__(self, logits: np.ndarray, seen: list[int]) -> int:
+        if self.params.temperature == 0:
+            return int(np.argmax(self._penalized(logits, seen)))
+        probs = self.distribution(logits, seen)
+        return int(self.rng.choice(probs.shape[0], p=probs))
+
+    def draw(self, probs: np.ndarray, ids: np.ndarray) -> int:
+        """One of a device's candidates (a sample head's top-k ids and their probabilities)."""
+        probs = np.asarray(probs, np.float64)
+        return int(ids[self.rng.choice(probs.shape[0], p=probs / probs.sum())])
+
+    def _penalized(self, logits: np.ndarray, seen: list[int]) -> np.ndarray:
         p = self.params
         logits = logits.astype(np.float64, copy=True)
         if p.repetition_penalty != 1.0 and seen:
@@ -70,8 +86,13 @@ class Sampler:
             ids = ids[ids < logits.shape[0]]
             values = logits[ids]
             logits[ids] = np.where(values > 0, values / p.repetition_penalty, values * p.repetition_penalty)
-        if p.temperature == 0:
-            return int(np.argmax(logits))
+        return logits
+
+    def distribution(self, logits: np.ndarray, seen: list[int]) -> np.ndarray:
+        """The probability of each token under the rule (temperature > 0): what is drawn from, and
+        what a device's sample head (pipeline/torch_pieces.py SampleHeadNet) must reproduce."""
+        p = self.params
+        logits = self._penalized(logits, seen)
         # extreme penalties or temperatures overflow to inf: clip, then subtract the maximum before
         # dividing, so the best token stays at 0 and the others go to -inf at worst (never NaN)
         top = np.finfo(np.float64).max
@@ -84,11 +105,11 @@ class Sampler:
         probs = np.exp(logits)
         probs /= probs.sum()
         if p.top_p < 1.0:
-            order = np.argsort(-probs)
-            cumulative = np.cumsum(probs[order])
-            keep = order[: int(np.searchsorted(cumulative, p.top_p) + 1)]  # smallest set reaching top_p
-            mask = np.zeros_like(probs, dtype=bool)
-            mask[keep] = True
-            probs = np.where(mask, probs, 0.0)
+            # the smallest set reaching top_p: a token stays if what is more likely than it sums to
+            # less than top_p (equally likely tokens stay or go together, whatever order sorts them)
+            ranked = np.sort(probs)[::-1]
+            more_likely = np.cumsum(ranked) - ranked  # before each rank; a tie's first rank counts for all
+            first_of_tie = np.searchsorted(-ranked, -probs, side="left")
+            probs = np.where(more_likely[first_of_tie] < p.top_p, probs, 0.0)
             probs /= probs.sum()
-        return int(self.rng.choice(probs.shape[0], p=probs))
+        return probs

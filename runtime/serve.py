@@ -32,6 +32,7 @@ from .engine import Engine
 from .generate import Result, generate
 from .sampling import SamplingParams
 from .tokenizer import load_tokenizer
+from .traffic import Traffic
 
 # FastAPI parses and validates a body on the event loop (pydantic holding the GIL): 1 MiB of
 # one-character messages takes 25-40 ms. A conversation longer than any model's context is
@@ -88,6 +89,8 @@ class ChatService:
     def __init__(self, model: Path, name: str, tokenizer: Path | None = None, max_queue: int = 4,
                  default_max_tokens: int = 256, devid: str = "0"):
         self.backend = open_backend(model, devid)
+        self.engine = Engine(self.backend)  # one engine: the device state is made once
+        self.traffic = {"prefill": Traffic(), "decode": Traffic(), "decode_steps": 0}  # totals, for /health
         self.tokenizer = load_tokenizer(tokenizer or default_tokenizer(model))
         self.name, self.seq = name, self.backend.info["seq"]
         self.max_queue, self.default_max_tokens = max_queue, default_max_tokens
@@ -123,7 +126,7 @@ class ChatService:
                 result.finish_reason = "cancelled"
                 return
             start = time.perf_counter()
-            for piece in generate(Engine(self.backend), self.tokenizer, ids, max_tokens, params, stop, result,
+            for piece in generate(self.engine, self.tokenizer, ids, max_tokens, params, stop, result,
                                   cancelled.is_set):
                 loop.call_soon_threadsafe(on_piece, piece)
             self.average_seconds = 0.7 * self.average_seconds + 0.3 * (time.perf_counter() - start)
@@ -135,6 +138,9 @@ class ChatService:
             self.busy = False
             self.slot.release()
         self.finished[result.finish_reason] = self.finished.get(result.finish_reason, 0) + 1
+        self.traffic["prefill"] += result.prefill_traffic
+        self.traffic["decode"] += result.decode_traffic
+        self.traffic["decode_steps"] += result.decode_steps
         return result
 
 
@@ -238,7 +244,10 @@ def create_app(service: ChatService, max_body: int = MAX_BODY_BYTES) -> FastAPI:
     @app.get("/health")
     async def health():
         return {"status": "ok", "model": service.name, "seq_length": service.seq, "busy": service.busy,
-                "waiting": service.waiting, "finished": service.finished}
+                "waiting": service.waiting, "finished": service.finished,
+                "device_traffic": {"prefill": service.traffic["prefill"].as_dict(),
+                                   "decode": service.traffic["decode"].as_dict(),
+                                   "decode_steps": service.traffic["decode_steps"]}}
 
     @app.get("/v1/models")
     async def models():

@@ -25,7 +25,7 @@ def test_restored_build_folder_in_a_fresh_clone_rebuilds_nothing(tmp_path):
     common = ["model=tiny-qwen2", f"build_dir={cache}", f"dist_dir={cache / 'dist'}"]
     first = run_cli(["build", *common], cwd=_checkout(tmp_path / "clone-1"))
     assert first.returncode == 0, first.stdout + first.stderr
-    assert first.stdout.count(".  deploy:") == 7
+    assert first.stdout.count(".  deploy:") == 9
 
     saved = tmp_path / "saved"
     shutil.move(cache, saved)  # the CI cache: saved, then restored with new file times

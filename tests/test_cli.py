@@ -12,7 +12,7 @@ def test_build_verify_and_doits_own_commands(tmp_path):
     assert built.returncode == 0, built.stdout + built.stderr
     assert "[verify] PASS" in built.stderr and "16 tokens identical" in built.stderr
     for stage in ("export", "transform", "deploy"):  # progress: which piece, of how many, time
-        assert f"[{stage} 3/7] block_0 done in" in built.stderr
+        assert f"[{stage} 3/9] block_0 done in" in built.stderr
     report = tmp_path / "tiny-qwen3" / "seq32" / "verify" / "report.md"
     assert "**Result: PASS**" in report.read_text()
     assert (tmp_path / "dist" / "tiny-qwen3_int8_seq32_1dev.bmodel").stat().st_size > 1_000_000

@@ -102,7 +102,7 @@ def test_two_devices_build_and_report(tmp_path):
     assert {t.get("device") for t in description["nets"][0]["inputs"]} == {0, 1}
     # both devices' parts run on the one simulated chip (runtime/bmrt.py), checked like a 1-device build
     report = json.loads((tmp_path / model / "seq32" / "verify" / "int8_2dev_bm1684x" / "report.json").read_text())
-    assert report["simulated"] is True and len(report["pieces"]) == 7
+    assert report["simulated"] is True and len(report["pieces"]) == 9
     assert report["decode"]["run"] and not report["decode"]["decisive_disagreements"]
     assert report["decode"]["agree"] >= 12, report["decode"]
     # the simulator has one device: asking for two is a clear error, not a crash
@@ -116,7 +116,7 @@ def test_compiled_rebuild_rules(tmp_path):
     model = "tiny-qwen2"
     first = run_doit(tmp_path, ["build"], model=model)
     assert first.code == 0, first.output
-    assert len(first.ran_basename("transform")) == 7 and len(first.ran_basename("deploy")) == 7
+    assert len(first.ran_basename("transform")) == 9 and len(first.ran_basename("deploy")) == 9
 
     noop = run_doit(tmp_path, ["build"], model=model)
     assert noop.code == 0 and noop.ran == []
@@ -125,7 +125,7 @@ def test_compiled_rebuild_rules(tmp_path):
         switched = run_doit(tmp_path, ["build"], model=model, **variables)
         assert switched.code == 0, switched.output
         assert {t.split(":")[0] for t in switched.ran} == {"deploy", "combine"}, (variables, switched.ran)
-        assert len(switched.ran_basename("deploy")) == 7
+        assert len(switched.ran_basename("deploy")) == 9
 
     # group_size matters only for int4: bf16 with another group size is the same build
     assert run_doit(tmp_path, ["build"], model=model, mode="bf16").ran == []

@@ -5,14 +5,19 @@ import shutil
 import subprocess
 import sys
 
+import httpx
 import numpy as np
 import pytest
 
+from pipeline.compile import combine, deploy, deploy_args
+from pipeline.pieces import model_pieces
 from pipeline.toolchain.install import ensure_toolchain
-from pipeline.verify_sim import TIE_MARGIN, _path
+from pipeline.verify_sim import TIE_MARGIN
+from runtime.device_walk import SlowCacheWarning
 from runtime.isolated_backend import IsolatedBmodelBackend
 from runtime.engine import Engine
 from runtime.onnx_backend import OnnxBackend
+from runtime.sampling import Sampler, SamplingParams
 
 from .conftest import ROOT, run_doit
 
@@ -30,15 +35,89 @@ def built(tmp_path_factory):
     return build_dir, seq_dir / "onnx", build_dir / "dist" / f"{MODEL}_bf16_seq32_1dev.bmodel", ids
 
 
-def test_bf16_bmodel_decodes_like_the_onnx_pipeline(built):
+SEQ, LAYERS, KV_HEADS, HEAD_DIM, VOCAB, HIDDEN = 32, 2, 2, 16, 512, 64
+BF16 = 2
+STEP_IN = 4 + 4 + 4  # per decode step: the token (to the embedding, and to the penalty window), the position
+
+
+def test_bf16_bmodel_decodes_like_the_onnx_pipeline_with_the_state_on_the_device(built):
     _, onnx, bmodel, ids = built
+    reference = Engine(OnnxBackend(onnx)).greedy(ids, 16)
     # BmodelBackend (the BM runtime's C API) in a child process: in this one, the simulator's threads
     # would spin on both cores for the rest of the tests
-    backend = IsolatedBmodelBackend(bmodel)
-    assert {k: backend.info[k] for k in ("seq", "num_layers", "kv_heads", "head_dim", "head")} == \
-        {"seq": 32, "num_layers": 2, "kv_heads": 2, "head_dim": 16, "head": "logits"}  # read from the file's nets
-    with backend:
-        assert Engine(backend).greedy(ids, 16) == Engine(OnnxBackend(onnx)).greedy(ids, 16)
+    with IsolatedBmodelBackend(bmodel, resident=False) as backend:  # the copy path: host arrays in and out
+        old = Engine(backend)
+        assert old.greedy(ids, 16) == reference
+    with IsolatedBmodelBackend(bmodel) as backend:
+        assert {k: backend.info[k] for k in ("seq", "num_layers", "kv_heads", "head_dim", "head", "greedy_head",
+                                             "sample_head")} == \
+            {"seq": SEQ, "num_layers": LAYERS, "kv_heads": KV_HEADS, "head_dim": HEAD_DIM, "head": "logits",
+             "greedy_head": True, "sample_head": 51}  # read from the file's nets
+        new = Engine(backend)
+        assert new.greedy(ids, 16) == reference
+    steps, kv_token = new.decoded, KV_HEADS * HEAD_DIM * BF16  # one token's K of one layer
+    assert steps == old.decoded == 15
+    # per decode step: the token, the position and the mask in (bf16); the greedy head's token out
+    assert new.decode_traffic.h2d == steps * (STEP_IN + (SEQ + 1) * BF16)
+    assert new.decode_traffic.d2h == steps * 4
+    # embedding, the layers, lm_head and greedy_head; one wait, for the token
+    assert new.decode_traffic.syncs == steps and new.decode_traffic.launches == steps * (LAYERS + 3)
+    assert new.decode_traffic.d2d == 0  # K/V written in place, nets chained without a copy
+    # the prefill sends the prompt, positions, mask and penalty window once; only the token comes back
+    assert new.prefill_traffic.h2d == SEQ * 4 + SEQ * 4 + SEQ * SEQ * BF16 + SEQ * 4
+    assert new.prefill_traffic.d2h == 4 and new.prefill_traffic.syncs == 1
+    # the copy path moved every layer's whole cache in, the new K/V and the logits out, every step
+    assert old.decode_traffic.h2d >= steps * LAYERS * 2 * SEQ * kv_token
+    assert old.decode_traffic.d2h >= steps * (VOCAB * 4 + LAYERS * 2 * kv_token)
+    assert old.decode_traffic.syncs == steps * (LAYERS + 2)
+
+
+def test_a_conversation_of_three_turns_on_the_device_answers_as_the_onnx_pipeline(built):
+    """Each turn prefills the conversation so far (question, answer, next question) and decodes:
+    positions and cache slots must start over right, turn after turn, on one engine."""
+    _, onnx, bmodel, ids = built
+    reference, turns = Engine(OnnxBackend(onnx)), []
+    with IsolatedBmodelBackend(bmodel) as backend:
+        engine, conversation = Engine(backend), ids[:6]
+        for turn in range(3):
+            answer = engine.greedy(conversation, 5)
+            assert answer == reference.greedy(conversation, 5), f"turn {turn + 1}"
+            turns.append(len(conversation))
+            conversation = conversation + answer + ids[6 + 2 * turn: 8 + 2 * turn]
+    assert turns == [6, 13, 20]
+
+
+SAMPLINGS = [(1.3, 0.8, 20, 0.9), (1.0, 1.0, 49, 1.0), (2.0, 0.5, 5, 0.5), (1.1, 1.5, 1, 1.0)]
+
+
+def test_the_sample_head_on_the_simulator_gives_the_host_samplers_distribution(built):
+    """(penalty, temperature, top_k, top_p) on the device's candidates, against runtime/sampling.py
+    on the same logits and tokens; then a sampled answer whose steps send and read back a few bytes."""
+    _, _, bmodel, ids = built
+    with IsolatedBmodelBackend(bmodel) as backend:
+        engine = Engine(backend)
+        answer = engine.greedy(ids, 4)
+        seen = ids + answer[:-1]  # the prompt and the tokens fed back so far
+        logits = engine.logits()
+        for penalty, temperature, top_k, top_p in SAMPLINGS:
+            probs, candidates = engine.walk.candidates(penalty, temperature, top_k, top_p)
+            device = np.zeros(VOCAB)
+            device[candidates] = probs
+            host = Sampler(SamplingParams(temperature, top_k, top_p, penalty)).distribution(logits, seen)
+            assert probs[-1] == 0  # the candidate past the top-k is cut: nothing lies beyond
+            assert set(np.flatnonzero(device)) == set(np.flatnonzero(host)), (penalty, temperature, top_k, top_p)
+            assert np.abs(device - host).max() < 1e-5
+        sampler = Sampler(SamplingParams(0.8, 40, 0.9, 1.2, seed=3))
+        engine.prefill(ids)
+        tokens = [engine.next_token(sampler, ids)]
+        for _ in range(7):
+            engine.decode(tokens[-1])
+            tokens.append(engine.next_token(sampler, ids + tokens))
+    assert len(set(tokens)) > 1
+    assert engine.prefill_traffic.h2d == SEQ * 4 + SEQ * 4 + SEQ * SEQ * BF16 + SEQ * 4 + 4 * 4  # + the parameters
+    each = engine.decode_traffic.per(engine.decoded)
+    assert each["h2d"] == STEP_IN + (SEQ + 1) * BF16  # the parameters are not sent again
+    assert each["d2h"] == 51 * (4 + 4)  # the candidates (top-k up to 50, and one to see a tie), not the logits
 
 
 def test_chat_cli_runs_a_bmodel(built, tmp_path):
@@ -54,6 +133,24 @@ def test_chat_cli_runs_a_bmodel(built, tmp_path):
     assert "cmodel" in log.read_text() and "do_allreduce" in log.read_text()
     assert "cmodel" not in out.stdout + out.stderr and "do_allreduce" not in out.stdout + out.stderr
     assert out.stderr.startswith("[5 tokens") and out.stderr.count("\n") == 1, out.stderr
+    # what crossed per generated token: the step's inputs in, the greedy head's token out
+    assert f"h2d {STEP_IN + (SEQ + 1) * BF16} B/token, d2h 4 B/token, d2d 0 B/token, {LAYERS + 3} launches and " \
+        "1 sync/token" in out.stderr, out.stderr
+
+
+def test_the_server_reports_what_crossed_to_the_device(built):
+    _, _, bmodel, _ = built
+    from .test_serve import _serve
+
+    with _serve(bmodel) as base:
+        answer = httpx.post(f"{base}/v1/chat/completions", timeout=300, json={
+            "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}).json()
+        traffic = httpx.get(f"{base}/health", timeout=10).json()["device_traffic"]
+    assert answer["usage"]["completion_tokens"] >= 1
+    steps = traffic["decode_steps"]
+    assert steps == answer["usage"]["completion_tokens"] - 1 or steps == answer["usage"]["completion_tokens"]
+    assert traffic["decode"]["h2d"] == steps * (STEP_IN + (SEQ + 1) * BF16) and traffic["decode"]["d2h"] == steps * 4
+    assert traffic["prefill"]["syncs"] == 1 and traffic["prefill"]["d2h"] == 4
 
 
 def test_llm_convert_bmodel_runs_in_our_runtime(built, tmp_path):
@@ -71,10 +168,95 @@ def test_llm_convert_bmodel_runs_in_our_runtime(built, tmp_path):
     backend = IsolatedBmodelBackend(bmodel)
     assert backend.info["head"] == "token" and backend.info["seq"] == 32 and backend.info["num_layers"] == 2
     # teacher-forced along the ONNX pipeline's greedy path: the same choice wherever it is not a near-tie
-    reference = _path(Engine(OnnxBackend(onnx)), ids, None, 16)
+    reference = Engine(OnnxBackend(onnx)).logits_along(ids, 16)
     tokens = [int(np.argmax(lg)) for lg in reference]
     margins = [float(np.diff(np.sort(lg)[-2:])[0]) for lg in reference]
     with backend:
-        chosen = [int(np.argmax(lg)) for lg in _path(Engine(backend), ids, tokens, 16)]
+        chosen = [int(np.argmax(lg)) for lg in Engine(backend).logits_along(ids, 16, tokens)]
     decisive = [k for k, m in enumerate(margins) if m >= TIE_MARGIN]
     assert len(decisive) >= 8 and all(chosen[k] == tokens[k] for k in decisive), (chosen, tokens, margins)
+
+
+def test_a_bmodel_whose_cache_nets_are_not_io_alone_runs_through_copies_with_a_warning(built, tmp_path):
+    """Cache nets compiled without --addr_mode io_alone do not keep their inputs between launches:
+    the cache then lives in memory of the runtime's own, copied into each net on the device."""
+    build_dir, onnx, _, ids = built
+    seq_dir, pieces = build_dir / MODEL / "seq32", model_pieces(LAYERS)
+    parts = []
+    for piece in pieces:
+        part = seq_dir / "deploy" / "bf16_1dev_bm1684x" / f"{piece.name}.bmodel"
+        if piece.kind == "block_cache":
+            args = [a for a in deploy_args(piece, "bf16", 1, "bm1684x", 64) if a not in ("--addr_mode", "io_alone")]
+            part = tmp_path / f"{piece.name}.bmodel"
+            deploy(piece, seq_dir / "transform" / piece.name, args, part, tmp_path / f"{piece.name}.log", tmp_path)
+        parts.append(part)
+    bmodel = tmp_path / "no-io-alone.bmodel"
+    combine(parts, bmodel, [p.name for p in pieces], tmp_path / "combine.log")
+    with pytest.warns(SlowCacheWarning, match="not compiled with --addr_mode io_alone") as warned, \
+            IsolatedBmodelBackend(bmodel) as backend:
+        engine = Engine(backend)
+        assert engine.greedy(ids, 8) == Engine(OnnxBackend(onnx)).greedy(ids, 8)
+    assert len(warned) == 1
+    kv_layer = SEQ * KV_HEADS * HEAD_DIM * BF16  # one layer's K (or V) cache
+    assert engine.decode_traffic.d2d == engine.decoded * LAYERS * 2 * kv_layer  # copied on the device ...
+    assert engine.decode_traffic.h2d == engine.decoded * (STEP_IN + (SEQ + 1) * BF16)  # ... never from the host
+
+
+PROBE = """
+import sys
+from pathlib import Path
+from runtime.bmodel_backend import BmodelBackend
+from runtime.native_output import output_to
+from runtime.toolchain_process import ToolchainError
+
+backend = BmodelBackend(Path(sys.argv[1]))
+walk = backend.walk()
+first = sorted(m.address for m, _ in walk.own)
+walk.close()
+again = sorted(m.address for m, _ in type(walk)(backend.runtime, backend.info).own)
+print("reused" if again == first else f"not reused: {first} then {again}")
+try:
+    with output_to(backend.runtime.log):
+        backend.runtime.launch("block_0", [], [])
+except ToolchainError as err:
+    print(err)
+backend.close()
+print("left allocated:", len(backend.runtime._allocated))
+"""
+
+
+def test_device_memory_is_given_back_and_a_failed_launch_names_the_net_and_the_log(built, tmp_path):
+    _, _, bmodel, _ = built
+    log = tmp_path / "bmrt.log"
+    out = subprocess.run([sys.executable, "-c", PROBE, str(bmodel)], cwd=ROOT, capture_output=True, text=True,
+                         timeout=300, env={**os.environ, "QWEN_TPU_RUNTIME_LOG": str(log)})
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0] == "reused"  # a closed walk's buffers are free: the next one gets the same memory
+    assert lines[1] == ("the BM runtime failed to launch block_0: [BMRT][launch:1164] WRONG:Shapes of the input "
+                        f"tensors are not supported (its log: {log})")
+    assert lines[2] == "left allocated: 0"
+
+
+def test_the_copy_paths_bytes_grow_with_seq_and_layers_and_the_devices_do_not(built, tmp_path):
+    """The same model at seq 64 and 3 layers: the copy path moves every layer's whole cache in,
+    every token; on the device the step's input grows with the mask alone (2 bytes per cache slot)."""
+    _, onnx, small, ids = built
+    result = run_doit(tmp_path, ["build"], model=MODEL, mode="bf16", seq=64, layers=3)
+    assert result.code == 0, result.output
+    large = tmp_path / "dist" / f"{MODEL}-3l_bf16_seq64_1dev.bmodel"
+    per_token = {}
+    for bmodel, seq, layers in ((small, SEQ, LAYERS), (large, 64, 3)):
+        for resident in (False, True):
+            with IsolatedBmodelBackend(bmodel, resident=resident) as backend:
+                engine = Engine(backend)
+                engine.greedy(ids, 6)
+            per_token[seq, resident] = engine.decode_traffic.per(engine.decoded)
+        assert per_token[seq, True]["h2d"] == STEP_IN + (seq + 1) * BF16
+        # the copy path: the token, then per layer the hidden state, position, mask and the whole
+        # K and V caches, then the hidden state into the head
+        kv_cache = seq * KV_HEADS * HEAD_DIM * BF16
+        per_layer = HIDDEN * BF16 + 4 + (seq + 1) * BF16 + 2 * kv_cache
+        assert per_token[seq, False]["h2d"] == 4 + layers * per_layer + HIDDEN * BF16
+    assert per_token[64, False]["h2d"] > 2.5 * per_token[SEQ, False]["h2d"]
+    assert per_token[64, True]["d2h"] == per_token[SEQ, True]["d2h"]  # the head's answer, whatever the size

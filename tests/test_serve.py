@@ -16,6 +16,7 @@ from fastapi.testclient import TestClient
 from openai import OpenAI, RateLimitError
 
 from runtime.chat_format import Message, chatml_ids
+from runtime.engine import Engine
 from runtime.serve import ChatService, create_app
 from runtime.tokenizer import load_tokenizer
 
@@ -320,7 +321,7 @@ class _FailingDecode:
 def test_a_model_that_fails_mid_answer_ends_the_stream_with_an_error(tiny_onnx):
     """A stream has said 200 before the model fails: it ends with an error event, not cut off."""
     service = ChatService(tiny_onnx, "tiny")
-    service.backend = _FailingDecode(service.backend)
+    service.engine = Engine(_FailingDecode(service.backend))
     with TestClient(create_app(service), raise_server_exceptions=False) as client:
         streamed = client.post(V1, json={"messages": HI, "max_tokens": 8, "stream": True})
         last = json.loads(_events(streamed)[-1])

@@ -1,0 +1,177 @@
+"""What crosses between the host and the device per generated token and per prefill, before (the
+copy path: every net's inputs in from host arrays, outputs out) and after (the state kept on the
+device: runtime/device_walk.py), on the BM1684X simulator, greedy and sampling; with simulator time
+per token and, from the bytes, an estimate of tokens/s on a BM1684X.
+
+    .venv/bin/python benchmarks/device_traffic.py [--models tiny-qwen2 shape-qwen-7b] [--seqs 512 2048]
+        [--mode int4] [--layers 2] [--prompt 16] [--tokens 4] [--build-dir DIR]
+Prints Markdown tables and writes them to benchmarks/results/device_traffic.md.
+
+The simulator's copies are host memcpy, so its time does not show what a board pays for the
+bytes: the bytes do. The full-width models are built with --layers layers; the copy path's
+per-layer part is scaled to the real model's layer count from the nets' shapes (each layer's
+block_cache inputs and outputs), and checked against the measured figure at the built depth.
+"""
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks.common import ROOT, publish  # noqa: E402
+
+DOIT = Path(sys.executable).parent / "doit"
+REAL_LAYERS = {"shape-qwen-7b": 32, "shape-qwen-14b": 40}
+# Bandwidths for the estimate. PCIe card (SC7 series): PCIe 3.0 x16, 15.75 GB/s per direction
+# (PCI-SIG's 8 GT/s x 16 lanes, 128b/130b); about 12 GB/s is what bulk DMA reaches. SoC (SE7):
+# host and device share the LPDDR4X; bm_memcpy_s2d is a DMA copy inside that memory, taken at
+# 4 GB/s here (a conservative share of the chip's memory bandwidth while the TPU runs).
+BANDWIDTH = {"PCIe card": 12e9, "SoC": 4e9}
+# sophon-demo sample/Qwen, SE7-32, one chip (FACTS.md section 8): decode tokens/s, with the state on the device
+PUBLISHED = {("qwen-7b", "int4", 512): 9.84, ("qwen-7b", "int4", 2048): 7.25}
+
+
+def build(build_dir: Path, model: str, seq: int, mode: str, layers: int | None) -> Path:
+    variables = [f"model={model}", f"seq={seq}", f"mode={mode}", f"build_dir={build_dir}",
+                 f"dist_dir={build_dir / 'dist'}"] + ([f"layers={layers}"] if layers else [])
+    subprocess.run([str(DOIT), "combine", *variables], cwd=ROOT, check=True, capture_output=True)
+    name = f"{model}-{layers}l" if layers else model
+    return build_dir / "dist" / f"{name}_{mode}_seq{seq}_1dev.bmodel"
+
+
+def measure(bmodel: Path, resident: bool, prompt: list[int], tokens: int, sampling: bool) -> dict:
+    from runtime.engine import Engine
+    from runtime.isolated_backend import IsolatedBmodelBackend
+    from runtime.sampling import Sampler, SamplingParams
+
+    params = SamplingParams(0.8, 40, 0.9, 1.1, seed=0) if sampling else SamplingParams()
+    sampler = Sampler(params)
+    with IsolatedBmodelBackend(bmodel, resident=resident) as backend:
+        engine, layers = Engine(backend), backend.info["num_layers"]
+        start = time.perf_counter()
+        engine.prefill(prompt)
+        out = [engine.next_token(sampler, prompt)]
+        prefill_seconds, start = time.perf_counter() - start, time.perf_counter()
+        for _ in range(tokens):
+            engine.decode(out[-1])
+            out.append(engine.next_token(sampler, prompt + out))
+        seconds = (time.perf_counter() - start) / tokens
+        nets = backend.nets
+    return {"prefill": engine.prefill_traffic, "token": engine.decode_traffic.per(engine.decoded),
+            "prefill_seconds": prefill_seconds, "token_seconds": seconds, "layers": layers,
+            "layer_bytes": _copy_path_layer_bytes(nets)}
+
+
+def _copy_path_layer_bytes(nets: dict) -> tuple[int, int]:
+    """(in, out) bytes of one block_cache net's inputs and outputs: what the copy path moves per layer."""
+    import numpy as np
+
+    from runtime.bmrt import DTYPES
+
+    spec = nets["block_cache_0"]
+    sizes = [[int(np.prod(t["shape"])) * np.dtype(DTYPES[d][1]).itemsize for t, d in zip(spec[side], spec["_dtypes"][k])]
+             for k, side in enumerate(("inputs", "outputs"))]
+    return sum(sizes[0]), sum(sizes[1])
+
+
+def size(n: float) -> str:
+    from runtime.traffic import size as text
+
+    return text(n)
+
+
+def scaled(result: dict, real_layers: int) -> dict:
+    """Per-token figures at the real depth: the copy path's per-layer bytes and launches times the
+    layers added; the device path's bytes do not depend on depth, its launches do."""
+    extra = real_layers - result["layers"]
+    token = dict(result["token"])
+    token["launches"] += extra
+    if result["copy"]:
+        layer_in, layer_out = result["layer_bytes"]
+        token["h2d"] += extra * layer_in
+        token["d2h"] += extra * layer_out
+        token["syncs"] += extra
+    return token
+
+
+def estimate(token: dict, published: float | None, bandwidth: float) -> str:
+    """Tokens/s on a board: the published time per token (its runtime keeps the state on the
+    device) plus the time the bytes take at `bandwidth`."""
+    if not published:
+        return "-"
+    seconds = 1 / published + (token["h2d"] + token["d2h"]) / bandwidth
+    return f"{1 / seconds:.2f}"
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=["tiny-qwen2", "shape-qwen-7b"])
+    parser.add_argument("--seqs", nargs="+", type=int, default=[512, 2048])
+    parser.add_argument("--mode", default="int4")
+    parser.add_argument("--layers", type=int, default=2, help="layers of the full-width models")
+    parser.add_argument("--prompt", type=int, default=16)
+    parser.add_argument("--tokens", type=int, default=4)
+    parser.add_argument("--build-dir", type=Path)
+    args = parser.parse_args()
+    build_root = args.build_dir or Path(tempfile.mkdtemp(prefix="traffic-bench-"))
+    prompt = list(range(10, 10 + args.prompt))
+    rows = []
+    for model in args.models:
+        layers = args.layers if model in REAL_LAYERS else None
+        for seq in args.seqs:
+            bmodel = build(build_root, model, seq, args.mode, layers)
+            for copy in (True, False):
+                for sampling in (False, True):
+                    result = measure(bmodel, not copy, prompt, args.tokens, sampling)
+                    result.update(model=model, seq=seq, copy=copy, sampling=sampling)
+                    rows.append(result)
+                    print(model, seq, "copy" if copy else "device", "sampling" if sampling else "greedy",
+                          result["token"], file=sys.stderr)
+    publish(report(rows, args), "device_traffic.md")
+
+
+def report(rows: list[dict], args) -> str:
+    lines = [f"Mode {args.mode}, a {args.prompt}-token prompt then {args.tokens} generated tokens, on the BM1684X "
+             f"simulator; {os.cpu_count()} cores, {time.strftime('%Y-%m-%d')}. Full-width models built with "
+             f"{args.layers} layers. Greedy: the greedy head (or the logits, on the copy path); sampling: "
+             "temperature 0.8, top-k 40, top-p 0.9, repetition penalty 1.1 (the sample head on the device path).",
+             "", "Per generated token, as measured (the built depth):", "",
+             "| model | seq | path | choice | h2d | d2h | d2d | launches | syncs | simulator s/token |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        t = r["token"]
+        lines.append(f"| {r['model']} | {r['seq']} | {'copy' if r['copy'] else 'device'} | "
+                     f"{'sampling' if r['sampling'] else 'greedy'} | {size(t['h2d'])} | {size(t['d2h'])} | "
+                     f"{size(t['d2d'])} | {t['launches']:.0f} | {t['syncs']:.0f} | {r['token_seconds']:.3f} |")
+    lines += ["", "Per prefill, as measured:", "", "| model | seq | path | choice | h2d | d2h | d2d | launches | syncs | "
+              "simulator s |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        p = r["prefill"]
+        lines.append(f"| {r['model']} | {r['seq']} | {'copy' if r['copy'] else 'device'} | "
+                     f"{'sampling' if r['sampling'] else 'greedy'} | {size(p.h2d)} | {size(p.d2h)} | {size(p.d2d)} | "
+                     f"{p.launches} | {p.syncs} | {r['prefill_seconds']:.1f} |")
+    full = [r for r in rows if r["model"] in REAL_LAYERS and not r["sampling"]]
+    if full:
+        lines += ["", "Greedy, per generated token at the real depth (the copy path's per-layer bytes scaled from "
+                  "the nets' shapes), and the decode speed this leaves a BM1684X: the published figure (whose "
+                  "runtime keeps the state on the device) plus the time of the bytes at "
+                  + ", ".join(f"{k} {v / 1e9:.0f} GB/s" for k, v in BANDWIDTH.items()) + ":", "",
+                  "| model | seq | path | layers | h2d | d2h | launches | published tokens/s | "
+                  + " | ".join(f"est. tokens/s, {k}" for k in BANDWIDTH) + " |",
+                  "|---|---|---|---|---|---|---|---|" + "---|" * len(BANDWIDTH)]
+        for r in full:
+            real = REAL_LAYERS[r["model"]]
+            token = scaled(r, real)
+            published = PUBLISHED.get((r["model"].removeprefix("shape-"), args.mode, r["seq"]))
+            lines.append(f"| {r['model']} | {r['seq']} | {'copy' if r['copy'] else 'device'} | {real} | "
+                         f"{size(token['h2d'])} | {size(token['d2h'])} | {token['launches']:.0f} | "
+                         f"{published or '-'} | " + " | ".join(estimate(token, published, bw) for bw in BANDWIDTH.values())
+                         + " |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,229 @@
+"""The walk over an LLM bmodel's nets with the state kept on the device, the way the device wants
+it (FACTS.md section 6; Sophgo's LLM-TPU runtime does the same in C++):
+  - layer i's K/V cache is `block_cache_i`'s own io_alone input memory (`history_k`, `history_v`);
+    prefill writes all of it in place (block_i's K/V outputs point at it), decode writes the new
+    token's K/V in place (the outputs point at its slot);
+  - hidden states go from net to net in device memory; only the last prompt row goes to the head;
+  - per step only the token, the position and the mask go in, written once and shared by every
+    layer; one wait for the device per step, when the head's answer is read.
+Per generated token that is 4 + 4 + 2*(SEQ+1) bytes in and the head's answer out, whatever the
+layer count and the K/V size. Every byte is counted by the runtime (bmrt.Runtime.traffic)."""
+import functools
+import warnings
+
+import numpy as np
+
+from .bmrt import DTYPES, Runtime, from_device_type, to_device_type
+from .native_output import output_to
+from .engine import decode_mask, pad_ids, penalty_window, prefill_mask
+from .toolchain_process import ToolchainError
+
+
+def _bytes(spec: dict, dtype: int) -> int:
+    return int(np.prod(spec["shape"])) * np.dtype(DTYPES[dtype][1]).itemsize
+
+
+class SlowCacheWarning(UserWarning):
+    pass
+
+
+def _quiet(method):
+    """The simulator prints at every launch: into the runtime's log, not into the chat's text."""
+    @functools.wraps(method)
+    def wrapper(self, *args):
+        with output_to(self.rt.log):
+            return method(self, *args)
+    return wrapper
+
+
+class DeviceWalk:
+    """prefill(ids) / decode(token, pos) over one loaded LLM bmodel; the head's answer stays on the
+    device until logits() or token() reads it."""
+
+    def __init__(self, runtime: Runtime, info: dict):
+        self.rt, self.info, self.own = runtime, info, []
+        self.seq, self.layers = info["seq"], info["num_layers"]
+        nets = runtime.nets
+        self.kv_bytes = self._size("block_cache_0", 1, output=True)  # one token's K (or V) of one layer
+        self.row_bytes = self._size("block_cache_0", 0, output=True)  # one token's hidden state
+        self.copied = [i for i in range(self.layers) if not nets[f"block_cache_{i}"]["io_alone"]]
+        self.cache = [self._cache(i) for i in range(self.layers)]
+        if self.copied:
+            warnings.warn(f"{info['bmodel']}: its block_cache nets were not compiled with --addr_mode io_alone, so "
+                          "their inputs do not keep the K/V cache between launches: every token copies each "
+                          "layer's whole cache into its net on the device (slower; rebuild with this project to "
+                          "avoid it)", SlowCacheWarning, stacklevel=3)
+        hidden = self._size("block_0", 0, output=True)
+        self.hidden = [self._alloc(hidden, self._device("block_0", 0)) for _ in range(2)]  # ping-pong
+        self.positions = self._alloc(self._size("block_0", 1), self._device("block_0", 1))
+        self.mask = (self._alloc(self._size("block_0", 2), self._device("block_0", 2))
+                     if len(nets["block_0"]["inputs"]) > 2 else None)
+        # decode's position and mask: written once per step, read by every layer
+        first = runtime.mems["block_cache_0"][0]
+        self.step_inputs = (first[1], first[2]) if nets["block_cache_0"]["io_alone"] else (
+            self._alloc(self._size("block_cache_0", 1)), self._alloc(self._size("block_cache_0", 2)))
+        self.head_input, self.sample_params = None, None
+        # the head's answer goes to memory of our own: in the neuron memory the nets share, the
+        # next net (a greedy or sample head reading it) could overwrite it
+        self.logits_mem = self._alloc(self._size("lm_head", 0, output=True), self._device("lm_head", 0, True))
+        # the sample head's inputs (the token window, the parameters) stay on the device between steps
+        self.sample_inputs = self._kept_inputs("sample_head") if info.get("sample_head") else None
+
+    def _kept_inputs(self, net: str) -> list:
+        """Memory for a net's inputs that keeps its content between launches: the net's own where
+        it was compiled io_alone, else memory of our own."""
+        if self.rt.nets[net]["io_alone"]:
+            return self.rt.mems[net][0]
+        return [self._alloc(self._size(net, i), self._device(net, i)) for i in range(len(self.rt.nets[net]["inputs"]))]
+
+    def _alloc(self, nbytes: int, device: int = 0):
+        mem = self.rt.alloc(nbytes, device)
+        self.own.append((mem, device))
+        return mem
+
+    def close(self) -> None:
+        """Frees what this walk allocated; the nets' own memory goes with the runtime."""
+        for mem, device in self.own:
+            self.rt.free(mem, device)
+        self.own = []
+
+    def _size(self, net: str, index: int, output: bool = False) -> int:
+        spec = self.rt.nets[net]
+        return _bytes(spec["outputs" if output else "inputs"][index], spec["_dtypes"][1 if output else 0][index])
+
+    def _device(self, net: str, index: int, output: bool = False) -> int:
+        return self.rt.nets[net]["outputs" if output else "inputs"][index]["device"]
+
+    def _cache(self, layer: int):
+        """(history_k, history_v, device) of a layer: the net's own input memory where it keeps it."""
+        net = f"block_cache_{layer}"
+        size, device = self._size(net, 3), self._device(net, 3)
+        if layer in self.copied:
+            k, v = self._alloc(size, device), self._alloc(size, device)
+        else:
+            k, v = self.rt.mems[net][0][3], self.rt.mems[net][0][4]
+        for mem in (k, v):  # unwritten slots are masked, but 0 x NaN would still be NaN
+            self.rt.zero(mem, device)
+        return k, v, device, size
+
+    def _dtype(self, net: str, index: int) -> int:
+        return self.rt.nets[net]["_dtypes"][0][index]
+
+    @_quiet
+    def prefill(self, ids: list[int]) -> None:
+        rt, n = self.rt, len(ids)
+        embed_in = rt.mems["embedding"][0][0]
+        rt.h2d(embed_in, pad_ids(ids, self.seq), self._device("embedding", 0), "input_ids")
+        rt.launch("embedding", [rt.tensor("embedding", 0, False, embed_in)],
+                  [rt.tensor("embedding", 0, True, self.hidden[0])])
+        rt.h2d(self.positions, np.arange(self.seq, dtype=np.int32)[None], self._device("block_0", 1), "position_ids")
+        if self.mask is not None:
+            rt.h2d(self.mask, to_device_type(prefill_mask(n, self.seq), self._dtype("block_0", 2)),
+                   self._device("block_0", 2), "attention_mask")
+        for i in range(self.layers):
+            net = f"block_{i}"
+            inputs = [rt.tensor(net, 0, False, self.hidden[i % 2]), rt.tensor(net, 1, False, self.positions)]
+            if self.mask is not None:
+                inputs.append(rt.tensor(net, 2, False, self.mask))
+            k, v, _, _ = self.cache[i]  # block_i's K/V of all SEQ rows land in the cache itself
+            rt.launch(net, inputs, [rt.tensor(net, 0, True, self.hidden[(i + 1) % 2]),
+                                    rt.tensor(net, 1, True, k), rt.tensor(net, 2, True, v)])
+        last = self.hidden[self.layers % 2]
+        self._head(rt.at(last, (n - 1) * self.row_bytes, self.row_bytes))
+        if self.sample_inputs:  # the repetition penalty's window: the prompt, then one token per step
+            rt.h2d(self.sample_inputs[1], penalty_window(ids, self.seq), self._device("sample_head", 1), "input_ids")
+
+    @_quiet
+    def decode(self, token: int, pos: int) -> None:
+        rt, first = self.rt, "block_cache_0"
+        embed_in = rt.mems["embedding_cache"][0][0]
+        hidden = rt.mems[first][0][0]  # embedding_cache writes straight into block_cache_0's input
+        rt.h2d(embed_in, np.array([[token]], np.int32), self._device("embedding_cache", 0), "input_ids")
+        if self.sample_inputs:
+            rt.h2d(rt.at(self.sample_inputs[1], pos * 4, 4), np.array([token], np.int32),
+                   self._device("sample_head", 1), "the penalty window's new token")
+        rt.launch("embedding_cache", [rt.tensor("embedding_cache", 0, False, embed_in)],
+                  [rt.tensor("embedding_cache", 0, True, hidden)])
+        position, mask = self.step_inputs
+        rt.h2d(position, np.array([[pos]], np.int32), self._device(first, 1), "position_ids")
+        rt.h2d(mask, to_device_type(decode_mask(pos, self.seq), self._dtype(first, 2)), self._device(first, 2),
+               "attention_mask")
+        for i in range(self.layers):
+            net = f"block_cache_{i}"
+            k, v, device, size = self.cache[i]
+            inputs, outputs = rt.mems[net]
+            if i in self.copied:  # the net reads its history where the compiler put it, among shared memory
+                rt.d2d(inputs[3], 0, k, 0, size, device)
+                rt.d2d(inputs[4], 0, v, 0, size, device)
+                k_in, v_in = inputs[3], inputs[4]
+            else:
+                k_in, v_in = k, v
+            rt.launch(net, [rt.tensor(net, 0, False, hidden), rt.tensor(net, 1, False, position),
+                            rt.tensor(net, 2, False, mask), rt.tensor(net, 3, False, k_in),
+                            rt.tensor(net, 4, False, v_in)],
+                      [rt.tensor(net, 0, True, outputs[0]),
+                       rt.tensor(net, 1, True, rt.at(k, pos * self.kv_bytes, self.kv_bytes)),
+                       rt.tensor(net, 2, True, rt.at(v, pos * self.kv_bytes, self.kv_bytes))])
+            hidden = outputs[0]
+        self._head(hidden)
+
+    def _head(self, hidden) -> None:
+        rt = self.rt
+        rt.launch("lm_head", [rt.tensor("lm_head", 0, False, hidden)], [rt.tensor("lm_head", 0, True, self.logits_mem)])
+        self.head_input = hidden
+
+    @property
+    def traffic(self):
+        return self.rt.traffic
+
+    def _read_head(self) -> np.ndarray:
+        if self.head_input is None:
+            raise ToolchainError("nothing to read: prefill first")
+        rt, spec = self.rt, self.rt.nets["lm_head"]
+        rt.sync()  # the step's one wait: every net of it was queued without one
+        dtype = spec["_dtypes"][1][0]
+        out = np.zeros(spec["outputs"][0]["shape"], DTYPES[dtype][1])
+        return from_device_type(rt.d2h(self.logits_mem, out, self._device("lm_head", 0, True), "logits"), dtype)
+
+    @_quiet
+    def logits(self) -> np.ndarray:
+        """The last step's logits [V] (float32), or a one-hot of the token a token head chose."""
+        from .bmodel_backend import token_as_logits
+
+        values = self._read_head()
+        return token_as_logits(values)[0] if self.info["head"] == "token" else values[0]
+
+    @_quiet
+    def token(self) -> int | None:
+        """The greedy token chosen on the device (a token head, or a greedy head), else None."""
+        if self.info["head"] == "token":
+            return int(self._read_head().ravel()[0])
+        if not self.info.get("greedy_head"):
+            return None
+        rt, out = self.rt, self.rt.mems["greedy_head"][1][0]
+        rt.launch("greedy_head", [rt.tensor("greedy_head", 0, False, self.logits_mem)],
+                  [rt.tensor("greedy_head", 0, True, out)])
+        rt.sync()
+        return int(rt.d2h(out, np.zeros(1, np.int32), self._device("greedy_head", 0, True), "token")[0])
+
+    @_quiet
+    def candidates(self, penalty: float, temperature: float, top_k: int, top_p: float):
+        """The sample head's candidates: (probabilities, token ids), all of its outputs (top-k keeps
+        ties, so there can be more than top_k). The parameters are written when they change; the
+        token window is already there."""
+        rt, net, inputs = self.rt, "sample_head", self.sample_inputs
+        params = (penalty, temperature, top_k, top_p)
+        if params != self.sample_params:
+            for index, value, dtype in ((2, penalty, np.float32), (3, temperature, np.float32), (4, top_k, np.int32),
+                                        (5, top_p, np.float32)):
+                rt.h2d(inputs[index], np.array([value], dtype), self._device(net, index), "sampling parameters")
+            self.sample_params = params
+        outputs = rt.mems[net][1]
+        rt.launch(net, [rt.tensor(net, 0, False, self.logits_mem),
+                        *(rt.tensor(net, i, False, inputs[i]) for i in range(1, 6))],
+                  [rt.tensor(net, 0, True, outputs[0]), rt.tensor(net, 1, True, outputs[1])])
+        rt.sync()
+        width = rt.nets[net]["outputs"][0]["shape"][-1]
+        probs = rt.d2h(outputs[0], np.zeros(width, np.float32), self._device(net, 0, True), "probabilities")
+        ids = rt.d2h(outputs[1], np.zeros(width, np.int32), self._device(net, 1, True), "token ids")
+        return probs, ids
