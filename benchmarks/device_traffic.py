@@ -4,13 +4,15 @@ device: runtime/device_walk.py), on the BM1684X simulator, greedy and sampling; 
 per token and, from the bytes, an estimate of tokens/s on a BM1684X.
 
     .venv/bin/python benchmarks/device_traffic.py [--models tiny-qwen2 shape-qwen-7b] [--seqs 512 2048]
-        [--mode int4] [--layers 2] [--prompt 16] [--tokens 4] [--build-dir DIR]
+        [--mode int4] [--layers 2] [--prompt 16] [--tokens 4] [--build-dir DIR] [--project qwen-7b ...]
 Prints Markdown tables and writes them to benchmarks/results/device_traffic.md.
 
 The simulator's copies are host memcpy, so its time does not show what a board pays for the
 bytes: the bytes do. The full-width models are built with --layers layers; the copy path's
 per-layer part is scaled to the real model's layer count from the nets' shapes (each layer's
-block_cache inputs and outputs), and checked against the measured figure at the built depth.
+block_cache inputs and outputs). `--project` adds the figures of whole models at `--project-seqs`
+from their configs (per_token_bytes), a formula first checked, in the same run, against every
+measured row.
 """
 import argparse
 import os
@@ -25,13 +27,15 @@ from benchmarks.common import ROOT, publish  # noqa: E402
 
 DOIT = Path(sys.executable).parent / "doit"
 REAL_LAYERS = {"shape-qwen-7b": 32, "shape-qwen-14b": 40}
-# Bandwidths for the estimate. PCIe card (SC7 series): PCIe 3.0 x16, 15.75 GB/s per direction
-# (PCI-SIG's 8 GT/s x 16 lanes, 128b/130b); about 12 GB/s is what bulk DMA reaches. SoC (SE7):
-# host and device share the LPDDR4X; bm_memcpy_s2d is a DMA copy inside that memory, taken at
-# 4 GB/s here (a conservative share of the chip's memory bandwidth while the TPU runs).
+# Bandwidths for the estimate, assumptions with their basis (no board here to measure them):
+# PCIe card (SC7 series, PCIe 3.0 x16): 15.75 GB/s per direction is the link's raw rate (PCI-SIG:
+# 8 GT/s x 16 lanes, 128b/130b coding); 12 GB/s (about 75% of it) is taken for bulk DMA. SoC (SE7):
+# host and device share one LPDDR4X memory and bm_memcpy_s2d is a DMA copy within it, taken at
+# 4 GB/s (a conservative share of the memory's bandwidth while the TPU also reads weights from it).
 BANDWIDTH = {"PCIe card": 12e9, "SoC": 4e9}
 # sophon-demo sample/Qwen, SE7-32, one chip (FACTS.md section 8): decode tokens/s, with the state on the device
-PUBLISHED = {("qwen-7b", "int4", 512): 9.84, ("qwen-7b", "int4", 2048): 7.25}
+PUBLISHED = {("qwen-7b", "int4", 512): 9.84, ("qwen-7b", "int4", 2048): 7.25,
+             ("qwen2.5-7b", "int4", 512): 10.26, ("qwen2.5-7b", "int4", 2048): 9.75}
 
 
 def build(build_dir: Path, model: str, seq: int, mode: str, layers: int | None) -> Path:
@@ -97,6 +101,26 @@ def scaled(result: dict, real_layers: int) -> dict:
     return token
 
 
+def per_token_bytes(layers: int, hidden: int, kv_heads: int, head_dim: int, vocab: int, seq: int,
+                    copy: bool, sampling: bool) -> tuple[int, int]:
+    """(host->device, device->host) bytes of one decode step, from the net interface's shapes
+    (bf16 activations and K/V, int32 ids, float32 logits; the heads of our bmodels)."""
+    a, kv = 2, kv_heads * head_dim * 2
+    if copy:  # the token; per layer the hidden state, position, mask, both caches; the head's input
+        h2d = 4 + layers * (hidden * a + 4 + (seq + 1) * a + 2 * seq * kv) + hidden * a
+        d2h = hidden * a + layers * (hidden * a + 2 * kv) + vocab * 4  # every output; the logits
+        return h2d, d2h
+    return 4 + 4 + 4 + (seq + 1) * a, (51 * 8 if sampling else 4)  # token (x2), position, mask; the choice
+
+
+def _dims(model: str, layers: int | None) -> dict:
+    from pipeline.model_config import load_model_config
+
+    arch = load_model_config(model).architecture
+    return {"layers": layers or arch.num_layers, "hidden": arch.hidden_size, "kv_heads": arch.num_kv_heads,
+            "head_dim": arch.head_dim or arch.hidden_size // arch.num_heads, "vocab": arch.vocab_size}
+
+
 def estimate(token: dict, published: float | None, bandwidth: float) -> str:
     """Tokens/s on a board: the published time per token (its runtime keeps the state on the
     device) plus the time the bytes take at `bandwidth`."""
@@ -108,19 +132,24 @@ def estimate(token: dict, published: float | None, bandwidth: float) -> str:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", default=["tiny-qwen2", "shape-qwen-7b"])
+    parser.add_argument("--models", nargs="+", default=["tiny-qwen2", "tiny-qwen2:4", "shape-qwen-7b"],
+                        help="model names, or name:layers")
     parser.add_argument("--seqs", nargs="+", type=int, default=[512, 2048])
     parser.add_argument("--mode", default="int4")
     parser.add_argument("--layers", type=int, default=2, help="layers of the full-width models")
     parser.add_argument("--prompt", type=int, default=16)
     parser.add_argument("--tokens", type=int, default=4)
     parser.add_argument("--build-dir", type=Path)
+    parser.add_argument("--project", nargs="*", default=["qwen-7b", "qwen2.5-7b"],
+                        help="whole models whose per-token bytes are computed from their configs")
+    parser.add_argument("--project-seqs", nargs="+", type=int, default=[512, 2048])
     args = parser.parse_args()
     build_root = args.build_dir or Path(tempfile.mkdtemp(prefix="traffic-bench-"))
     prompt = list(range(10, 10 + args.prompt))
     rows = []
-    for model in args.models:
-        layers = args.layers if model in REAL_LAYERS else None
+    for spec in args.models:  # a name, or name:layers
+        model, _, depth = spec.partition(":")
+        layers = int(depth) if depth else args.layers if model in REAL_LAYERS else None
         for seq in args.seqs:
             bmodel = build(build_root, model, seq, args.mode, layers)
             for copy in (True, False):
@@ -134,23 +163,29 @@ def main():
 
 
 def report(rows: list[dict], args) -> str:
+    # the formula against every measured row, before it is used for the whole models
+    for r in rows:
+        dims = _dims(r["model"], r["layers"])
+        r["formula"] = per_token_bytes(**dims, seq=r["seq"], copy=r["copy"], sampling=r["sampling"]) == \
+            (r["token"]["h2d"], r["token"]["d2h"])
     lines = [f"Mode {args.mode}, a {args.prompt}-token prompt then {args.tokens} generated tokens, on the BM1684X "
              f"simulator; {os.cpu_count()} cores, {time.strftime('%Y-%m-%d')}. Full-width models built with "
              f"{args.layers} layers. Greedy: the greedy head (or the logits, on the copy path); sampling: "
              "temperature 0.8, top-k 40, top-p 0.9, repetition penalty 1.1 (the sample head on the device path).",
              "", "Per generated token, as measured (the built depth):", "",
-             "| model | seq | path | choice | h2d | d2h | d2d | launches | syncs | simulator s/token |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| model | seq | path | choice | h2d | d2h | d2d | launches | syncs | simulator s/token | "
+             "= per_token_bytes |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         t = r["token"]
-        lines.append(f"| {r['model']} | {r['seq']} | {'copy' if r['copy'] else 'device'} | "
+        lines.append(f"| {r['model']} ({r['layers']} layers) | {r['seq']} | {'copy' if r['copy'] else 'device'} | "
                      f"{'sampling' if r['sampling'] else 'greedy'} | {size(t['h2d'])} | {size(t['d2h'])} | "
-                     f"{size(t['d2d'])} | {t['launches']:.0f} | {t['syncs']:.0f} | {r['token_seconds']:.3f} |")
+                     f"{size(t['d2d'])} | {t['launches']:.0f} | {t['syncs']:.0f} | {r['token_seconds']:.3f} | "
+                     f"{'yes' if r['formula'] else '**no**'} |")
     lines += ["", "Per prefill, as measured:", "", "| model | seq | path | choice | h2d | d2h | d2d | launches | syncs | "
               "simulator s |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         p = r["prefill"]
-        lines.append(f"| {r['model']} | {r['seq']} | {'copy' if r['copy'] else 'device'} | "
+        lines.append(f"| {r['model']} ({r['layers']} layers) | {r['seq']} | {'copy' if r['copy'] else 'device'} | "
                      f"{'sampling' if r['sampling'] else 'greedy'} | {size(p.h2d)} | {size(p.d2h)} | {size(p.d2d)} | "
                      f"{p.launches} | {p.syncs} | {r['prefill_seconds']:.1f} |")
     full = [r for r in rows if r["model"] in REAL_LAYERS and not r["sampling"]]
@@ -170,7 +205,33 @@ def report(rows: list[dict], args) -> str:
                          f"{size(token['h2d'])} | {size(token['d2h'])} | {token['launches']:.0f} | "
                          f"{published or '-'} | " + " | ".join(estimate(token, published, bw) for bw in BANDWIDTH.values())
                          + " |")
+    if args.project and all(r["formula"] for r in rows):
+        lines += projection(args)
+    elif args.project:
+        lines += ["", "No projection: per_token_bytes does not match every measured row."]
     return "\n".join(lines) + "\n"
+
+
+def projection(args) -> list[str]:
+    """Whole models, greedy, per generated token from per_token_bytes (checked above), and the
+    decode speed that leaves a BM1684X where a published figure exists."""
+    lines = ["", "Whole models, greedy, per generated token from `per_token_bytes` (the formula that matched every "
+             "measured row above), and the decode speed this leaves a BM1684X: the published figure (sophon-demo, "
+             "SE7-32; its runtime keeps the state on the device) plus the time of the bytes at "
+             + ", ".join(f"{k} {v / 1e9:.0f} GB/s" for k, v in BANDWIDTH.items()) + ":", "",
+             "| model | seq | path | h2d | d2h | published tokens/s | "
+             + " | ".join(f"est. tokens/s, {k}" for k in BANDWIDTH) + " |",
+             "|---|---|---|---|---|---|" + "---|" * len(BANDWIDTH)]
+    for model in args.project:
+        for seq in args.project_seqs:
+            for copy in (True, False):
+                h2d, d2h = per_token_bytes(**_dims(model, None), seq=seq, copy=copy, sampling=False)
+                published = PUBLISHED.get((model, args.mode, seq))
+                token = {"h2d": h2d, "d2h": d2h}
+                lines.append(f"| {model} | {seq} | {'copy' if copy else 'device'} | {size(h2d)} | {size(d2h)} | "
+                             f"{published or '-'} | "
+                             + " | ".join(estimate(token, published, bw) for bw in BANDWIDTH.values()) + " |")
+    return lines
 
 
 if __name__ == "__main__":

@@ -56,6 +56,8 @@ class Simulator:
         """A whole bmodel runs as users run it: the BM runtime's C API, the state on the device
         (runtime/device_walk.py). One-piece bmodels run in the shared toolchain process."""
         if whole_model or self.devices > 1:
+            if whole_model:  # the pieces are done: a toolchain process that ran them would keep spinning
+                self._close_process()
             self._close_isolated()
             self.isolated = IsolatedBmodelBackend(bmodel, whole_model=whole_model)
             return self.isolated
@@ -68,11 +70,14 @@ class Simulator:
             self.isolated.close()
             self.isolated = None
 
-    def close(self) -> None:
-        self._close_isolated()
+    def _close_process(self) -> None:
         if self.process is not None:
             self.process.close()
             self.process = None
+
+    def close(self) -> None:
+        self._close_isolated()
+        self._close_process()
 
     def __enter__(self):
         return self

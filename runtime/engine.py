@@ -54,7 +54,8 @@ class HostWalk:
     """The nets run from host arrays, the K/V cache kept on the host: `run(net, feeds)` per net."""
 
     def __init__(self, backend):
-        self.backend, self.info = backend, backend.info
+        self.backend = backend
+        self.info = {**backend.info, "greedy_head": False, "sample_head": 0}  # the host chooses
         self.seq, self.layers = self.info["seq"], self.info["num_layers"]
         shape = (1, self.seq, self.info["kv_heads"], self.info["head_dim"])
         self.k = [np.zeros(shape, np.float32) for _ in range(self.layers)]

@@ -53,7 +53,8 @@ def _serve(conn, bmodel: str, devids: list[int], whole_model: bool, resident: bo
                 if method == "run":
                     value = backend.run(*args)
                 elif method == "walk":
-                    walk, value = backend.walk(), None
+                    walk = backend.walk()
+                    value = walk.info
                 else:
                     start = time.perf_counter()
                     value = getattr(walk, method)(*args)
@@ -132,8 +133,7 @@ class IsolatedBmodelBackend:
         return self.call("run", net, feeds)
 
     def walk(self) -> "RemoteWalk":
-        self.call("walk")
-        return RemoteWalk(self)
+        return RemoteWalk(self, self.call("walk"))
 
     def close(self) -> None:
         self._close()
@@ -148,8 +148,8 @@ class IsolatedBmodelBackend:
 class RemoteWalk:
     """The engine's walk over the nets, run in the child (runtime/device_walk.py there)."""
 
-    def __init__(self, backend: IsolatedBmodelBackend):
-        self.backend, self.info = backend, backend.info
+    def __init__(self, backend: IsolatedBmodelBackend, info: dict):
+        self.backend, self.info = backend, info
 
     @property
     def traffic(self) -> Traffic:

@@ -153,28 +153,45 @@ def test_the_server_reports_what_crossed_to_the_device(built):
     assert traffic["prefill"]["syncs"] == 1 and traffic["prefill"]["d2h"] == 4
 
 
-def test_llm_convert_bmodel_runs_in_our_runtime(built, tmp_path):
-    """A bmodel made by tpu-mlir's own llm_convert.py: its lm_head returns the token, not logits."""
+@pytest.mark.parametrize("options", [[], ["--do_sample"]], ids=["default", "do_sample"])
+def test_llm_convert_bmodel_runs_in_our_runtime(built, tmp_path, options):
+    """A bmodel made by tpu-mlir's own llm_convert.py: by default its lm_head returns the token, not
+    logits; with --do_sample it returns logits, and greedy_head / sample_head choose."""
     build_dir, onnx, _, ids = built
     if shutil.which("parallel") is None:
         pytest.fail("llm_convert.py needs GNU parallel (apt-get install parallel; .ci/run installs it)")
     toolchain = ensure_toolchain()
     checkpoint = build_dir / MODEL / "checkpoint"
     out = subprocess.run([str(toolchain.bin / "llm_convert.py"), "-m", str(checkpoint), "-s", "32", "-q", "bf16",
-                          "-c", "bm1684x", "-o", str(tmp_path / "out")], cwd=tmp_path, env=toolchain.env(),
+                          "-c", "bm1684x", "-o", str(tmp_path / "out"), *options], cwd=tmp_path, env=toolchain.env(),
                          capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     bmodel = next((tmp_path / "out").glob("*.bmodel"))
     backend = IsolatedBmodelBackend(bmodel)
-    assert backend.info["head"] == "token" and backend.info["seq"] == 32 and backend.info["num_layers"] == 2
+    sampling = bool(options)
+    assert backend.info["seq"] == 32 and backend.info["num_layers"] == 2
+    assert (backend.info["head"], backend.info["greedy_head"], backend.info["sample_head"]) == \
+        (("logits", True, 50) if sampling else ("token", False, 0))
     # teacher-forced along the ONNX pipeline's greedy path: the same choice wherever it is not a near-tie
     reference = Engine(OnnxBackend(onnx)).logits_along(ids, 16)
     tokens = [int(np.argmax(lg)) for lg in reference]
     margins = [float(np.diff(np.sort(lg)[-2:])[0]) for lg in reference]
     with backend:
-        chosen = [int(np.argmax(lg)) for lg in Engine(backend).logits_along(ids, 16, tokens)]
+        engine = Engine(backend)
+        chosen = [int(np.argmax(lg)) for lg in engine.logits_along(ids, 16, tokens)]
+        greedy = engine.greedy(ids, 4)  # the token chosen on the device, by lm_head or greedy_head
+        assert engine.decode_traffic.d2h == engine.decoded * 4
+        if sampling:  # their sample head (its top-p keeps at least 5): candidates, not logits, come back
+            sampler = Sampler(SamplingParams(0.8, 20, 0.9, 1.1, seed=1))
+            engine.prefill(ids)
+            drawn = [engine.next_token(sampler, ids)]
+            engine.decode(drawn[-1])
+            drawn.append(engine.next_token(sampler, ids + drawn))
+            assert all(0 <= t < VOCAB for t in drawn) and engine.decode_traffic.d2h == 50 * 8
     decisive = [k for k, m in enumerate(margins) if m >= TIE_MARGIN]
     assert len(decisive) >= 8 and all(chosen[k] == tokens[k] for k in decisive), (chosen, tokens, margins)
+    agreed = next((k for k in range(4) if k not in decisive), 4)  # free-running: the same up to a near-tie
+    assert greedy[:agreed] == tokens[:agreed], (greedy, tokens, margins)
 
 
 def test_a_bmodel_whose_cache_nets_are_not_io_alone_runs_through_copies_with_a_warning(built, tmp_path):
