@@ -12,7 +12,7 @@ from .conftest import onnx_verify_task, run_doit
 pytestmark = pytest.mark.fast
 MODEL = "tiny-qwen2"
 ONNX = [onnx_verify_task(MODEL)]
-N_PIECES = 7  # embedding, embedding_cache, 2 x (block, block_cache), lm_head
+N_PIECES = 9  # embedding, embedding_cache, 2 x (block, block_cache), lm_head, greedy_head, sample_head
 
 
 def test_rebuild_rules(tmp_path):
