@@ -129,8 +129,9 @@ def bmodel_info(path: Path, log: Path) -> dict:
             net = {"name": m[1], "inputs": [], "outputs": []}
             nets.append(net)
         elif net is not None and (m := re.match(
-                r"\s*(input|output):\s*(?:devid\((\d+)\)\s*)?([^,]+),\s*\[([\d,\s]*)\],\s*(\w+)", line)):
-            shape = [int(x) for x in m[4].replace(" ", "").split(",") if x]
+                r"\s*(input|output):\s*(?:devid\((\d+)\)\s*)?([^,]+),\s*\[([\w:,\s]*)\],\s*(\w+)", line)):
+            # a dynamic net lists its largest shape: "[max:1, max:512]"
+            shape = [int(x.split(":")[-1]) for x in m[4].replace(" ", "").split(",") if x]
             tensor = {"name": m[3], "shape": shape, "dtype": m[5]}
             if m[2] is not None:  # multi-device ("cascade") nets list each device's tensors
                 tensor["device"] = int(m[2])

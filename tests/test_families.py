@@ -6,7 +6,7 @@ import pytest
 
 from pipeline.export import OPSET
 from pipeline.model_config import load_model_config
-from pipeline.pieces import Dims, io_spec, model_pieces
+from pipeline.pieces import TOP_K_MAX, Dims, io_spec, model_pieces
 
 pytestmark = pytest.mark.fast
 MODELS = ("tiny-qwen-v1", "tiny-qwen2", "tiny-qwen3")
@@ -62,7 +62,8 @@ def test_onnx_pieces_follow_the_net_interface(tiny_builds, model):
         kv_new = (1, 1 if piece.kind == "block_cache" else dims.seq, dims.kv_heads, dims.head_dim)
         expected = {"embedding": [(1, dims.seq, dims.hidden)], "embedding_cache": [(1, 1, dims.hidden)],
                     "block": [(1, dims.seq, dims.hidden), kv_new, kv_new],
-                    "block_cache": [(1, 1, dims.hidden), kv_new, kv_new], "lm_head": [(1, dims.vocab)]}
+                    "block_cache": [(1, 1, dims.hidden), kv_new, kv_new], "lm_head": [(1, dims.vocab)],
+                    "greedy_head": [(1, 1)], "sample_head": [(1, TOP_K_MAX + 1)] * 2}
         assert out_shapes == expected[piece.kind], piece.name
 
 
