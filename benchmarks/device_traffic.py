@@ -190,21 +190,12 @@ def report(rows: list[dict], args) -> str:
                      f"{p.launches} | {p.syncs} | {r['prefill_seconds']:.1f} |")
     full = [r for r in rows if r["model"] in REAL_LAYERS and not r["sampling"]]
     if full:
-        lines += ["", "Greedy, per generated token at the real depth (the copy path's per-layer bytes scaled from "
-                  "the nets' shapes), and the decode speed this leaves a BM1684X: the published figure (whose "
-                  "runtime keeps the state on the device) plus the time of the bytes at "
-                  + ", ".join(f"{k} {v / 1e9:.0f} GB/s" for k, v in BANDWIDTH.items()) + ":", "",
-                  "| model | seq | path | layers | h2d | d2h | launches | published tokens/s | "
-                  + " | ".join(f"est. tokens/s, {k}" for k in BANDWIDTH) + " |",
-                  "|---|---|---|---|---|---|---|---|" + "---|" * len(BANDWIDTH)]
-        for r in full:
-            real = REAL_LAYERS[r["model"]]
-            token = scaled(r, real)
-            published = PUBLISHED.get((r["model"].removeprefix("shape-"), args.mode, r["seq"]))
-            lines.append(f"| {r['model']} | {r['seq']} | {'copy' if r['copy'] else 'device'} | {real} | "
-                         f"{size(token['h2d'])} | {size(token['d2h'])} | {token['launches']:.0f} | "
-                         f"{published or '-'} | " + " | ".join(estimate(token, published, bw) for bw in BANDWIDTH.values())
-                         + " |")
+        lines += speed_table("Greedy, per generated token at the real depth (the copy path's per-layer bytes scaled "
+                             "from the nets' shapes)", [
+                                 (r["model"], r["seq"], r["copy"], REAL_LAYERS[r["model"]],
+                                  scaled(r, REAL_LAYERS[r["model"]]),
+                                  PUBLISHED.get((r["model"].removeprefix("shape-"), args.mode, r["seq"])))
+                                 for r in full])
     if args.project and all(r["formula"] for r in rows):
         lines += projection(args)
     elif args.project:
@@ -213,24 +204,32 @@ def report(rows: list[dict], args) -> str:
 
 
 def projection(args) -> list[str]:
-    """Whole models, greedy, per generated token from per_token_bytes (checked above), and the
-    decode speed that leaves a BM1684X where a published figure exists."""
-    lines = ["", "Whole models, greedy, per generated token from `per_token_bytes` (the formula that matched every "
-             "measured row above), and the decode speed this leaves a BM1684X: the published figure (sophon-demo, "
-             "SE7-32; its runtime keeps the state on the device) plus the time of the bytes at "
-             + ", ".join(f"{k} {v / 1e9:.0f} GB/s" for k, v in BANDWIDTH.items()) + ":", "",
-             "| model | seq | path | h2d | d2h | published tokens/s | "
-             + " | ".join(f"est. tokens/s, {k}" for k in BANDWIDTH) + " |",
-             "|---|---|---|---|---|---|" + "---|" * len(BANDWIDTH)]
+    """Whole models, greedy, per generated token from per_token_bytes (checked above)."""
+    entries = []
     for model in args.project:
+        dims = _dims(model, None)
         for seq in args.project_seqs:
             for copy in (True, False):
-                h2d, d2h = per_token_bytes(**_dims(model, None), seq=seq, copy=copy, sampling=False)
-                published = PUBLISHED.get((model, args.mode, seq))
-                token = {"h2d": h2d, "d2h": d2h}
-                lines.append(f"| {model} | {seq} | {'copy' if copy else 'device'} | {size(h2d)} | {size(d2h)} | "
-                             f"{published or '-'} | "
-                             + " | ".join(estimate(token, published, bw) for bw in BANDWIDTH.values()) + " |")
+                h2d, d2h = per_token_bytes(**dims, seq=seq, copy=copy, sampling=False)
+                entries.append((model, seq, copy, dims["layers"], {"h2d": h2d, "d2h": d2h},
+                                PUBLISHED.get((model, args.mode, seq))))
+    return speed_table("Whole models, greedy, per generated token from `per_token_bytes` (the formula that matched "
+                       "every measured row above)", entries)
+
+
+def speed_table(what: str, entries: list[tuple]) -> list[str]:
+    """(model, seq, copy path?, layers, per-token bytes, published tokens/s) rows, with the decode
+    speed they leave a BM1684X where a published figure exists."""
+    lines = ["", f"{what}, and the decode speed this leaves a BM1684X: the published figure (sophon-demo, SE7-32; "
+             "its runtime keeps the state on the device) plus the time of the bytes at "
+             + ", ".join(f"{k} {v / 1e9:.0f} GB/s" for k, v in BANDWIDTH.items()) + ":", "",
+             "| model | seq | path | layers | h2d | d2h | published tokens/s | "
+             + " | ".join(f"est. tokens/s, {k}" for k in BANDWIDTH) + " |",
+             "|---|---|---|---|---|---|---|" + "---|" * len(BANDWIDTH)]
+    for model, seq, copy, layers, token, published in entries:
+        lines.append(f"| {model} | {seq} | {'copy' if copy else 'device'} | {layers} | {size(token['h2d'])} | "
+                     f"{size(token['d2h'])} | {published or '-'} | "
+                     + " | ".join(estimate(token, published, bw) for bw in BANDWIDTH.values()) + " |")
     return lines
 
 

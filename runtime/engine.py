@@ -108,17 +108,18 @@ class Engine:
         # what the device was asked for, per phase (None where the backend has no device)
         self.prefill_traffic, self.decode_traffic, self.decoded = Traffic(), Traffic(), 0
 
-    def _counted(self, step, *args) -> Traffic:
+    def _counted(self, step, *args) -> tuple:
+        """step(*args), and what it made cross between host and device."""
         before = self.walk.traffic.copy() if self.walk.traffic is not None else None
-        step(*args)
-        return self.walk.traffic - before if before is not None else Traffic()
+        result = step(*args)
+        return result, (self.walk.traffic - before if before is not None else Traffic())
 
     def prefill(self, ids: list[int]) -> None:
         """Run the prompt from position 0; the next token is then read with logits() or next_token()."""
         n = len(ids)
         if not 0 < n < self.seq:
             raise PromptTooLong(f"prompt of {n} tokens does not fit seq_length {self.seq} (at most {self.seq - 1})")
-        self.prefill_traffic = self._counted(self.walk.prefill, ids)
+        _, self.prefill_traffic = self._counted(self.walk.prefill, ids)
         self.decode_traffic, self.decoded = Traffic(), 0
         self.length = n
 
@@ -127,7 +128,7 @@ class Engine:
         pos = self.length
         if pos >= self.seq:
             raise PromptTooLong(f"the KV cache is full ({self.seq} tokens)")
-        self.decode_traffic += self._counted(self.walk.decode, token, pos)
+        self.decode_traffic += self._counted(self.walk.decode, token, pos)[1]
         self.decoded += 1
         self.length = pos + 1
 
@@ -138,8 +139,14 @@ class Engine:
     def next_token(self, sampler, seen: list[int]) -> int:
         """The next token: chosen on the device where the bmodel can, else by `sampler` on the host.
         Its reads count towards the step just run."""
-        phase = "decode_traffic" if self.decoded else "prefill_traffic"
-        before = self.walk.traffic.copy() if self.walk.traffic is not None else None
+        token, traffic = self._counted(self._choose, sampler, seen)
+        if self.decoded:
+            self.decode_traffic += traffic
+        else:
+            self.prefill_traffic += traffic
+        return token
+
+    def _choose(self, sampler, seen: list[int]) -> int:
         p, token = sampler.params, None
         if sampler.greedy:
             token = self.walk.token()
@@ -149,8 +156,6 @@ class Engine:
                 token = sampler.draw(probs, ids)
         if token is None:
             token = sampler(self.walk.logits(), seen)
-        if before is not None:
-            setattr(self, phase, getattr(self, phase) + (self.walk.traffic - before))
         return token
 
     def greedy(self, ids: list[int], new_tokens: int, stops=()) -> list[int]:
