@@ -6,8 +6,9 @@ it (FACTS.md section 6; Sophgo's LLM-TPU runtime does the same in C++):
   - hidden states go from net to net in device memory; only the last prompt row goes to the head;
   - per step only the token, the position and the mask go in, written once and shared by every
     layer; one wait for the device per step, when the head's answer is read.
-Per generated token that is 4 + 4 + 2*(SEQ+1) bytes in and the head's answer out, whatever the
-layer count and the K/V size. Every byte is counted by the runtime (bmrt.Runtime.traffic)."""
+Per generated token that is 4 + 4 + 4 + 2*(SEQ+1) bytes in (the token, also into the sample head's
+window; the position; the bf16 mask) and the head's answer out, whatever the layer count and the
+K/V size. Every byte is counted by the runtime (bmrt.Runtime.traffic)."""
 import functools
 import warnings
 
@@ -59,22 +60,21 @@ class DeviceWalk:
         self.mask = (self._alloc(self._size("block_0", 2), self._device("block_0", 2))
                      if len(nets["block_0"]["inputs"]) > 2 else None)
         # decode's position and mask: written once per step, read by every layer
-        first = runtime.mems["block_cache_0"][0]
-        self.step_inputs = (first[1], first[2]) if nets["block_cache_0"]["io_alone"] else (
-            self._alloc(self._size("block_cache_0", 1)), self._alloc(self._size("block_cache_0", 2)))
-        self.head_input, self.sample_params = None, None
+        self.step_inputs = (self._kept_input("block_cache_0", 1), self._kept_input("block_cache_0", 2))
+        self.stepped, self.sample_params = False, None
         # the head's answer goes to memory of our own: in the neuron memory the nets share, the
         # next net (a greedy or sample head reading it) could overwrite it
         self.logits_mem = self._alloc(self._size("lm_head", 0, output=True), self._device("lm_head", 0, True))
         # the sample head's inputs (the token window, the parameters) stay on the device between steps
-        self.sample_inputs = self._kept_inputs("sample_head") if info.get("sample_head") else None
+        self.sample_inputs = ({i: self._kept_input("sample_head", i) for i in range(1, 6)}
+                              if info.get("sample_head") else None)
 
-    def _kept_inputs(self, net: str) -> list:
-        """Memory for a net's inputs that keeps its content between launches: the net's own where
+    def _kept_input(self, net: str, index: int):
+        """Memory for a net's input that keeps its content between launches: the net's own where
         it was compiled io_alone, else memory of our own."""
         if self.rt.nets[net]["io_alone"]:
-            return self.rt.mems[net][0]
-        return [self._alloc(self._size(net, i), self._device(net, i)) for i in range(len(self.rt.nets[net]["inputs"]))]
+            return self.rt.mems[net][0][index]
+        return self._alloc(self._size(net, index), self._device(net, index))
 
     def _alloc(self, nbytes: int, device: int = 0):
         mem = self.rt.alloc(nbytes, device)
@@ -95,7 +95,7 @@ class DeviceWalk:
         return self.rt.nets[net]["outputs" if output else "inputs"][index]["device"]
 
     def _cache(self, layer: int):
-        """(history_k, history_v, device) of a layer: the net's own input memory where it keeps it."""
+        """(history_k, history_v, device, bytes) of a layer: the net's own input memory where it keeps it."""
         net = f"block_cache_{layer}"
         size, device = self._size(net, 3), self._device(net, 3)
         if layer in self.copied:
@@ -170,14 +170,14 @@ class DeviceWalk:
     def _head(self, hidden) -> None:
         rt = self.rt
         rt.launch("lm_head", [rt.tensor("lm_head", 0, False, hidden)], [rt.tensor("lm_head", 0, True, self.logits_mem)])
-        self.head_input = hidden
+        self.stepped = True
 
     @property
     def traffic(self):
         return self.rt.traffic
 
     def _read_head(self) -> np.ndarray:
-        if self.head_input is None:
+        if not self.stepped:
             raise ToolchainError("nothing to read: prefill first")
         rt, spec = self.rt, self.rt.nets["lm_head"]
         rt.sync()  # the step's one wait: every net of it was queued without one

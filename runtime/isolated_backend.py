@@ -28,8 +28,6 @@ WALK_STEPS = ("prefill", "decode", "logits", "token", "candidates")
 def _serve(conn, bmodel: str, devids: list[int], whole_model: bool, resident: bool) -> None:
     """The child: opens the bmodel, then answers one request at a time until told to stop:
     ("run", (net, feeds)) on the copy path, ("walk", ()) to start the engine's walk, then its steps."""
-    import warnings
-
     from .bmodel_backend import BmodelBackend
 
     try:
