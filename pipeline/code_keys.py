@@ -1,6 +1,6 @@
 """The code a stage depends on, computed instead of listed by hand: the project's source files that
 the module of the stage's action imports, transitively (imports inside functions included), plus
-the sibling scripts a module names (e.g. runtime/toolchain_process.py runs toolchain_worker.py).
+the sibling scripts a module names (e.g. pipeline/toolchain/process.py runs worker.py).
 
 A hand-kept list goes stale the day someone adds an import; this cannot. The files are doit
 file_deps, so editing any of them reruns exactly the stages that load it.

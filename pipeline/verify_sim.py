@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime.bmodel_backend import ToolchainBmodelBackend
 from runtime.engine import Engine
 from runtime.isolated_backend import IsolatedBmodelBackend
 from runtime.onnx_backend import OnnxBackend
@@ -23,6 +22,7 @@ from .fsutil import atomic_path, read_json, write_json, write_text
 from .pieces import Dims
 from .progress import say
 from .toolchain.install import ensure_toolchain
+from .toolchain.pyruntime_backend import PyruntimeBackend
 from .toolchain.tools import Worker
 from .verify import compare, piece_failures, pieces_table, walk_pieces
 
@@ -63,7 +63,7 @@ class Simulator:
             return self.isolated
         if self.process is None:
             self.process = Worker(ensure_toolchain().prefix, self.log_dir.resolve() / "simulator.log")
-        return ToolchainBmodelBackend(bmodel, process=self.process, whole_model=whole_model)
+        return PyruntimeBackend(bmodel, process=self.process, whole_model=whole_model)
 
     def _close_isolated(self) -> None:
         if self.isolated is not None:

@@ -1,22 +1,19 @@
-"""The bmodel backends. `BmodelBackend` calls the BM runtime's C API in this process (runtime/bmrt.py):
-libsophon on a device, the cmodel simulator here. `ToolchainBmodelBackend` runs bmodels with
-pyruntime_bm inside the toolchain's process (the build's simulator checks use it).
+"""The bmodel backend: the BM runtime's C API in this process (runtime/bmrt.py), libsophon on a
+device, the cmodel simulator here. (The build's checks also run bmodels with pyruntime_bm inside the
+toolchain's process: pipeline/toolchain/pyruntime_backend.py.)
 
-Like Sophgo's own demo, both read everything from the file's nets: SEQ from block_0's input, the
+Like Sophgo's own demo, it reads everything from the file's nets: SEQ from block_0's input, the
 layer count from the block_i nets, K/V heads and head size from block_cache_0's history, the
 dtypes from each tensor. So they also run bmodels made by tpu-mlir's llm_convert.py. Where the
 lm_head returns the chosen token instead of logits (llm_convert's), decoding is greedy."""
 import re
-import shutil
-import tempfile
 import time
-import weakref
 from pathlib import Path
 
 import numpy as np
 
 from .native_output import output_to
-from .toolchain_process import ToolchainError, ToolchainProcess, find_toolchain
+from .toolchain import ToolchainError
 
 
 def describe_nets(nets: dict, bmodel: Path) -> dict:
@@ -94,42 +91,3 @@ class BmodelBackend:
             self._walk.close()
             self._walk = None
         self.runtime.close()
-
-
-class ToolchainBmodelBackend:
-    def __init__(self, bmodel: Path, devid: int = 0, process: ToolchainProcess | None = None,
-                 log: Path | None = None, whole_model: bool = True):
-        self.bmodel, self.devid = Path(bmodel).resolve(), devid
-        if not self.bmodel.is_file():
-            raise FileNotFoundError(f"{bmodel} does not exist")
-        self.scratch = Path(tempfile.mkdtemp(prefix="bmodel-"))
-        weakref.finalize(self, shutil.rmtree, self.scratch, True)  # the nets' inputs and outputs, per run
-        self.owns_process = process is None
-        self.process = process or ToolchainProcess(find_toolchain(), log or self.scratch / "toolchain.log")
-        self.nets = self._request(op="net_info")["nets"]
-        self.info = describe_nets(self.nets, self.bmodel) if whole_model else {}  # one-piece bmodels: the build
-        self.seconds = 0.0
-
-    def _request(self, **request) -> dict:
-        answer = self.process.request(bmodel=str(self.bmodel), devid=self.devid, **request)
-        if answer["code"] != 0:
-            raise ToolchainError(f"{self.bmodel}: {request['op']} {request.get('net', '')} failed: "
-                                 f"{answer.get('error')} (log: {self.process.log})")
-        return answer
-
-    def close(self) -> None:
-        """Stops its own toolchain process: on the simulator, a process that loaded a bmodel keeps
-        both cores busy until it exits (see isolated_backend.py). A shared one is its owner's to close."""
-        if self.owns_process:
-            self.process.close()
-
-    def run(self, net: str, feeds: dict) -> list[np.ndarray]:
-        inputs, outputs = self.scratch / "in.npz", self.scratch / "out.npz"
-        np.savez(inputs, **feeds)
-        answer = self._request(op="run_net", net=net, inputs=str(inputs), outputs=str(outputs))
-        self.seconds += answer["seconds"]
-        with np.load(outputs) as out:
-            values = [out[f"output_{k}"] for k in range(len(answer["names"]))]
-        if net == "lm_head" and self.info.get("head") == "token":
-            return [token_as_logits(values[0])]
-        return values

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from .native_output import flush_c_stdio, output_to, redirect_to
-from .toolchain_process import ToolchainError, find_toolchain
+from .toolchain import ToolchainError, find_toolchain
 from .traffic import Traffic
 
 DEVICE_LIBS = Path("/opt/sophon/libsophon-current/lib")

@@ -34,7 +34,7 @@ def open_backend(model: Path, devid: str = "0"):
         return OnnxBackend(model)
     if model.suffix == ".bmodel" and model.is_file():
         from .bmodel_backend import BmodelBackend
-        from .toolchain_process import ToolchainError
+        from .toolchain import ToolchainError
 
         try:
             ids = [int(d) for d in str(devid).split(",")]

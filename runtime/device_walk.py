@@ -17,7 +17,7 @@ import numpy as np
 from .bmrt import DTYPES, Runtime, from_device_type, to_device_type
 from .native_output import output_to
 from .engine import decode_mask, pad_ids, penalty_window, prefill_mask
-from .toolchain_process import ToolchainError
+from .toolchain import ToolchainError
 
 
 def _bytes(spec: dict, dtype: int) -> int:

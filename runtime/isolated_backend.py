@@ -18,7 +18,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 
 from . import device_walk
-from .toolchain_process import ToolchainError
+from .toolchain import ToolchainError
 from .traffic import Traffic
 
 

@@ -108,9 +108,9 @@ def test_two_builds_of_one_folder_at_once_share_the_work(tmp_path):
 
 def test_code_keys_follow_imports_transitively():
     compile_key = {str(p) for p in source_files("pipeline.compile")}
-    # compile -> toolchain/tools -> runtime/toolchain_process -> toolchain_worker.py (run as a script)
-    # -> native_output (imported as the script's sibling)
-    assert {"pipeline/toolchain/logs.py", "runtime/toolchain_worker.py", "runtime/native_output.py"} <= compile_key
+    # compile -> toolchain/tools -> toolchain/process -> worker.py (named, run as a script)
+    # -> runtime/native_output.py (imported by the script)
+    assert {"pipeline/toolchain/logs.py", "pipeline/toolchain/worker.py", "runtime/native_output.py"} <= compile_key
     assert "pipeline/verify.py" not in compile_key and "pipeline/export.py" not in compile_key
     export_key = {str(p) for p in source_files("pipeline.export")}
     assert {"pipeline/torch_pieces.py", "pipeline/checkpoint.py", "pipeline/fsutil.py"} <= export_key

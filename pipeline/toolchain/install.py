@@ -20,10 +20,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from runtime.cache import cache_dir
-from runtime.toolchain_process import MARKER, toolchain_env
+from runtime.toolchain import MARKER
 
 from ..errors import PipelineError
 from .logs import relevant_lines
+from .process import toolchain_env
 
 TPU_MLIR_VERSION = "1.30.2"
 TORCH_FOR_TOOLCHAIN = "2.11.0"  # the version of the wheel's `torch` extra; its ONNX front end imports torch

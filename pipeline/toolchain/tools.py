@@ -1,15 +1,16 @@
-"""Running the toolchain: its Python tools through one long-lived process (runtime/toolchain_worker.py),
+"""Running the toolchain: its Python tools through one long-lived process (worker.py),
 its binaries as subprocesses; each run with its own log, failures quoting the log's relevant lines."""
 import atexit
 import os
 import subprocess
 from pathlib import Path
 
-from runtime.toolchain_process import ToolchainError, ToolchainProcess
+from runtime.toolchain import ToolchainError
 
 from ..errors import PipelineError
 from .install import ensure_toolchain
 from .logs import relevant_lines
+from .process import ToolchainProcess
 
 _worker = None
 

@@ -1,12 +1,12 @@
-"""A long-lived process inside the TPU-MLIR toolchain (Python 3.10), used by the build and by the
-runtime: it runs the toolchain's Python tools in-process, so torch and tpu_mlir are imported once
+"""The build's long-lived process inside the TPU-MLIR toolchain (Python 3.10), started by
+process.py: it runs the toolchain's Python tools in-process, so torch and tpu_mlir are imported once
 instead of once per piece (a model_transform.py start-up costs ~5 s; a transform in this process
-~0.1 s for a small piece), and it runs bmodel nets (on the cmodel simulator here, on a device
-where libsophon is installed) with the models kept loaded.
+~0.1 s for a small piece), and it runs bmodel nets with pyruntime_bm for the build's checks (on the
+cmodel simulator here) with the models kept loaded.
 
 Protocol: one JSON request per line on stdin, one JSON answer per line on the original stdout.
 While a request runs, fds 1 and 2 point at the request's log file (tools and the tpuc-opt
-subprocesses they start write there). Standalone: stdlib, numpy, tpu_mlir and native_output.py.
+subprocesses they start write there). Standalone: stdlib, numpy, tpu_mlir and runtime/native_output.py.
 """
 import json
 import os
@@ -18,7 +18,10 @@ import traceback
 
 import numpy as np
 import tpu_mlir  # noqa: F401  (sets TPUC_ROOT, PATH, LD_LIBRARY_PATH for child processes)
-from native_output import output_to  # beside this script, which runs as __main__
+
+# the project's root, last: this script runs as __main__ from pipeline/toolchain/
+sys.path.append(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+from runtime.native_output import output_to  # noqa: E402  (standard library only, as this Python needs)
 
 TOOLS = {}
 MODELS = {}

@@ -1,31 +1,14 @@
-"""A process running inside the TPU-MLIR toolchain's Python 3.10 (see toolchain_worker.py), and
-where to find that toolchain. Shared by the build (tools, simulator checks) and the runtime
-(running bmodels); it imports nothing of the build."""
+"""A process running inside the TPU-MLIR toolchain's Python 3.10 (worker.py): the build's tools and
+its simulator checks (pyruntime_bm) go through it."""
 import json
 import os
 import signal
 import subprocess
 from pathlib import Path
 
-from .cache import cache_dir
+from runtime.toolchain import ToolchainError
 
-WORKER_SCRIPT = Path(__file__).with_name("toolchain_worker.py")
-MARKER = ".qwen-tpu-toolchain.json"
-
-
-class ToolchainError(RuntimeError):
-    pass
-
-
-def find_toolchain() -> Path:
-    """QWEN_TPU_TOOLCHAIN, else the newest complete toolchain the build installed in the cache."""
-    if os.environ.get("QWEN_TPU_TOOLCHAIN"):
-        return Path(os.environ["QWEN_TPU_TOOLCHAIN"]).expanduser()
-    found = sorted(p.parent for p in cache_dir().glob(f"tpu-mlir-*/{MARKER}"))
-    if not found:
-        raise ToolchainError(f"no TPU-MLIR toolchain in {cache_dir()}: running a .bmodel needs one (`doit build` "
-                             "installs it), or set QWEN_TPU_TOOLCHAIN to an installation's prefix")
-    return found[-1]
+WORKER_SCRIPT = Path(__file__).with_name("worker.py")
 
 
 def toolchain_env(prefix: Path) -> dict:
@@ -39,7 +22,7 @@ def toolchain_env(prefix: Path) -> dict:
 
 
 class ToolchainProcess:
-    """One long-lived toolchain_worker.py; requests and answers are JSON lines."""
+    """One long-lived worker.py; requests and answers are JSON lines."""
 
     def __init__(self, prefix: Path, log: Path):
         log.parent.mkdir(parents=True, exist_ok=True)
