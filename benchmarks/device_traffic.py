@@ -4,8 +4,9 @@ device: runtime/device_walk.py), on the BM1684X simulator, greedy and sampling; 
 per token and, from the bytes, an estimate of tokens/s on a BM1684X.
 
     .venv/bin/python benchmarks/device_traffic.py [--models tiny-qwen2 shape-qwen-7b] [--seqs 512 2048]
-        [--mode int4] [--layers 2] [--prompt 16] [--tokens 4] [--build-dir DIR] [--project qwen-7b ...]
-Prints Markdown tables and writes them to benchmarks/results/device_traffic.md.
+        [--mode int4] [--layers 2] [--prompt 16] [--tokens 4] [--choices greedy sampling]
+        [--build-dir DIR] [--keep] [--project qwen-7b ...] [--out device_traffic.md]
+Prints Markdown tables and writes them to benchmarks/results/<--out>.
 
 The simulator's copies are host memcpy, so its time does not show what a board pays for the
 bytes: the bytes do. The full-width models are built with --layers layers; the copy path's
@@ -16,6 +17,7 @@ measured row.
 """
 import argparse
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -41,9 +43,13 @@ PUBLISHED = {("qwen-7b", "int4", 512): 9.84, ("qwen-7b", "int4", 2048): 7.25,
 def build(build_dir: Path, model: str, seq: int, mode: str, layers: int | None) -> Path:
     variables = [f"model={model}", f"seq={seq}", f"mode={mode}", f"build_dir={build_dir}",
                  f"dist_dir={build_dir / 'dist'}"] + ([f"layers={layers}"] if layers else [])
+    print(f"building {model} seq {seq} ({time.strftime('%H:%M:%S')})", file=sys.stderr)
     subprocess.run([str(DOIT), "combine", *variables], cwd=ROOT, check=True, capture_output=True)
-    name = f"{model}-{layers}l" if layers else model
-    return build_dir / "dist" / f"{name}_{mode}_seq{seq}_1dev.bmodel"
+    return build_dir / "dist" / f"{_name(model, layers)}_{mode}_seq{seq}_1dev.bmodel"
+
+
+def _name(model: str, layers: int | None) -> str:
+    return f"{model}-{layers}l" if layers else model
 
 
 def measure(bmodel: Path, resident: bool, prompt: list[int], tokens: int, sampling: bool) -> dict:
@@ -139,7 +145,11 @@ def main():
     parser.add_argument("--layers", type=int, default=2, help="layers of the full-width models")
     parser.add_argument("--prompt", type=int, default=16)
     parser.add_argument("--tokens", type=int, default=4)
+    parser.add_argument("--choices", nargs="+", default=["greedy", "sampling"], choices=["greedy", "sampling"])
     parser.add_argument("--build-dir", type=Path)
+    parser.add_argument("--keep", action="store_true",
+                        help="keep each seq's intermediate files (a full-width seq's take about 25 GB)")
+    parser.add_argument("--out", default="device_traffic.md", help="file name under benchmarks/results")
     parser.add_argument("--project", nargs="*", default=["qwen-7b", "qwen2.5-7b"],
                         help="whole models whose per-token bytes are computed from their configs")
     parser.add_argument("--project-seqs", nargs="+", type=int, default=[512, 2048])
@@ -153,13 +163,15 @@ def main():
         for seq in args.seqs:
             bmodel = build(build_root, model, seq, args.mode, layers)
             for copy in (True, False):
-                for sampling in (False, True):
-                    result = measure(bmodel, not copy, prompt, args.tokens, sampling)
-                    result.update(model=model, seq=seq, copy=copy, sampling=sampling)
+                for choice in args.choices:
+                    result = measure(bmodel, not copy, prompt, args.tokens, choice == "sampling")
+                    result.update(model=model, seq=seq, copy=copy, sampling=choice == "sampling")
                     rows.append(result)
-                    print(model, seq, "copy" if copy else "device", "sampling" if sampling else "greedy",
-                          result["token"], file=sys.stderr)
-    publish(report(rows, args), "device_traffic.md")
+                    print(model, seq, "copy" if copy else "device", choice, result["token"],
+                          f"{result['token_seconds']:.1f} s/token ({time.strftime('%H:%M:%S')})", file=sys.stderr)
+            if not args.keep:  # the bmodel stays in dist/; the ONNX and MLIR of this seq go
+                shutil.rmtree(build_root / _name(model, layers) / f"seq{seq}", ignore_errors=True)
+    publish(report(rows, args), args.out)
 
 
 def report(rows: list[dict], args) -> str:

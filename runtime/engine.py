@@ -3,8 +3,9 @@
 The engine keeps the conversation's length and asks a walk over the nets for each step:
   - a backend with `walk()` gives its own (the bmodel backend's keeps the state on the device:
     runtime/device_walk.py);
-  - a backend with only `run(net, feeds) -> outputs` (onnxruntime, the build's pyruntime_bm, the
-    BM runtime's copy path) is walked by HostWalk, with the cache in host arrays.
+  - a backend with only `run(net, feeds) -> outputs` (onnxruntime, the BM runtime's copy path, the
+    build's pyruntime_bm and verify's comparing backend) is walked by HostWalk, with the cache in
+    host arrays.
 Every user of a model (the chat, the server, `doit verify`, the benchmarks) goes through Engine.
 The cache holds SEQ slots per layer; the decode mask covers them plus the current token at index SEQ.
 """
@@ -100,9 +101,10 @@ class HostWalk:
 
 
 class Engine:
-    def __init__(self, backend):
+    def __init__(self, backend, walk=None):
+        """`walk`: instead of the backend's own (e.g. HostWalk(backend), to compare the two)."""
         self.backend = backend
-        self.walk = backend.walk() if hasattr(backend, "walk") else HostWalk(backend)
+        self.walk = walk or (backend.walk() if hasattr(backend, "walk") else HostWalk(backend))
         self.seq, self.layers = self.walk.info["seq"], self.walk.info["num_layers"]
         self.length = 0
         # what the device was asked for, per phase (None where the backend has no device)
@@ -147,10 +149,14 @@ class Engine:
         return token
 
     def _choose(self, sampler, seen: list[int]) -> int:
-        p, token = sampler.params, None
+        p, token, head = sampler.params, None, self.walk.info.get("sample_head", 0)
         if sampler.greedy:
             token = self.walk.token()
-        elif p.temperature > 0 and 0 < p.top_k < self.walk.info.get("sample_head", 0):
+        elif p.temperature == 0 and head:  # greedy after the repetition penalty: the head's top 1
+            probs, ids = self.walk.candidates(p.repetition_penalty, 1.0, 1, 1.0)
+            if probs[1] == 0:  # else tokens tie for the top, and the host's rule picks among them
+                token = int(ids[0])
+        elif p.temperature > 0 and 0 < p.top_k < head:
             probs, ids = self.walk.candidates(p.repetition_penalty, p.temperature, p.top_k, p.top_p)
             if probs[-1] == 0:  # else the last candidate ties with tokens it had no room for
                 token = sampler.draw(probs, ids)

@@ -1,4 +1,7 @@
-"""The onnxruntime backend: runs the exported pieces on the CPU, one session per piece."""
+"""The onnxruntime backend: runs the exported pieces on the CPU, one session per piece. The engine
+walks it with HostWalk: on the CPU, onnxruntime reads numpy inputs in place and hands its outputs
+over without copying them, so binding the cache and activations (I/O binding, as the device walk
+does on a TPU) saved nothing measurable (benchmarks/onnx_walk.py; README, "On the device")."""
 import json
 from pathlib import Path
 

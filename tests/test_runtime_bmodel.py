@@ -15,7 +15,7 @@ from pipeline.toolchain.install import ensure_toolchain
 from pipeline.verify_sim import TIE_MARGIN
 from runtime.device_walk import SlowCacheWarning
 from runtime.isolated_backend import IsolatedBmodelBackend
-from runtime.engine import Engine
+from runtime.engine import Engine, HostWalk
 from runtime.onnx_backend import OnnxBackend
 from runtime.sampling import Sampler, SamplingParams
 
@@ -107,6 +107,17 @@ def test_the_sample_head_on_the_simulator_gives_the_host_samplers_distribution(b
             assert probs[-1] == 0  # the candidate past the top-k is cut: nothing lies beyond
             assert set(np.flatnonzero(device)) == set(np.flatnonzero(host)), (penalty, temperature, top_k, top_p)
             assert np.abs(device - host).max() < 1e-5
+        # greedy after a repetition penalty: the head's top candidate is the host's argmax
+        probs, candidates = engine.walk.candidates(1.3, 1.0, 1, 1.0)
+        assert probs[1] == 0 and candidates[0] == Sampler(SamplingParams(repetition_penalty=1.3))(logits, seen)
+        sampler = Sampler(SamplingParams(repetition_penalty=1.3))
+        engine.prefill(ids)
+        tokens = [engine.next_token(sampler, ids)]
+        engine.decode(tokens[-1])
+        tokens.append(engine.next_token(sampler, ids + tokens))
+        assert engine.decode_traffic.per(engine.decoded)["d2h"] == 51 * (4 + 4)  # candidates, not the logits
+        assert tokens == [Sampler(SamplingParams(repetition_penalty=1.3))(logits_, ids + tokens[:k]) for k, logits_ in
+                          enumerate(Engine(backend, HostWalk(backend)).logits_along(ids, 2, fed=tokens))]
         sampler = Sampler(SamplingParams(0.8, 40, 0.9, 1.2, seed=3))
         engine.prefill(ids)
         tokens = [engine.next_token(sampler, ids)]
@@ -224,7 +235,7 @@ import sys
 from pathlib import Path
 from runtime.bmodel_backend import BmodelBackend
 from runtime.native_output import output_to
-from runtime.toolchain_process import ToolchainError
+from runtime.toolchain import ToolchainError
 
 backend = BmodelBackend(Path(sys.argv[1]))
 walk = backend.walk()
