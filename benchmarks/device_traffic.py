@@ -162,16 +162,16 @@ def main():
         layers = int(depth) if depth else args.layers if model in REAL_LAYERS else None
         for seq in args.seqs:
             bmodel = build(build_root, model, seq, args.mode, layers)
-            for copy in (True, False):
+            for copy in (False, True):  # the device path first: it is the one users run
                 for choice in args.choices:
                     result = measure(bmodel, not copy, prompt, args.tokens, choice == "sampling")
                     result.update(model=model, seq=seq, copy=copy, sampling=choice == "sampling")
                     rows.append(result)
                     print(model, seq, "copy" if copy else "device", choice, result["token"],
                           f"{result['token_seconds']:.1f} s/token ({time.strftime('%H:%M:%S')})", file=sys.stderr)
+                    publish(report(rows, args), args.out)  # after every row: a long run that stops keeps what it measured
             if not args.keep:  # the bmodel stays in dist/; the ONNX and MLIR of this seq go
                 shutil.rmtree(build_root / _name(model, layers) / f"seq{seq}", ignore_errors=True)
-    publish(report(rows, args), args.out)
 
 
 def report(rows: list[dict], args) -> str:

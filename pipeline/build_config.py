@@ -17,7 +17,7 @@ CHIPS = ("bm1684x", "bm1688", "cv186x")
 SEQ_MULTIPLE = 8
 SEQ_MIN = 16
 VARIABLES = ("model", "mode", "devices", "seq", "chip", "path", "group_size", "build_dir", "dist_dir", "layers",
-             "sim_tokens")
+             "sim_tokens", "dynamic")
 # greedy steps of the whole-bmodel decode in `doit verify` on the simulator: as many as the ONNX
 # check's (verify.NEW_TOKENS, at most), or fewer (0: the pieces only), since a full-width block takes
 # minutes a step there
@@ -36,6 +36,7 @@ class BuildConfig:
     build_dir: Path
     dist_dir: Path
     sim_tokens: int = SIM_TOKENS_MAX
+    dynamic: bool = False  # prefill nets compiled dynamic: run at the prompt's length (llm_convert --dynamic)
 
     @property
     def model_dir(self) -> Path:
@@ -51,13 +52,14 @@ class BuildConfig:
     def variant(self) -> str:
         """What a compiled piece depends on beyond its MLIR (group size only matters for int4)."""
         group = f"_g{self.group_size}" if MODES[self.mode].startswith("W4") else ""
-        return f"{self.mode}{group}_{self.devices}dev_{self.chip}"
+        return f"{self.mode}{group}_{self.devices}dev_{self.chip}{'_dyn' if self.dynamic else ''}"
 
     @property
     def dist_name(self) -> str:
         chip = "" if self.chip == "bm1684x" else f"_{self.chip}"
         group = "" if self.group_size == 64 or not MODES[self.mode].startswith("W4") else f"_g{self.group_size}"
-        return f"{self.model.name}_{self.mode}{group}_seq{self.seq}_{self.devices}dev{chip}"
+        dynamic = "_dyn" if self.dynamic else ""
+        return f"{self.model.name}_{self.mode}{group}_seq{self.seq}_{self.devices}dev{chip}{dynamic}"
 
 
 def _int(name: str, value: str) -> int:
@@ -104,6 +106,7 @@ def parse_build_config(variables: dict[str, str | None]) -> BuildConfig:
     if not 0 <= sim_tokens <= SIM_TOKENS_MAX:
         raise PipelineError(f"sim_tokens={sim_tokens} is not allowed; use 0 (check the pieces only) to "
                             f"{SIM_TOKENS_MAX} (the default)")
+    dynamic = _choice("dynamic", given.get("dynamic", "0"), ("0", "1")) == "1"
     path = None
     if "path" in given:
         path = Path(given["path"]).expanduser().resolve()
@@ -112,7 +115,7 @@ def parse_build_config(variables: dict[str, str | None]) -> BuildConfig:
     build_dir = Path(given.get("build_dir") or os.environ.get("QWEN_TPU_BUILD_DIR") or PROJECT_ROOT / "build")
     dist_dir = Path(given.get("dist_dir") or os.environ.get("QWEN_TPU_DIST_DIR") or PROJECT_ROOT / "dist")
     return BuildConfig(model, mode, devices, seq, chip, path, group_size, build_dir.expanduser().resolve(),
-                       dist_dir.expanduser().resolve(), sim_tokens)
+                       dist_dir.expanduser().resolve(), sim_tokens, dynamic)
 
 
 def variables_given(argv: list[str] | None = None) -> dict[str, str]:

@@ -20,7 +20,7 @@ import numpy as np
 from .errors import PipelineError
 from .fsutil import atomic_dir, atomic_path, require_space, write_json, write_text
 from .modes import MODES
-from .pieces import Piece
+from .pieces import DYNAMIC_KINDS, Piece
 from .toolchain.tools import run_binary, run_python_tool
 
 
@@ -53,7 +53,7 @@ def float_type(mode: str) -> str:
     return "F16" if mode in ("f16", "int8f16", "int4f16") else "BF16"
 
 
-def deploy_args(piece: Piece, mode: str, devices: int, chip: str, group_size: int) -> list[str]:
+def deploy_args(piece: Piece, mode: str, devices: int, chip: str, group_size: int, dynamic: bool = False) -> list[str]:
     if piece.kind in ("greedy_head", "sample_head"):  # float32 as the logits; on the first device, as llm_convert
         return ["--quantize", "F32", "--addr_mode", "io_alone", "--chip", chip]
     if piece.kind in ("embedding", "embedding_cache", "lm_head"):
@@ -67,6 +67,8 @@ def deploy_args(piece: Piece, mode: str, devices: int, chip: str, group_size: in
             args += ["--q_group_size", str(group_size)]
         if piece.kind == "block_cache":  # K/V stay in the net's own input buffers
             args += ["--addr_mode", "io_alone"]
+        if dynamic and piece.kind in DYNAMIC_KINDS:  # the prefill runs at the prompt's length
+            args.append("--dynamic")
     args += ["--chip", chip, "--high_precision", "--disable_gdma_check"]
     if devices > 1:
         args += ["--num_device", str(devices)]
@@ -155,10 +157,11 @@ def describe(bmodel: Path, info: dict, build: dict, source_folder: str, fingerpr
 
 
 def describe_markdown(d: dict) -> str:
+    prefill = " (dynamic: the prefill runs at the prompt's length)" if d.get("dynamic") else ""
     lines = [f"# {d['file']}", "",
              f"{d['display_name']} ({d['family']}), mode {d['mode']} ({d['quantize']}"
              f"{', group ' + str(d['group_size']) if d['quantize'].startswith('W4') else ''}), "
-             f"seq {d['seq']}, {d['devices']} device(s), chip {d['chip']}, {d['bytes'] / 2**20:.1f} MiB.", "",
+             f"seq {d['seq']}{prefill}, {d['devices']} device(s), chip {d['chip']}, {d['bytes'] / 2**20:.1f} MiB.", "",
              f"Source: {d['source']['folder']} (weights fingerprint {d['source']['fingerprint'][:16]}).",
              "Tools: " + ", ".join(f"{k} {v}" for k, v in d["tools"].items()) + ".", "",
              "| net | inputs | outputs |", "|---|---|---|"]

@@ -14,7 +14,7 @@ from pathlib import Path
 from .checkpoint import Checkpoint
 from .fsutil import UMASK, require_space
 from .patch import load_tensor
-from .pieces import Dims, Piece, io_spec
+from .pieces import DYNAMIC_KINDS, Dims, Piece, io_spec
 
 OPSET = 15  # TPU-MLIR 1.30 rejects opset 18 (the dynamo exporter's only choice)
 EXTERNAL_DATA_BYTES = 1_800_000_000  # below protobuf's 2 GB limit, with room for the graph
@@ -55,6 +55,8 @@ def export_piece(piece: Piece, config: dict, source: Path, mapping: dict, out: P
         del module
         if weight_bytes > external_data_bytes:
             _to_single_external_file(tmp / out.name)
+        if piece.kind in DYNAMIC_KINDS:
+            explicit_reshapes(tmp / out.name)
         _publish(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -62,6 +64,40 @@ def export_piece(piece: Piece, config: dict, source: Path, mapping: dict, out: P
         log.parent.mkdir(parents=True, exist_ok=True)
         log.write_text(captured.getvalue() + "".join(f"{w.category.__name__}: {w.message}\n" for w in caught),
                        encoding="utf-8")
+
+
+def explicit_reshapes(path: Path) -> None:
+    """Every Reshape's target shape written out in full (no -1, no 0), from ONNX's shape inference.
+    A net compiled dynamic infers each reshape's output at run time from its target shape: a -1
+    there takes up the change in length (a [1,L,512] projection reshaped to [1,SEQ,-1,128] gave
+    [1,SEQ,L/SEQ*4,128]), where the written-out SEQ is read as the length that varies."""
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper, shape_inference
+
+    model = onnx.load(str(path), load_external_data=False)
+    inferred = shape_inference.infer_shapes(model)
+    shapes = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim]
+              for v in [*inferred.graph.value_info, *inferred.graph.output]}
+    constants = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    constants.update({n.output[0]: numpy_helper.to_array(n.attribute[0].t) for n in model.graph.node
+                      if n.op_type == "Constant" and n.attribute[0].name == "value"})
+    for node in model.graph.node:
+        if node.op_type != "Reshape":
+            continue
+        target, out = constants.get(node.input[1]), shapes.get(node.output[0])
+        if target is None or not out or 0 in out:
+            raise ValueError(f"{path.name}: reshape {node.name} has no constant target or no inferred shape")
+        if list(target) != out:
+            name = f"{node.output[0]}_shape"
+            model.graph.initializer.append(numpy_helper.from_array(np.array(out, np.int64), name))
+            node.input[1] = name
+    used = {name for node in model.graph.node for name in node.input} | {o.name for o in model.graph.output}
+    for unused in [t for t in model.graph.initializer if t.name not in used]:  # the replaced targets
+        model.graph.initializer.remove(unused)
+    for unused in [n for n in model.graph.node if n.op_type == "Constant" and n.output[0] not in used]:
+        model.graph.node.remove(unused)
+    onnx.save_model(model, str(path))
 
 
 def _to_single_external_file(path: Path) -> None:

@@ -227,7 +227,7 @@ class DeployTasks(Stage):
 
         b = self.build
         for k, piece in enumerate(self.pieces, 1):
-            args = deploy_args(piece, b.mode, b.devices, b.chip, b.group_size)
+            args = deploy_args(piece, b.mode, b.devices, b.chip, b.group_size, b.dynamic)
             yield {"name": f"{b.model.name}/seq{b.seq}/{b.variant}/{piece.name}",
                    "doc": f"deploy {piece.name} ({b.mode}, {b.devices} device(s), {b.chip})",
                    "actions": [(self.action(self.run), [piece, args, k])],
@@ -272,7 +272,7 @@ class CombineTasks(Stage):
         copy_tokenizer(self.paths.onnx, self.paths.dist.parent / tokenizer)
         build = {"model": b.model.name, "display_name": b.model.display_name, "family": b.model.family,
                  "mode": b.mode, "group_size": b.group_size, "devices": b.devices, "chip": b.chip, "seq": b.seq,
-                 "tokenizer": tokenizer, "tools": {**TOOL_VERSIONS, **COMPILER}}
+                 "dynamic": b.dynamic, "tokenizer": tokenizer, "tools": {**TOOL_VERSIONS, **COMPILER}}
         fingerprints = {g.stem: read_json(g)["sha256"] for g in sorted(self.paths.weights.glob("*.json"))}
         described = describe(self.paths.dist, info, build, read_json(self.paths.source)["folder"], fingerprints)
         say(f"[combine] {self.paths.dist} ({described['bytes'] / 2**20:.1f} MiB, {len(info['nets'])} nets) "

@@ -29,6 +29,8 @@ def describe_nets(nets: dict, bmodel: Path) -> dict:
     return {"model": Path(bmodel).stem, "seq": seq, "num_layers": len(blocks), "kv_heads": history[2],
             "head_dim": history[3], "hidden_size": nets["block_0"]["inputs"][0]["shape"][2],
             "head": "token" if token_head else "logits", "bmodel": str(bmodel),
+            # prefill nets compiled dynamic run at the prompt's length (llm_convert --dynamic, ours dynamic=1)
+            "dynamic": bool(nets["block_0"].get("dynamic")),
             # the heads that choose on the device (llm_convert --do_sample's, and ours)
             "greedy_head": "greedy_head" in nets and not token_head,
             "sample_head": nets["sample_head"]["outputs"][0]["shape"][-1] if "sample_head" in nets and not token_head

@@ -197,7 +197,7 @@ class Runtime:
                                   info.input_loc_devices),
                 "outputs": tensors(info.output_num, info.output_names, info.output_dtypes, stage.output_shapes,
                                    info.output_loc_devices),
-                "io_alone": info.addr_mode == 1,
+                "io_alone": info.addr_mode == 1, "dynamic": bool(info.is_dynamic),
                 "_dtypes": ([info.input_dtypes[i] for i in range(info.input_num)],
                             [info.output_dtypes[i] for i in range(info.output_num)])}
 
@@ -253,12 +253,13 @@ class Runtime:
                     "copy on the device")
         self.traffic.d2d += nbytes
 
-    def tensor(self, net: str, index: int, output: bool, mem: DeviceMem) -> Tensor:
-        """A tensor of `net`'s input (or output) `index` placed at `mem`."""
+    def tensor(self, net: str, index: int, output: bool, mem: DeviceMem, shape: list[int] | None = None) -> Tensor:
+        """A tensor of `net`'s input (or output) `index` placed at `mem`; of `shape` where a dynamic
+        net runs at less than its largest shape."""
         spec = self.nets[net]["outputs" if output else "inputs"][index]
         tensor = Tensor()
         tensor.dtype = self.nets[net]["_dtypes"][1 if output else 0][index]
-        tensor.shape = _shape(spec["shape"])
+        tensor.shape = _shape(shape or spec["shape"])
         tensor.device_mem = mem
         tensor.st_mode = 0
         return tensor

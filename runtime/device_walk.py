@@ -106,28 +106,37 @@ class DeviceWalk:
             self.rt.zero(mem, device)
         return k, v, device, size
 
+    def _rows(self, net: str, index: int, rows: int, output: bool = False) -> list[int]:
+        """A prefill tensor's shape [1, rows, ...]: its largest, with the prompt's length for SEQ."""
+        shape = list(self.rt.nets[net]["outputs" if output else "inputs"][index]["shape"])
+        return [shape[0], rows, *shape[2:]]
+
     def _dtype(self, net: str, index: int) -> int:
         return self.rt.nets[net]["_dtypes"][0][index]
 
     @_quiet
     def prefill(self, ids: list[int]) -> None:
         rt, n = self.rt, len(ids)
-        embed_in = rt.mems["embedding"][0][0]
+        # a dynamic prefill runs at the prompt's length; a static one over the whole window
+        rows = n if self.info.get("dynamic") else self.seq
+        embed_in = rt.mems["embedding"][0][0]  # (the embedding is static: it pads, and costs little)
         rt.h2d(embed_in, pad_ids(ids, self.seq), self._device("embedding", 0), "input_ids")
         rt.launch("embedding", [rt.tensor("embedding", 0, False, embed_in)],
                   [rt.tensor("embedding", 0, True, self.hidden[0])])
-        rt.h2d(self.positions, np.arange(self.seq, dtype=np.int32)[None], self._device("block_0", 1), "position_ids")
+        rt.h2d(self.positions, np.arange(rows, dtype=np.int32)[None], self._device("block_0", 1), "position_ids")
         if self.mask is not None:
-            rt.h2d(self.mask, to_device_type(prefill_mask(n, self.seq), self._dtype("block_0", 2)),
+            rt.h2d(self.mask, to_device_type(prefill_mask(n, rows), self._dtype("block_0", 2)),
                    self._device("block_0", 2), "attention_mask")
         for i in range(self.layers):
             net = f"block_{i}"
-            inputs = [rt.tensor(net, 0, False, self.hidden[i % 2]), rt.tensor(net, 1, False, self.positions)]
+            inputs = [rt.tensor(net, 0, False, self.hidden[i % 2], self._rows(net, 0, rows)),
+                      rt.tensor(net, 1, False, self.positions, [1, rows])]
             if self.mask is not None:
-                inputs.append(rt.tensor(net, 2, False, self.mask))
-            k, v, _, _ = self.cache[i]  # block_i's K/V of all SEQ rows land in the cache itself
-            rt.launch(net, inputs, [rt.tensor(net, 0, True, self.hidden[(i + 1) % 2]),
-                                    rt.tensor(net, 1, True, k), rt.tensor(net, 2, True, v)])
+                inputs.append(rt.tensor(net, 2, False, self.mask, [1, 1, rows, rows]))
+            k, v, _, _ = self.cache[i]  # block_i's K/V of the first `rows` slots land in the cache itself
+            rt.launch(net, inputs, [rt.tensor(net, 0, True, self.hidden[(i + 1) % 2], self._rows(net, 0, rows, True)),
+                                    rt.tensor(net, 1, True, k, self._rows(net, 1, rows, True)),
+                                    rt.tensor(net, 2, True, v, self._rows(net, 2, rows, True))])
         last = self.hidden[self.layers % 2]
         self._head(rt.at(last, (n - 1) * self.row_bytes, self.row_bytes))
         if self.sample_inputs:  # the repetition penalty's window: the prompt, then one token per step

@@ -13,6 +13,13 @@ def test_defaults():
     assert (build.mode, build.devices, build.seq, build.chip, build.group_size) == ("int8", 1, 32, "bm1684x", 64)
     assert build.sim_tokens == 16 and parse_build_config({"model": "tiny-qwen2", "sim_tokens": "0"}).sim_tokens == 0
     assert parse_build_config({"model": "qwen-14b"}).seq == 512
+    assert not build.dynamic and build.dist_name == "tiny-qwen2_int8_seq32_1dev"
+
+
+def test_dynamic_prefill_is_part_of_the_variant_and_the_file_name():
+    build = parse_build_config({"model": "tiny-qwen2", "dynamic": "1"})
+    assert build.dynamic and build.variant == "int8_1dev_bm1684x_dyn"
+    assert build.dist_name == "tiny-qwen2_int8_seq32_1dev_dyn"
 
 
 @pytest.mark.parametrize("variables, message", [
@@ -30,6 +37,7 @@ def test_defaults():
     ({"model": "qwen-7b", "layers": "2"}, "layers= only applies to generated test models"),
     ({"sim_tokens": "17"}, "sim_tokens=17 is not allowed; use 0 (check the pieces only) to 16"),
     ({"sim_tokens": "-1"}, "sim_tokens=-1 is not allowed"),
+    ({"dynamic": "yes"}, "dynamic='yes' is not allowed; use one of: 0, 1"),
 ])
 def test_bad_variables_name_variable_value_and_choices(variables, message):
     with pytest.raises(PipelineError) as err:

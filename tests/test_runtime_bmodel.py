@@ -72,6 +72,28 @@ def test_bf16_bmodel_decodes_like_the_onnx_pipeline_with_the_state_on_the_device
     assert old.decode_traffic.syncs == steps * (LAYERS + 2)
 
 
+def test_a_dynamic_prefill_runs_at_the_prompts_length_and_gives_the_static_bmodels_logits(built):
+    """dynamic=1 compiles block_i dynamic (llm_convert's --dynamic): the prefill runs at the prompt's
+    length, and its logits are the static bmodel's, bit for bit, at every length."""
+    build_dir, _, static, _ = built
+    result = run_doit(build_dir, ["combine"], model=MODEL, mode="bf16", dynamic="1")
+    assert result.code == 0, result.output
+    dynamic = build_dir / "dist" / f"{MODEL}_bf16_seq32_1dev_dyn.bmodel"
+    assert "dynamic: the prefill runs at the prompt's length" in dynamic.with_suffix(".md").read_text()
+    assert [line for line in result.output.splitlines() if "[export" in line or "[transform" in line] == []  # shared
+    logits, sent = {}, {}
+    for bmodel in (static, dynamic):
+        with IsolatedBmodelBackend(bmodel) as backend:
+            engine = Engine(backend)
+            logits[bmodel] = [engine.logits_along(list(range(40, 40 + n)), 3) for n in (1, 9, 28)]
+            sent[bmodel] = (backend.info["dynamic"], engine.prefill_traffic.h2d)
+    for a, b in zip(logits[static], logits[dynamic]):
+        assert all(np.array_equal(x, y) for x, y in zip(a, b))
+    n = 28  # positions and mask for the prompt's rows only
+    assert sent[static] == (False, SEQ * 4 + SEQ * 4 + SEQ * SEQ * BF16 + SEQ * 4)
+    assert sent[dynamic] == (True, SEQ * 4 + n * 4 + n * n * BF16 + SEQ * 4)
+
+
 def test_a_conversation_of_three_turns_on_the_device_answers_as_the_onnx_pipeline(built):
     """Each turn prefills the conversation so far (question, answer, next question) and decodes:
     positions and cache slots must start over right, turn after turn, on one engine."""
