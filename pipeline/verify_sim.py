@@ -8,6 +8,7 @@ process, the combined one with its state on the device as the chat runs it: pyru
 multi-device nets, while bmrt_launch_tensor_ex runs every device's part on the one simulated chip. Either way the simulator gets a process of its own, stopped when the check ends: a
 process that loaded a bmodel on the simulator keeps both cores busy until it exits
 (runtime/isolated_backend.py), which would slow every later stage of the build."""
+import re
 import time
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from runtime.onnx_backend import OnnxBackend
 
 from .errors import PipelineError
 from .fsutil import atomic_path, read_json, write_json, write_text
-from .pieces import Dims
+from .pieces import DYNAMIC_KINDS, Dims
 from .progress import say
 from .toolchain.install import ensure_toolchain
 from .toolchain.pyruntime_backend import PyruntimeBackend
@@ -87,15 +88,35 @@ class Simulator:
 
 
 def check_pieces(mode: str, dims: Dims, onnx_dir: Path, deploy_dir: Path, ids: list[int], sim: Simulator,
-                 progress) -> dict:
-    onnx = OnnxBackend(onnx_dir)
-
-    def candidate(net, feeds):  # each net runs once
-        return sim.open(deploy_dir / f"{net}.bmodel", whole_model=False).run(net, feeds)
-
+                 progress, dynamic: bool = False) -> dict:
+    """Every deployed piece on the verify prompt's activations; a dynamic build's prefill pieces
+    also at shorter lengths (`<net> at length <m>`): one token, half the prompt, the prompt."""
+    onnx, at_lengths = OnnxBackend(onnx_dir), {}
     min_cosine, max_rel = THRESHOLDS[mode]
-    return walk_pieces(dims, ids, lambda net, kind, layer, feeds: onnx.run(net, feeds), candidate,
-                       lambda kind, ref, got: compare(ref, got, min_cosine, max_rel), progress)
+
+    def judge(kind, ref, got):
+        return compare(ref, got, min_cosine, max_rel)
+
+    def candidate(net, feeds):  # each net runs once (a dynamic one once per length)
+        backend = sim.open(deploy_dir / f"{net}.bmodel", whole_model=False)
+        if dynamic and net.rpartition("_")[0] in DYNAMIC_KINDS:
+            reference = onnx.run(net, feeds)
+            for rows in sorted({1, max(1, len(ids) // 2), len(ids)}):
+                got = backend.run(net, prefill_rows(feeds, rows))
+                at_lengths[f"{net} at length {rows}"] = {
+                    name: judge(net, r[:, :rows], g) for name, r, g in zip(("hidden_states", "past_k", "past_v"),
+                                                                            reference, got, strict=True)}
+        return backend.run(net, feeds)
+
+    pieces = walk_pieces(dims, ids, lambda net, kind, layer, feeds: onnx.run(net, feeds), candidate, judge, progress)
+    return {**pieces, **at_lengths}
+
+
+def prefill_rows(feeds: dict, rows: int) -> dict:
+    """A prefill net's inputs for its first `rows` tokens (a causal net's outputs for them do not
+    depend on the later rows)."""
+    return {"input_states": feeds["input_states"][:, :rows], "position_ids": feeds["position_ids"][:, :rows],
+            **({"attention_mask": feeds["attention_mask"][:, :, :rows, :rows]} if "attention_mask" in feeds else {})}
 
 
 def decode_check(mode: str, onnx_dir: Path, bmodel: Path, ids: list[int], new_tokens: int, sim: Simulator) -> dict:
@@ -221,7 +242,7 @@ def plot_layers(reports: list[dict], out: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
     for ax, kind in zip(axes, ("block", "block_cache")):
         for report in reports:
-            layers = sorted(int(n.rsplit("_", 1)[1]) for n in report["pieces"] if n.rsplit("_", 1)[0] == kind)
+            layers = sorted(int(m[1]) for n in report["pieces"] if (m := re.fullmatch(rf"{kind}_(\d+)", n)))
             cosines = [_or_nan(report["pieces"][f"{kind}_{i}"]["hidden_states"]["cosine"]) for i in layers]
             ax.plot(layers, cosines, marker="o", label=report["mode"])
         ax.set_title(f"{kind}_i hidden_states")
@@ -252,7 +273,7 @@ def run(build, paths, pieces, report_path: Path, tools: dict) -> None:
               "bmodel": paths.dist.name, "prompt_ids": ids, "tools": tools}
     dims = Dims.from_config(read_json(paths.export_config))
     with Simulator(paths.logs, build.devices) as sim:
-        report["pieces"] = check_pieces(build.mode, dims, paths.onnx, paths.deploy, ids, sim, progress)
+        report["pieces"] = check_pieces(build.mode, dims, paths.onnx, paths.deploy, ids, sim, progress, build.dynamic)
         report["decode"] = _whole_bmodel(build, paths, report, ids, sim)
     report["simulated"] = True
     write_json(report_path, report)

@@ -75,12 +75,18 @@ def test_bf16_bmodel_decodes_like_the_onnx_pipeline_with_the_state_on_the_device
 def test_a_dynamic_prefill_runs_at_the_prompts_length_and_gives_the_static_bmodels_logits(built):
     """dynamic=1 compiles block_i dynamic (llm_convert's --dynamic): the prefill runs at the prompt's
     length, and its logits are the static bmodel's, bit for bit, at every length."""
-    build_dir, _, static, _ = built
-    result = run_doit(build_dir, ["combine"], model=MODEL, mode="bf16", dynamic="1")
+    build_dir, _, static, ids = built
+    result = run_doit(build_dir, ["verify"], model=MODEL, mode="bf16", dynamic="1", sim_tokens="4")
     assert result.code == 0, result.output
     dynamic = build_dir / "dist" / f"{MODEL}_bf16_seq32_1dev_dyn.bmodel"
     assert "dynamic: the prefill runs at the prompt's length" in dynamic.with_suffix(".md").read_text()
     assert [line for line in result.output.splitlines() if "[export" in line or "[transform" in line] == []  # shared
+    # the simulator check runs each prefill piece at one token, half the prompt and the prompt too
+    pieces = json.loads((build_dir / MODEL / "seq32" / "verify" / "bf16_1dev_bm1684x_dyn" / "report.json").read_text())[
+        "pieces"]
+    lengths = sorted({1, len(ids) // 2, len(ids)})
+    assert {f"block_{i} at length {m}" for i in range(LAYERS) for m in lengths} <= set(pieces)
+    assert all(r["ok"] for outputs in pieces.values() for r in outputs.values())
     logits, sent = {}, {}
     for bmodel in (static, dynamic):
         with IsolatedBmodelBackend(bmodel) as backend:

@@ -70,20 +70,24 @@ def load_model(path, devid=0):
 
 
 def run_net(request):
-    """One forward of a net on the simulator; inputs and outputs as float32/int32 npz files."""
+    """One forward of a net on the simulator; inputs and outputs as float32/int32 npz files. A
+    dynamic net runs at the inputs' shapes (up to its largest), as model_runner.py runs it."""
     from tpu_mlir.python.utils.lowering import bf16_to_fp32, lowering
 
     net = load_model(request["bmodel"], request.get("devid", 0)).Net(request["net"])
     inputs = np.load(request["inputs"])
+    shapes = []
     for tensor in net.inputs:
         value = inputs[tensor.name]
-        tensor.data.reshape(-1)[:] = lowering(value, pdtype=tensor.dtype, pshape=value.shape,
-                                              pzero_point=tensor.qzero_point, pscale=tensor.qscale).flatten()
+        tensor.data.reshape(-1)[:value.size] = lowering(value, pdtype=tensor.dtype, pshape=value.shape,
+                                                        pzero_point=tensor.qzero_point,
+                                                        pscale=tensor.qscale).flatten()
+        shapes.append(list(value.shape))
     start = time.perf_counter()
-    net.forward()
+    out_shapes = net.forward_dynamic(shapes)
     seconds = time.perf_counter() - start
     outputs, dtypes = {}, {}
-    for k, tensor in enumerate(net.outputs):
+    for k, (tensor, shape) in enumerate(zip(net.outputs, out_shapes)):
         dtypes[tensor.name] = str(tensor.dtype)
         if tensor.dtype == "bf16":
             value = bf16_to_fp32(tensor.data)
@@ -91,7 +95,7 @@ def run_net(request):
             value = tensor.data.astype(np.float32)
         else:
             value = np.array(tensor.data)
-        outputs[f"output_{k}"] = value
+        outputs[f"output_{k}"] = value.reshape(-1)[:int(np.prod(shape))].reshape(shape)
     np.savez(request["outputs"], **outputs)
     return {"code": 0, "seconds": seconds, "names": [t.name for t in net.outputs], "dtypes": dtypes,
             "input_dtypes": {t.name: str(t.dtype) for t in net.inputs}}
