@@ -4,7 +4,7 @@ device: runtime/device_walk.py), on the BM1684X simulator, greedy and sampling; 
 per token and, from the bytes, an estimate of tokens/s on a BM1684X.
 
     .venv/bin/python benchmarks/device_traffic.py [--models tiny-qwen2 shape-qwen-7b] [--seqs 512 2048]
-        [--mode int4] [--layers 2] [--prompt 16] [--tokens 4] [--choices greedy sampling]
+        [--mode int4] [--layers 2] [--prompt 16] [--tokens 4] [--choices greedy sampling] [--dynamic]
         [--build-dir DIR] [--keep] [--project qwen-7b ...] [--out device_traffic.md]
 Prints Markdown tables and writes them to benchmarks/results/<--out>.
 
@@ -40,12 +40,12 @@ PUBLISHED = {("qwen-7b", "int4", 512): 9.84, ("qwen-7b", "int4", 2048): 7.25,
              ("qwen2.5-7b", "int4", 512): 10.26, ("qwen2.5-7b", "int4", 2048): 9.75}
 
 
-def build(build_dir: Path, model: str, seq: int, mode: str, layers: int | None) -> Path:
+def build(build_dir: Path, model: str, seq: int, mode: str, layers: int | None, dynamic: bool) -> Path:
     variables = [f"model={model}", f"seq={seq}", f"mode={mode}", f"build_dir={build_dir}",
-                 f"dist_dir={build_dir / 'dist'}"] + ([f"layers={layers}"] if layers else [])
+                 f"dist_dir={build_dir / 'dist'}", f"dynamic={int(dynamic)}"] + ([f"layers={layers}"] if layers else [])
     print(f"building {model} seq {seq} ({time.strftime('%H:%M:%S')})", file=sys.stderr)
     subprocess.run([str(DOIT), "combine", *variables], cwd=ROOT, check=True, capture_output=True)
-    return build_dir / "dist" / f"{_name(model, layers)}_{mode}_seq{seq}_1dev.bmodel"
+    return build_dir / "dist" / f"{_name(model, layers)}_{mode}_seq{seq}_1dev{'_dyn' if dynamic else ''}.bmodel"
 
 
 def _name(model: str, layers: int | None) -> str:
@@ -147,6 +147,9 @@ def main():
     parser.add_argument("--tokens", type=int, default=4)
     parser.add_argument("--choices", nargs="+", default=["greedy", "sampling"], choices=["greedy", "sampling"])
     parser.add_argument("--build-dir", type=Path)
+    parser.add_argument("--dynamic", action="store_true",
+                        help="build dynamic=1: the prefill at the prompt's length (decode, and its bytes, are the same); "
+                             "a full-width prefill over a whole window of 2048 takes the simulator hours")
     parser.add_argument("--keep", action="store_true",
                         help="keep each seq's intermediate files (a full-width seq's take about 25 GB)")
     parser.add_argument("--out", default="device_traffic.md", help="file name under benchmarks/results")
@@ -161,7 +164,7 @@ def main():
         model, _, depth = spec.partition(":")
         layers = int(depth) if depth else args.layers if model in REAL_LAYERS else None
         for seq in args.seqs:
-            bmodel = build(build_root, model, seq, args.mode, layers)
+            bmodel = build(build_root, model, seq, args.mode, layers, args.dynamic)
             for copy in (False, True):  # the device path first: it is the one users run
                 for choice in args.choices:
                     result = measure(bmodel, not copy, prompt, args.tokens, choice == "sampling")
@@ -180,9 +183,10 @@ def report(rows: list[dict], args) -> str:
         dims = _dims(r["model"], r["layers"])
         r["formula"] = per_token_bytes(**dims, seq=r["seq"], copy=r["copy"], sampling=r["sampling"]) == \
             (r["token"]["h2d"], r["token"]["d2h"])
+    dynamic = ", dynamic=1 (the prefill at the prompt's length)" if args.dynamic else ""
     lines = [f"Mode {args.mode}, a {args.prompt}-token prompt then {args.tokens} generated tokens, on the BM1684X "
              f"simulator; {os.cpu_count()} cores, {time.strftime('%Y-%m-%d')}. Full-width models built with "
-             f"{args.layers} layers. Greedy: the greedy head (or the logits, on the copy path); sampling: "
+             f"{args.layers} layers{dynamic}. Greedy: the greedy head (or the logits, on the copy path); sampling: "
              "temperature 0.8, top-k 40, top-p 0.9, repetition penalty 1.1 (the sample head on the device path).",
              "", "Per generated token, as measured (the built depth):", "",
              "| model | seq | path | choice | h2d | d2h | d2d | launches | syncs | simulator s/token | "

@@ -264,10 +264,12 @@ class Runtime:
         tensor.st_mode = 0
         return tensor
 
-    def launch(self, net: str, inputs: list[Tensor], outputs: list[Tensor]) -> None:
-        """Queue a net on the device: no wait (sync() does that, once per step)."""
-        ok = self.bmrt.bmrt_launch_tensor_ex(self.p, net.encode(), (Tensor * len(inputs))(*inputs), len(inputs),
-                                             (Tensor * len(outputs))(*outputs), len(outputs), True, False)
+    def launch(self, net: str, inputs, outputs) -> None:
+        """Queue a net on the device: no wait (sync() does that, once per step). Lists of tensors,
+        or ctypes arrays of them (the runtime then writes a dynamic net's output shapes there)."""
+        arrays = [group if isinstance(group, ctypes.Array) else (Tensor * len(group))(*group) for group in (inputs, outputs)]
+        ok = self.bmrt.bmrt_launch_tensor_ex(self.p, net.encode(), arrays[0], len(inputs), arrays[1], len(outputs),
+                                             True, False)
         self.traffic.launches += 1
         if not ok:
             raise ToolchainError(f"the BM runtime failed to launch {net}{self._log_says()} (its log: {self.log})")
@@ -318,11 +320,12 @@ class Runtime:
             data = to_device_type(array, dtype)
             tensor.shape = _shape(data.shape)
             self.h2d(tensor.device_mem, data, t["device"], t["name"])
-        self.launch(net, list(inputs), list(outputs))
+        self.launch(net, inputs, outputs)
         self.sync()
         results = []
         for tensor, t, dtype in zip(outputs, spec["outputs"], out_types):
-            host = self.d2h(tensor.device_mem, np.zeros(t["shape"], DTYPES[dtype][1]), t["device"], t["name"])
+            shape = [tensor.shape.dims[d] for d in range(tensor.shape.num_dims)]  # a dynamic net's, as it ran
+            host = self.d2h(tensor.device_mem, np.zeros(shape, DTYPES[dtype][1]), t["device"], t["name"])
             results.append(from_device_type(host, dtype))
         return results
 

@@ -69,11 +69,13 @@ class HostWalk:
 
     def prefill(self, ids: list[int]) -> None:
         n, run = len(ids), self.backend.run
-        positions, mask = np.arange(self.seq, dtype=np.int32)[None], prefill_mask(n, self.seq)
+        rows = n if self.info.get("dynamic") else self.seq  # a dynamic prefill runs at the prompt's length
+        positions, mask = np.arange(rows, dtype=np.int32)[None], prefill_mask(n, rows)
         (hidden,) = run("embedding", {"input_ids": pad_ids(ids, self.seq)})
+        hidden = hidden[:, :rows]
         for i in range(self.layers):
-            hidden, self.k[i], self.v[i] = run(
-                f"block_{i}", {"input_states": hidden, "position_ids": positions, "attention_mask": mask})
+            hidden, k, v = run(f"block_{i}", {"input_states": hidden, "position_ids": positions, "attention_mask": mask})
+            self.k[i][:, :rows], self.v[i][:, :rows] = k, v
         self._head(hidden[:, n - 1])
 
     def decode(self, token: int, pos: int) -> None:

@@ -88,16 +88,19 @@ def test_a_dynamic_prefill_runs_at_the_prompts_length_and_gives_the_static_bmode
     assert {f"block_{i} at length {m}" for i in range(LAYERS) for m in lengths} <= set(pieces)
     assert all(r["ok"] for outputs in pieces.values() for r in outputs.values())
     logits, sent = {}, {}
-    for bmodel in (static, dynamic):
-        with IsolatedBmodelBackend(bmodel) as backend:
+    for bmodel, resident in ((static, True), (dynamic, True), (dynamic, False)):  # False: the copy path
+        with IsolatedBmodelBackend(bmodel, resident=resident) as backend:
             engine = Engine(backend)
-            logits[bmodel] = [engine.logits_along(list(range(40, 40 + n)), 3) for n in (1, 9, 28)]
-            sent[bmodel] = (backend.info["dynamic"], engine.prefill_traffic.h2d)
-    for a, b in zip(logits[static], logits[dynamic]):
-        assert all(np.array_equal(x, y) for x, y in zip(a, b))
+            logits[bmodel, resident] = [engine.logits_along(list(range(40, 40 + n)), 3) for n in (1, 9, 28)]
+            sent[bmodel, resident] = (backend.info["dynamic"], engine.prefill_traffic.h2d)
+    for run in ((dynamic, True), (dynamic, False)):
+        for a, b in zip(logits[static, True], logits[run]):
+            assert all(np.array_equal(x, y) for x, y in zip(a, b)), run
     n = 28  # positions and mask for the prompt's rows only
-    assert sent[static] == (False, SEQ * 4 + SEQ * 4 + SEQ * SEQ * BF16 + SEQ * 4)
-    assert sent[dynamic] == (True, SEQ * 4 + n * 4 + n * n * BF16 + SEQ * 4)
+    assert sent[static, True] == (False, SEQ * 4 + SEQ * 4 + SEQ * SEQ * BF16 + SEQ * 4)
+    assert sent[dynamic, True] == (True, SEQ * 4 + n * 4 + n * n * BF16 + SEQ * 4)
+    # the copy path sends each layer its inputs, for the prompt's rows only
+    assert sent[dynamic, False] == (True, SEQ * 4 + LAYERS * (n * HIDDEN * BF16 + n * 4 + n * n * BF16))
 
 
 def test_a_conversation_of_three_turns_on_the_device_answers_as_the_onnx_pipeline(built):
