@@ -195,10 +195,11 @@ def test_the_server_reports_what_crossed_to_the_device(built):
     assert traffic["prefill"]["syncs"] == 1 and traffic["prefill"]["d2h"] == 4
 
 
-@pytest.mark.parametrize("options", [[], ["--do_sample"]], ids=["default", "do_sample"])
+@pytest.mark.parametrize("options", [[], ["--do_sample"], ["--dynamic"]], ids=["default", "do_sample", "dynamic"])
 def test_llm_convert_bmodel_runs_in_our_runtime(built, tmp_path, options):
     """A bmodel made by tpu-mlir's own llm_convert.py: by default its lm_head returns the token, not
-    logits; with --do_sample it returns logits, and greedy_head / sample_head choose."""
+    logits; with --do_sample it returns logits, and greedy_head / sample_head choose; with --dynamic
+    its block_i run at the prompt's length, with the causal mask inside (no mask input)."""
     build_dir, onnx, _, ids = built
     if shutil.which("parallel") is None:
         pytest.fail("llm_convert.py needs GNU parallel (apt-get install parallel; .ci/run installs it)")
@@ -210,8 +211,10 @@ def test_llm_convert_bmodel_runs_in_our_runtime(built, tmp_path, options):
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     bmodel = next((tmp_path / "out").glob("*.bmodel"))
     backend = IsolatedBmodelBackend(bmodel)
-    sampling = bool(options)
+    sampling = "--do_sample" in options
     assert backend.info["seq"] == 32 and backend.info["num_layers"] == 2
+    assert backend.info["dynamic"] == ("--dynamic" in options)
+    assert len(backend.nets["block_0"]["inputs"]) == (2 if "--dynamic" in options else 3)
     assert (backend.info["head"], backend.info["greedy_head"], backend.info["sample_head"]) == \
         (("logits", True, 50) if sampling else ("token", False, 0))
     # teacher-forced along the ONNX pipeline's greedy path: the same choice wherever it is not a near-tie
