@@ -148,8 +148,11 @@ def test_editing_a_module_deep_in_a_stages_imports_reruns_that_stage_only(tmp_pa
 @pytest.mark.compiler
 def test_ctrl_c_stops_the_build_as_interrupted_not_failed(tmp_path):
     args = ["build", "model=tiny-qwen3", f"build_dir={tmp_path}", f"dist_dir={tmp_path / 'dist'}"]
+    # as from a terminal: Ctrl-C's default action (a test run started in the background, `cmd &` in a
+    # script, inherits SIGINT ignored, and so would the build)
     process = subprocess.Popen([str(DOIT), *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               text=True, start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                               text=True, start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     lines = []
     for line in process.stdout:
         lines.append(line)
