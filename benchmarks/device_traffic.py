@@ -40,16 +40,17 @@ PUBLISHED = {("qwen-7b", "int4", 512): 9.84, ("qwen-7b", "int4", 2048): 7.25,
              ("qwen2.5-7b", "int4", 512): 10.26, ("qwen2.5-7b", "int4", 2048): 9.75}
 
 
-def build(build_dir: Path, model: str, seq: int, mode: str, layers: int | None, dynamic: bool) -> Path:
-    variables = [f"model={model}", f"seq={seq}", f"mode={mode}", f"build_dir={build_dir}",
-                 f"dist_dir={build_dir / 'dist'}", f"dynamic={int(dynamic)}"] + ([f"layers={layers}"] if layers else [])
+def build(build_dir: Path, model: str, seq: int, mode: str, layers: int | None, dynamic: bool):
+    """`doit combine` of the variant; its BuildConfig (where the bmodel and the seq's files are)."""
+    from pipeline.build_config import parse_build_config
+
+    variables = {"model": model, "seq": str(seq), "mode": mode, "build_dir": str(build_dir),
+                 "dist_dir": str(build_dir / "dist"), "dynamic": str(int(dynamic)),
+                 **({"layers": str(layers)} if layers else {})}
     print(f"building {model} seq {seq} ({time.strftime('%H:%M:%S')})", file=sys.stderr)
-    subprocess.run([str(DOIT), "combine", *variables], cwd=ROOT, check=True, capture_output=True)
-    return build_dir / "dist" / f"{_name(model, layers)}_{mode}_seq{seq}_1dev{'_dyn' if dynamic else ''}.bmodel"
-
-
-def _name(model: str, layers: int | None) -> str:
-    return f"{model}-{layers}l" if layers else model
+    subprocess.run([str(DOIT), "combine", *(f"{k}={v}" for k, v in variables.items())], cwd=ROOT, check=True,
+                   capture_output=True)
+    return parse_build_config(variables)
 
 
 def measure(bmodel: Path, resident: bool, prompt: list[int], tokens: int, sampling: bool) -> dict:
@@ -164,7 +165,8 @@ def main():
         model, _, depth = spec.partition(":")
         layers = int(depth) if depth else args.layers if model in REAL_LAYERS else None
         for seq in args.seqs:
-            bmodel = build(build_root, model, seq, args.mode, layers, args.dynamic)
+            built = build(build_root, model, seq, args.mode, layers, args.dynamic)
+            bmodel = built.dist_dir / f"{built.dist_name}.bmodel"
             for copy in (False, True):  # the device path first: it is the one users run
                 for choice in args.choices:
                     result = measure(bmodel, not copy, prompt, args.tokens, choice == "sampling")
@@ -174,7 +176,7 @@ def main():
                           f"{result['token_seconds']:.1f} s/token ({time.strftime('%H:%M:%S')})", file=sys.stderr)
                     publish(report(rows, args), args.out)  # after every row: a long run that stops keeps what it measured
             if not args.keep:  # the bmodel stays in dist/; the ONNX and MLIR of this seq go
-                shutil.rmtree(build_root / _name(model, layers) / f"seq{seq}", ignore_errors=True)
+                shutil.rmtree(built.seq_dir, ignore_errors=True)
 
 
 def report(rows: list[dict], args) -> str:

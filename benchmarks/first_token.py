@@ -24,12 +24,15 @@ DOIT = Path(sys.executable).parent / "doit"
 
 def build(args, dynamic: bool) -> tuple[Path, float]:
     """The combined bmodel, and the seconds its block_i deploys took (what `dynamic` changes)."""
-    variables = [f"model={args.model}", f"layers={args.layers}", f"seq={args.seq}", f"mode={args.mode}",
-                 f"dynamic={int(dynamic)}", f"build_dir={args.build_dir}", f"dist_dir={args.build_dir / 'dist'}"]
-    out = subprocess.run([str(DOIT), "combine", *variables], cwd=ROOT, check=True, capture_output=True, text=True)
+    from pipeline.build_config import parse_build_config
+
+    variables = {"model": args.model, "layers": str(args.layers), "seq": str(args.seq), "mode": args.mode,
+                 "dynamic": str(int(dynamic)), "build_dir": str(args.build_dir), "dist_dir": str(args.build_dir / "dist")}
+    out = subprocess.run([str(DOIT), "combine", *(f"{k}={v}" for k, v in variables.items())], cwd=ROOT, check=True,
+                         capture_output=True, text=True)
     deploys = [float(m[1]) for m in re.finditer(r"\[deploy \d+/\d+\] block_\d+ done in ([\d.]+) s", out.stdout + out.stderr)]
-    name = f"{args.model}-{args.layers}l_{args.mode}_seq{args.seq}_1dev{'_dyn' if dynamic else ''}.bmodel"
-    return args.build_dir / "dist" / name, sum(deploys)
+    built = parse_build_config(variables)
+    return built.dist_dir / f"{built.dist_name}.bmodel", sum(deploys)
 
 
 def first_tokens(bmodel: Path, prompts: list[int]) -> list[dict]:
