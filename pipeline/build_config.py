@@ -17,7 +17,7 @@ CHIPS = ("bm1684x", "bm1688", "cv186x")
 SEQ_MULTIPLE = 8
 SEQ_MIN = 16
 VARIABLES = ("model", "mode", "devices", "seq", "chip", "path", "group_size", "build_dir", "dist_dir", "layers",
-             "sim_tokens", "dynamic")
+             "sim_tokens", "dynamic", "history", "chunk")
 # greedy steps of the whole-bmodel decode in `doit verify` on the simulator: as many as the ONNX
 # check's (verify.NEW_TOKENS, at most), or fewer (0: the pieces only), since a full-width block takes
 # minutes a step there
@@ -37,6 +37,8 @@ class BuildConfig:
     dist_dir: Path
     sim_tokens: int = SIM_TOKENS_MAX
     dynamic: bool = False  # prefill nets compiled dynamic: run at the prompt's length (llm_convert --dynamic)
+    history: bool = False  # block_kv nets: prefill against the cache (llm_convert --use_history_kv)
+    chunk: int = 0         # block_kv's tokens per run (llm_convert --chunk_length)
 
     @property
     def model_dir(self) -> Path:
@@ -55,11 +57,23 @@ class BuildConfig:
         return f"{self.mode}{group}_{self.devices}dev_{self.chip}{'_dyn' if self.dynamic else ''}"
 
     @property
+    def history_chunk(self) -> int:
+        """block_kv's tokens per run; 0 without history nets."""
+        return self.chunk if self.history else 0
+
+    @property
+    def target(self) -> str:
+        """The combined bmodel's key: the variant, and the nets added to it (the deployed pieces of
+        one variant are shared whatever is added)."""
+        return self.variant + (f"_hist_c{self.chunk}" if self.history else "")
+
+    @property
     def dist_name(self) -> str:
         chip = "" if self.chip == "bm1684x" else f"_{self.chip}"
         group = "" if self.group_size == 64 or not MODES[self.mode].startswith("W4") else f"_g{self.group_size}"
         dynamic = "_dyn" if self.dynamic else ""
-        return f"{self.model.name}_{self.mode}{group}_seq{self.seq}_{self.devices}dev{chip}{dynamic}"
+        history = f"_hist_c{self.chunk}" if self.history else ""
+        return f"{self.model.name}_{self.mode}{group}_seq{self.seq}_{self.devices}dev{chip}{dynamic}{history}"
 
 
 def _int(name: str, value: str) -> int:
@@ -107,6 +121,12 @@ def parse_build_config(variables: dict[str, str | None]) -> BuildConfig:
         raise PipelineError(f"sim_tokens={sim_tokens} is not allowed; use 0 (check the pieces only) to "
                             f"{SIM_TOKENS_MAX} (the default)")
     dynamic = _choice("dynamic", given.get("dynamic", "0"), ("0", "1")) == "1"
+    history = _choice("history", given.get("history", "0"), ("0", "1")) == "1"
+    chunk = _int("chunk", given.get("chunk", str(seq // 4 if history else 0)))
+    if history and not 1 <= chunk <= seq // 2:  # llm_convert's bound: a chunk at most half the window
+        raise PipelineError(f"chunk={chunk} is not allowed with seq={seq}: use 1 to {seq // 2} (default seq/4)")
+    if not history and "chunk" in given:
+        raise PipelineError("chunk= is the history prefill's chunk length: give it with history=1")
     path = None
     if "path" in given:
         path = Path(given["path"]).expanduser().resolve()
@@ -115,7 +135,7 @@ def parse_build_config(variables: dict[str, str | None]) -> BuildConfig:
     build_dir = Path(given.get("build_dir") or os.environ.get("QWEN_TPU_BUILD_DIR") or PROJECT_ROOT / "build")
     dist_dir = Path(given.get("dist_dir") or os.environ.get("QWEN_TPU_DIST_DIR") or PROJECT_ROOT / "dist")
     return BuildConfig(model, mode, devices, seq, chip, path, group_size, build_dir.expanduser().resolve(),
-                       dist_dir.expanduser().resolve(), sim_tokens, dynamic)
+                       dist_dir.expanduser().resolve(), sim_tokens, dynamic, history, chunk)
 
 
 def variables_given(argv: list[str] | None = None) -> dict[str, str]:

@@ -158,6 +158,8 @@ def describe(bmodel: Path, info: dict, build: dict, source_folder: str, fingerpr
 
 def describe_markdown(d: dict) -> str:
     prefill = " (dynamic: the prefill runs at the prompt's length)" if d.get("dynamic") else ""
+    if d.get("history"):
+        prefill += f"; history prefill nets block_kv_i, {d['chunk']} tokens a run against the cache"
     lines = [f"# {d['file']}", "",
              f"{d['display_name']} ({d['family']}), mode {d['mode']} ({d['quantize']}"
              f"{', group ' + str(d['group_size']) if d['quantize'].startswith('W4') else ''}), "

@@ -37,7 +37,7 @@ def export_piece(piece: Piece, config: dict, source: Path, mapping: dict, out: P
     ckpt = Checkpoint(source)
     module = build_piece(piece.kind, piece.layer, config,
                          lambda name: load_tensor(ckpt, mapping, name).to(torch.float32))
-    dims = Dims.from_config(config)
+    dims = Dims.from_config(config, piece.chunk)
     inputs, outputs = io_spec(piece.kind, dims)
     out.parent.mkdir(parents=True, exist_ok=True)
     weight_bytes = sum(t.numel() * t.element_size() for t in module.state_dict().values())
@@ -56,7 +56,7 @@ def export_piece(piece: Piece, config: dict, source: Path, mapping: dict, out: P
         if weight_bytes > external_data_bytes:
             _to_single_external_file(tmp / out.name)
         if piece.kind in DYNAMIC_KINDS:
-            explicit_reshapes(tmp / out.name)
+            explicit_reshapes(tmp / out.name, inputs[0][1][1])  # input_states [1, L, H]
         _publish(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -66,11 +66,13 @@ def export_piece(piece: Piece, config: dict, source: Path, mapping: dict, out: P
                        encoding="utf-8")
 
 
-def explicit_reshapes(path: Path) -> None:
-    """Every Reshape's target shape written out in full (no -1, no 0), from ONNX's shape inference.
-    A net compiled dynamic infers each reshape's output at run time from its target shape: a -1
-    there takes up the change in length (a [1,L,512] projection reshaped to [1,SEQ,-1,128] gave
-    [1,SEQ,L/SEQ*4,128]), where the written-out SEQ is read as the length that varies."""
+def explicit_reshapes(path: Path, length: int) -> None:
+    """Every Reshape's target written as llm_convert writes its own: -1 at the length (dim 1 of
+    [1, L, ...]), every other dim in full, from ONNX's shape inference. A net compiled dynamic
+    infers each reshape's output at run time from its target: a -1 elsewhere takes up the change in
+    length (a [1,L,512] projection reshaped to [1,SEQ,-1,128] gave [1,SEQ,L/SEQ*4,128]), and a
+    length written out in full is found by its value, so another dim of that value varies with it
+    (head_dim 16 in a 16-token chunk: a slice of it then failed at 5 tokens)."""
     import numpy as np
     import onnx
     from onnx import numpy_helper, shape_inference
@@ -88,6 +90,8 @@ def explicit_reshapes(path: Path) -> None:
         target, out = constants.get(node.input[1]), shapes.get(node.output[0])
         if target is None or not out or 0 in out:
             raise ValueError(f"{path.name}: reshape {node.name} has no constant target or no inferred shape")
+        if out[:2] == [1, length]:
+            out = [1, -1, *out[2:]]
         if list(target) != out:
             name = f"{node.output[0]}_shape"
             model.graph.initializer.append(numpy_helper.from_array(np.array(out, np.int64), name))

@@ -8,6 +8,8 @@ SEQ = seq_length, H = hidden, KVH = key/value heads, D = head dim, V = vocabular
                                                                    -> hidden_states, past_k, past_v [1,SEQ,KVH,D]
   block_cache_i    input_states [1,1,H], position_ids [1,1], attention_mask [1,1,1,SEQ+1],
                    history_k, history_v [1,SEQ,KVH,D]             -> hidden_states [1,1,H], past_k, past_v [1,1,KVH,D]
+  block_kv_i       input_states [1,C,H], position_ids [1,C], attention_mask [1,1,C,SEQ+C],
+                   history_k, history_v [1,SEQ,KVH,D]             -> hidden_states [1,C,H], past_k, past_v [1,C,KVH,D]
   lm_head          hidden_states [1,H] (final norm inside)        -> logits [1,V]
   greedy_head      logits [1,V]                                   -> token_id [1,1] int32
   sample_head      logits [1,V], input_ids [1,SEQ] int32 (the tokens so far, padded with the first),
@@ -15,13 +17,15 @@ SEQ = seq_length, H = hidden, KVH = key/value heads, D = head dim, V = vocabular
                                                                    -> probs, token_ids [1,TOP_K_MAX+1]
 The heads choose the next token on the device, as tpu-mlir's llm_convert.py --do_sample builds them:
 greedy_head the argmax, sample_head the candidates the host draws from (runtime/sampling.py's rule).
+block_kv_i (`history=1`, llm_convert --use_history_kv) prefills C = `chunk` new tokens against the
+history already in the cache: a chat's later turns, and prompts longer than a chunk, chunk by chunk.
 Masks are additive: 0 attends, runtime.engine.MASK_VALUE masks (see its mask builders).
 """
 from dataclasses import dataclass
 
 # the kinds compiled dynamic with `dynamic=1` (llm_convert --dynamic): the prefill, run at the
 # prompt's length; the export writes their reshapes out in full (export.explicit_reshapes)
-DYNAMIC_KINDS = ("block",)
+DYNAMIC_KINDS = ("block", "block_kv")
 TOP_K_MAX = 50  # the sample head's top-k (llm_convert's too); it returns one candidate more, to see a tie at the cut
 
 
@@ -31,13 +35,22 @@ class Piece:
     kind: str            # embedding | embedding_cache | block | block_cache | lm_head
     group: str           # the weight group it reads (see patch.weight_groups)
     layer: int | None = None
+    chunk: int = 0       # block_kv: the new tokens per run
+
+    @property
+    def file(self) -> str:
+        """Its artifacts' name: a block_kv of each chunk length has its own (switching back is free)."""
+        return f"{self.name}_c{self.chunk}" if self.chunk else self.name
 
 
-def model_pieces(num_layers: int) -> list[Piece]:
+def model_pieces(num_layers: int, history: int = 0) -> list[Piece]:
+    """The pieces of a model; `history` = C adds the block_kv_i that prefill C tokens against the cache."""
     pieces = [Piece("embedding", "embedding", "embed"), Piece("embedding_cache", "embedding_cache", "embed")]
     for i in range(num_layers):
         pieces.append(Piece(f"block_{i}", "block", f"layer_{i}", i))
         pieces.append(Piece(f"block_cache_{i}", "block_cache", f"layer_{i}", i))
+        if history:
+            pieces.append(Piece(f"block_kv_{i}", "block_kv", f"layer_{i}", i, history))
     pieces.append(Piece("lm_head", "lm_head", "head"))
     pieces += [Piece("greedy_head", "greedy_head", "head"), Piece("sample_head", "sample_head", "head")]
     return pieces
@@ -51,12 +64,13 @@ class Dims:
     kv_heads: int
     head_dim: int
     vocab: int
+    chunk: int = 0  # block_kv's new tokens (not in the config: a build variable)
 
     @classmethod
-    def from_config(cls, config: dict) -> "Dims":
+    def from_config(cls, config: dict, chunk: int = 0) -> "Dims":
         head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
         return cls(config["seq_length"], config["num_hidden_layers"], config["hidden_size"],
-                   config["num_key_value_heads"], head_dim, config["vocab_size"])
+                   config["num_key_value_heads"], head_dim, config["vocab_size"], chunk)
 
 
 def io_spec(kind: str, d: Dims) -> tuple[list[tuple[str, tuple, str]], list[str]]:
@@ -68,6 +82,9 @@ def io_spec(kind: str, d: Dims) -> tuple[list[tuple[str, tuple, str]], list[str]
         "embedding_cache": ([("input_ids", (1, 1), "int32")], ["hidden_states"]),
         "block": ([("input_states", (1, d.seq, d.hidden), "float32"), ("position_ids", (1, d.seq), "int32"),
                    ("attention_mask", (1, 1, d.seq, d.seq), "float32")], block_out),
+        "block_kv": ([("input_states", (1, d.chunk, d.hidden), "float32"), ("position_ids", (1, d.chunk), "int32"),
+                      ("attention_mask", (1, 1, d.chunk, d.seq + d.chunk), "float32"),
+                      ("history_k", kv, "float32"), ("history_v", kv, "float32")], block_out),
         "block_cache": ([("input_states", (1, 1, d.hidden), "float32"), ("position_ids", (1, 1), "int32"),
                          ("attention_mask", (1, 1, 1, d.seq + 1), "float32"),
                          ("history_k", kv, "float32"), ("history_v", kv, "float32")], block_out),

@@ -72,7 +72,8 @@ class Paths:
         self.export_config = self.seq / "config.json"
         self.onnx = self.seq / "onnx"
         self.logs = self.seq / "logs"
-        self.report = self.seq / "verify" / "report.json"
+        # the ONNX check walks the pieces there are: with history nets, a report of its own
+        self.report = self.seq / "verify" / (f"report_hist_c{build.chunk}.json" if build.history else "report.json")
         self.layers_plot = self.seq / "verify" / "layers.png"
         self.transform = self.seq / "transform"
         self.deploy = self.seq / "deploy" / build.variant
@@ -154,16 +155,16 @@ class ExportTasks(Stage):
 
     def __init__(self, build: BuildConfig, paths: Paths):
         self.build, self.paths = build, paths
-        self.pieces = model_pieces(build.model.architecture.num_layers)
+        self.pieces = model_pieces(build.model.architecture.num_layers, build.history_chunk)
 
     def target(self, piece) -> Path:
-        return self.paths.onnx / f"{piece.name}.onnx"
+        return self.paths.onnx / f"{piece.file}.onnx"
 
     def tasks(self):
         """one ONNX file per piece of the net interface"""
         for k, piece in enumerate(self.pieces, 1):
-            yield {"name": f"{self.build.model.name}/seq{self.build.seq}/{piece.name}",
-                   "doc": f"export {piece.name} to ONNX", "actions": [(self.action(self.run), [piece, k])],
+            yield {"name": f"{self.build.model.name}/seq{self.build.seq}/{piece.file}",
+                   "doc": f"export {piece.file} to ONNX", "actions": [(self.action(self.run), [piece, k])],
                    "file_dep": [self.paths.export_config, self.paths.tensor_map,
                                 self.paths.fingerprint(piece.group), *CODE["export"]],
                    "targets": [self.target(piece)], "uptodate": [config_changed(TOOL_VERSIONS)], "clean": True}
@@ -172,11 +173,11 @@ class ExportTasks(Stage):
         from .export import export_piece
 
         start = time.perf_counter()
-        log = self.paths.logs / "export" / f"{piece.name}.log"
-        say(f"[export {index}/{len(self.pieces)}] {piece.name} ...")
+        log = self.paths.logs / "export" / f"{piece.file}.log"
+        say(f"[export {index}/{len(self.pieces)}] {piece.file} ...")
         export_piece(piece, read_json(self.paths.export_config), Path(read_json(self.paths.source)["folder"]),
                      read_json(self.paths.tensor_map), self.target(piece), log)
-        say(f"[export {index}/{len(self.pieces)}] {piece.name} done in {time.perf_counter() - start:.1f} s (log {log})")
+        say(f"[export {index}/{len(self.pieces)}] {piece.file} done in {time.perf_counter() - start:.1f} s (log {log})")
 
 
 class TransformTasks(Stage):
@@ -186,17 +187,17 @@ class TransformTasks(Stage):
         self.build, self.paths, self.export = build, paths, export
 
     def mlir(self, piece) -> Path:
-        return self.paths.transform / piece.name / f"{piece.name}.mlir"
+        return self.paths.transform / piece.file / f"{piece.name}.mlir"
 
     def weights(self, piece) -> Path:
         """The weight file the mlir names (model_transform's convention)."""
-        return self.paths.transform / piece.name / f"{piece.name}_top_f32_all_weight.npz"
+        return self.paths.transform / piece.file / f"{piece.name}_top_f32_all_weight.npz"
 
     def tasks(self):
         """model_transform.py per piece (one long-lived toolchain process for all)"""
         for k, piece in enumerate(self.export.pieces, 1):
-            yield {"name": f"{self.build.model.name}/seq{self.build.seq}/{piece.name}",
-                   "doc": f"transform {piece.name} to MLIR", "actions": [(self.action(self.run), [piece, k])],
+            yield {"name": f"{self.build.model.name}/seq{self.build.seq}/{piece.file}",
+                   "doc": f"transform {piece.file} to MLIR", "actions": [(self.action(self.run), [piece, k])],
                    "file_dep": [self.export.target(piece), *CODE["transform"]],
                    "targets": [self.mlir(piece), self.weights(piece)], "meta": {"outputs": [self.mlir(piece).parent]},
                    "uptodate": [config_changed(COMPILER)], "clean": [(_rmtree, [self.mlir(piece).parent])]}
@@ -205,10 +206,10 @@ class TransformTasks(Stage):
         from .compile import transform
 
         start, total = time.perf_counter(), len(self.export.pieces)
-        log = self.paths.logs / "transform" / f"{piece.name}.log"
-        say(f"[transform {index}/{total}] {piece.name} ...")
+        log = self.paths.logs / "transform" / f"{piece.file}.log"
+        say(f"[transform {index}/{total}] {piece.file} ...")
         transform(piece, self.export.target(piece), self.mlir(piece).parent, log, self.paths.logs)
-        say(f"[transform {index}/{total}] {piece.name} done in {time.perf_counter() - start:.1f} s (log {log})")
+        say(f"[transform {index}/{total}] {piece.file} done in {time.perf_counter() - start:.1f} s (log {log})")
 
 
 class DeployTasks(Stage):
@@ -219,7 +220,7 @@ class DeployTasks(Stage):
         self.pieces = transform.export.pieces
 
     def bmodel(self, piece) -> Path:
-        return self.paths.deploy / f"{piece.name}.bmodel"
+        return self.paths.deploy / f"{piece.file}.bmodel"
 
     def tasks(self):
         """model_deploy.py per piece for this mode, device count and chip"""
@@ -228,8 +229,8 @@ class DeployTasks(Stage):
         b = self.build
         for k, piece in enumerate(self.pieces, 1):
             args = deploy_args(piece, b.mode, b.devices, b.chip, b.group_size, b.dynamic)
-            yield {"name": f"{b.model.name}/seq{b.seq}/{b.variant}/{piece.name}",
-                   "doc": f"deploy {piece.name} ({b.mode}, {b.devices} device(s), {b.chip})",
+            yield {"name": f"{b.model.name}/seq{b.seq}/{b.variant}/{piece.file}",
+                   "doc": f"deploy {piece.file} ({b.mode}, {b.devices} device(s), {b.chip})",
                    "actions": [(self.action(self.run), [piece, args, k])],
                    "file_dep": [self.transform.mlir(piece), self.transform.weights(piece), *CODE["deploy"]],
                    "targets": [self.bmodel(piece)],
@@ -239,10 +240,10 @@ class DeployTasks(Stage):
         from .compile import deploy
 
         start, total = time.perf_counter(), len(self.pieces)
-        log = self.paths.logs / "deploy" / self.build.variant / f"{piece.name}.log"
-        say(f"[deploy {index}/{total}] {piece.name} {' '.join(args[:2])} ...")
+        log = self.paths.logs / "deploy" / self.build.variant / f"{piece.file}.log"
+        say(f"[deploy {index}/{total}] {piece.file} {' '.join(args[:2])} ...")
         deploy(piece, self.transform.mlir(piece).parent, args, self.bmodel(piece), log, self.paths.logs)
-        say(f"[deploy {index}/{total}] {piece.name} done in {time.perf_counter() - start:.1f} s (log {log})")
+        say(f"[deploy {index}/{total}] {piece.file} done in {time.perf_counter() - start:.1f} s (log {log})")
 
 
 class CombineTasks(Stage):
@@ -254,7 +255,7 @@ class CombineTasks(Stage):
     def tasks(self):
         """model_tool --combine into dist/, checked against the net contract, with a description"""
         b = self.build
-        yield {"name": f"{b.model.name}/seq{b.seq}/{b.variant}", "doc": f"combine into {self.paths.dist.name}",
+        yield {"name": f"{b.model.name}/seq{b.seq}/{b.target}", "doc": f"combine into {self.paths.dist.name}",
                "actions": [self.action(self.run)],
                "file_dep": [*(self.deploy.bmodel(p) for p in self.deploy.pieces), *CODE["combine"]],
                "targets": [self.paths.dist, self.paths.dist.with_suffix(".json"), self.paths.dist.with_suffix(".md")],
@@ -266,13 +267,13 @@ class CombineTasks(Stage):
 
         start, b = time.perf_counter(), self.build
         pieces = self.deploy.pieces
-        log = self.paths.logs / "combine" / f"{b.variant}.log"
+        log = self.paths.logs / "combine" / f"{b.target}.log"
         info = combine([self.deploy.bmodel(p) for p in pieces], self.paths.dist, [p.name for p in pieces], log)
         tokenizer = f"{b.model.name}-tokenizer"  # shared by this model's bmodels
         copy_tokenizer(self.paths.onnx, self.paths.dist.parent / tokenizer)
         build = {"model": b.model.name, "display_name": b.model.display_name, "family": b.model.family,
                  "mode": b.mode, "group_size": b.group_size, "devices": b.devices, "chip": b.chip, "seq": b.seq,
-                 "dynamic": b.dynamic, "tokenizer": tokenizer, "tools": {**TOOL_VERSIONS, **COMPILER}}
+                 "dynamic": b.dynamic, "history": b.history, "chunk": b.chunk, "tokenizer": tokenizer, "tools": {**TOOL_VERSIONS, **COMPILER}}
         fingerprints = {g.stem: read_json(g)["sha256"] for g in sorted(self.paths.weights.glob("*.json"))}
         described = describe(self.paths.dist, info, build, read_json(self.paths.source)["folder"], fingerprints)
         say(f"[combine] {self.paths.dist} ({described['bytes'] / 2**20:.1f} MiB, {len(info['nets'])} nets) "
@@ -291,11 +292,13 @@ class VerifyTasks(Stage):
 
     def __init__(self, build: BuildConfig, paths: Paths, export: ExportTasks, deploy: DeployTasks):
         self.build, self.paths, self.export, self.deploy = build, paths, export, deploy
-        self.sim_report = paths.seq / "verify" / build.variant / "report.json"
+        self.sim_report = paths.seq / "verify" / build.target / "report.json"
 
     @property
     def name(self) -> str:
-        return f"{self.build.model.name}/seq{self.build.seq}"
+        """The ONNX check's task: per seq, and per history chunk (it walks those pieces too)."""
+        b = self.build
+        return f"{b.model.name}/seq{b.seq}" + (f"/hist_c{b.chunk}" if b.history else "")
 
     def tasks(self):
         """onnxruntime vs torch per piece, greedy decode vs transformers"""
@@ -307,7 +310,7 @@ class VerifyTasks(Stage):
                "targets": [self.paths.report, self.paths.report.with_suffix(".md")],
                "uptodate": [config_changed({**TOOL_VERSIONS, "prompts": self.build.model.verify_prompts})],
                "clean": True}
-        yield {"name": f"{self.name}/{self.build.variant}",
+        yield {"name": f"{self.build.model.name}/seq{self.build.seq}/{self.build.target}",
                "doc": "on the simulator: each deployed piece vs onnxruntime; combined bmodel's greedy decode",
                "actions": [self.action(self.run_simulator)],
                "file_dep": [self.paths.dist, *(self.deploy.bmodel(p) for p in self.export.pieces),
@@ -342,7 +345,7 @@ def make_tasks(build: BuildConfig) -> dict:
     def task_build():
         """the whole chain for model=, mode=, devices=, seq=, chip= (default task)"""
         return {"actions": None, "task_dep": [f"verify:{verify.name}",
-                                              f"combine:{build.model.name}/seq{build.seq}/{build.variant}"]}
+                                              f"combine:{build.model.name}/seq{build.seq}/{build.target}"]}
 
     namespace = {"task_build": task_build}
     for gen in generators:

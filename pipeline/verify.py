@@ -119,7 +119,7 @@ class _Compared:
     def __init__(self, dims: Dims, reference, candidate, judge, progress):
         self.info = {"seq": dims.seq, "num_layers": dims.num_layers, "kv_heads": dims.kv_heads,
                      "head_dim": dims.head_dim}
-        self.dims, self.pieces = dims, {p.name: p for p in model_pieces(dims.num_layers)}
+        self.dims, self.pieces = dims, {p.name: p for p in model_pieces(dims.num_layers, dims.chunk)}
         self.reference, self.candidate, self.judge, self.progress = reference, candidate, judge, progress
         self.results = {}
 
@@ -137,27 +137,41 @@ class _Compared:
 
 def walk_pieces(dims: Dims, ids: list[int], reference, candidate, judge, progress) -> dict:
     """Run every piece on the activations of `ids` (prefill), of the heads on its logits, and of
-    its next token (decode): the engine's walk, each net judged on the way (see _Compared)."""
+    its next token (decode): the engine's walk, each net judged on the way (see _Compared). With
+    history nets (dims.chunk), a next turn follows: a whole chunk of new tokens (the prompt's own,
+    again) prefilled against the cache of the prompt and its answer's first token."""
     compared = _Compared(dims, reference, candidate, judge, progress)
-    walk = HostWalk(compared)
+    walk = HostWalk(compared)  # its plan sees no history nets: the prompt goes through block_i
     walk.prefill(ids)
     logits = walk.logits()[None]
     compared.run("greedy_head", {"logits": logits})
     compared.run("sample_head", {"logits": logits, "input_ids": penalty_window(ids, dims.seq), **SAMPLE_CHECK})
-    walk.decode(int(np.argmax(logits)), len(ids))
+    token = int(np.argmax(logits))
+    walk.decode(token, len(ids))
+    if dims.chunk:
+        walk.info["history"] = dims.chunk
+        walk.prefill(next_turn(ids, token, dims), len(ids) + 1)
     return compared.results
 
 
-def check_pieces(config: dict, source: Path, mapping: dict, onnx_dir: Path, ids: list[int], progress) -> dict:
+def next_turn(ids: list[int], token: int, dims: Dims) -> list[int]:
+    """The conversation after `ids` and `token`, with up to a whole chunk of new tokens (as many as
+    the window leaves room for)."""
+    room = min(dims.chunk, dims.seq - len(ids) - 2)
+    return ids + [token] + (ids * (room // len(ids) + 1))[:room]
+
+
+def check_pieces(config: dict, source: Path, mapping: dict, onnx_dir: Path, ids: list[int], progress,
+                 chunk: int = 0) -> dict:
     """Each ONNX piece in onnxruntime against its torch module, fed the torch pipeline's activations."""
-    torch_pieces, onnx = _Pieces(config, source, mapping), OnnxBackend(onnx_dir)
+    torch_pieces, onnx = _Pieces(config, source, mapping), OnnxBackend(onnx_dir, chunk=chunk)
 
     def candidate(net, feeds):
         outputs = onnx.run(net, feeds)
         onnx.close(net)  # one session at a time: memory follows the largest piece
         return outputs
 
-    return walk_pieces(Dims.from_config(config), ids, lambda net, kind, layer, feeds: torch_pieces.run(kind, layer, feeds),
+    return walk_pieces(Dims.from_config(config, chunk), ids, lambda net, kind, layer, feeds: torch_pieces.run(kind, layer, feeds),
                        candidate, lambda kind, ref, got: compare(ref, got), progress)
 
 
@@ -203,7 +217,7 @@ def model_bytes_fp32(source: Path) -> int:
     return sum(4 * int(np.prod(info["shape"])) for _, info in ckpt.tensor_index.values())
 
 
-def decode_check(config, source, mapping, family, onnx_dir, ids, new_tokens) -> dict:
+def decode_check(config, source, mapping, family, onnx_dir, ids, new_tokens, chunk: int = 0) -> dict:
     import psutil
 
     need = int(model_bytes_fp32(source) * 2.5)  # transformers' model + every onnxruntime session
@@ -212,7 +226,7 @@ def decode_check(config, source, mapping, family, onnx_dir, ids, new_tokens) -> 
         return {"run": False, "reason": f"needs about {need / 2**30:.1f} GiB, {available / 2**30:.1f} GiB available"}
     start = time.perf_counter()
     ref_tokens, ref_logits = reference_generate(config, source, mapping, family, ids, new_tokens)
-    engine = Engine(OnnxBackend(onnx_dir))
+    engine = Engine(OnnxBackend(onnx_dir, chunk=chunk))  # with history nets, the prompt goes in chunks
     onnx_tokens = engine.greedy(ids, new_tokens)
     engine.prefill(ids)
     onnx_logits = engine.logits()
@@ -237,7 +251,7 @@ def answer_prompts(source: Path, prompts: list[str], seq: int) -> list[dict]:
     return out
 
 
-def answers_check(config, source, mapping, family, onnx_dir, questions: list[dict]) -> list[dict]:
+def answers_check(config, source, mapping, family, onnx_dir, questions: list[dict], chunk: int = 0) -> list[dict]:
     """Each question answered greedily by transformers' generate() and by the ONNX pieces."""
     import torch
 
@@ -246,7 +260,7 @@ def answers_check(config, source, mapping, family, onnx_dir, questions: list[dic
     tokenizer = load_tokenizer(source)
     stops = stop_ids(tokenizer)
     model = reference_model(config, source, mapping, family)
-    engine = Engine(OnnxBackend(onnx_dir))
+    engine = Engine(OnnxBackend(onnx_dir, chunk=chunk))  # with history nets, a question reuses the cached start
     results = []
     for q in questions:
         with torch.no_grad():
@@ -333,13 +347,15 @@ def run(build, paths, pieces, tools: dict) -> None:
     new_tokens = new_tokens_for(config["seq_length"])
     ids = prompt_ids(source, config["seq_length"], new_tokens)
     report = {"model": build.model.name, "seq": build.seq, "prompt_ids": ids, "tools": tools,
-              "pieces": check_pieces(config, source, mapping, paths.onnx, ids, progress)}
+              "pieces": check_pieces(config, source, mapping, paths.onnx, ids, progress, build.history_chunk)}
     say("[verify] greedy decode: onnx pieces vs transformers generate() ...")
-    report["decode"] = decode_check(config, source, mapping, build.model.family, paths.onnx, ids, new_tokens)
+    report["decode"] = decode_check(config, source, mapping, build.model.family, paths.onnx, ids, new_tokens,
+                                    build.history_chunk)
     if build.model.verify_prompts and report["decode"]["run"]:
         say(f"[verify] answers to {len(build.model.verify_prompts)} questions: onnx pieces vs transformers ...")
         questions = answer_prompts(source, build.model.verify_prompts, config["seq_length"])
-        report["answers"] = answers_check(config, source, mapping, build.model.family, paths.onnx, questions)
+        report["answers"] = answers_check(config, source, mapping, build.model.family, paths.onnx, questions,
+                                          build.history_chunk)
     write_json(paths.report, report)
     write_text(paths.report.with_suffix(".md"), markdown(report))
     failures = summarize(report)

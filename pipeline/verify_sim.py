@@ -20,7 +20,7 @@ from runtime.onnx_backend import OnnxBackend
 
 from .errors import PipelineError
 from .fsutil import atomic_path, read_json, write_json, write_text
-from .pieces import DYNAMIC_KINDS, Dims
+from .pieces import DYNAMIC_KINDS, Dims, model_pieces
 from .progress import say
 from .toolchain.install import ensure_toolchain
 from .toolchain.pyruntime_backend import PyruntimeBackend
@@ -91,17 +91,20 @@ def check_pieces(mode: str, dims: Dims, onnx_dir: Path, deploy_dir: Path, ids: l
                  progress, dynamic: bool = False) -> dict:
     """Every deployed piece on the verify prompt's activations; a dynamic build's prefill pieces
     also at shorter lengths (`<net> at length <m>`): one token, half the prompt, the prompt."""
-    onnx, at_lengths = OnnxBackend(onnx_dir), {}
+    onnx, at_lengths = OnnxBackend(onnx_dir, chunk=dims.chunk), {}
+    files = {p.name: p.file for p in model_pieces(dims.num_layers, dims.chunk)}
     min_cosine, max_rel = THRESHOLDS[mode]
 
     def judge(kind, ref, got):
         return compare(ref, got, min_cosine, max_rel)
 
     def candidate(net, feeds):  # each net runs once (a dynamic one once per length)
-        backend = sim.open(deploy_dir / f"{net}.bmodel", whole_model=False)
+        backend = sim.open(deploy_dir / f"{files[net]}.bmodel", whole_model=False)
         if dynamic and net.rpartition("_")[0] in DYNAMIC_KINDS:
             reference = onnx.run(net, feeds)
-            for rows in sorted({1, max(1, len(ids) // 2), len(ids)}):
+            # the tokens the walk gave it: the prompt, or the next turn's (verify.next_turn)
+            length = min(dims.chunk, dims.seq - len(ids) - 2) if net.startswith("block_kv_") else len(ids)
+            for rows in sorted({1, max(1, length // 2), length}):
                 got = backend.run(net, prefill_rows(feeds, rows))
                 at_lengths[f"{net} at length {rows}"] = {
                     name: judge(net, r[:, :rows], g) for name, r, g in zip(("hidden_states", "past_k", "past_v"),
@@ -114,17 +117,25 @@ def check_pieces(mode: str, dims: Dims, onnx_dir: Path, deploy_dir: Path, ids: l
 
 def prefill_rows(feeds: dict, rows: int) -> dict:
     """A prefill net's inputs for its first `rows` tokens (a causal net's outputs for them do not
-    depend on the later rows)."""
-    return {"input_states": feeds["input_states"][:, :rows], "position_ids": feeds["position_ids"][:, :rows],
-            **({"attention_mask": feeds["attention_mask"][:, :, :rows, :rows]} if "attention_mask" in feeds else {})}
+    depend on the later rows). A history prefill gets the cache's filled slots only, as the
+    runtime gives a dynamic one (engine.prefill_plan)."""
+    out = {"input_states": feeds["input_states"][:, :rows], "position_ids": feeds["position_ids"][:, :rows]}
+    if "history_k" not in feeds:
+        return {**out, **({"attention_mask": feeds["attention_mask"][:, :, :rows, :rows]} if "attention_mask" in feeds
+                          else {})}
+    seq, begin = feeds["history_k"].shape[1], int(feeds["position_ids"][0, 0])  # the first new token's position
+    mask = feeds["attention_mask"][:, :, :rows]
+    return {**out, "attention_mask": np.concatenate([mask[..., :begin], mask[..., seq:seq + rows]], axis=-1),
+            "history_k": feeds["history_k"][:, :begin], "history_v": feeds["history_v"][:, :begin]}
 
 
-def decode_check(mode: str, onnx_dir: Path, bmodel: Path, ids: list[int], new_tokens: int, sim: Simulator) -> dict:
+def decode_check(mode: str, onnx_dir: Path, bmodel: Path, ids: list[int], new_tokens: int, sim: Simulator,
+                 chunk: int = 0) -> dict:
     """The combined bmodel decodes the ONNX pipeline's greedy path (teacher forcing: both see the
     same tokens, so one flipped near-tie does not derail every later step) and each step's
     greedy choice is compared. A float build must agree wherever the reference's top-2 margin is
     above TIE_MARGIN; closer calls are reported, not required."""
-    onnx = OnnxBackend(onnx_dir)
+    onnx = OnnxBackend(onnx_dir, chunk=chunk)
     ref_logits = Engine(onnx).logits_along(ids, new_tokens)
     reference = [int(np.argmax(lg)) for lg in ref_logits]
     margins = [float(np.diff(np.sort(lg)[-2:])[0]) for lg in ref_logits]
@@ -148,14 +159,15 @@ def _lowest_cosine(ref_logits: list[np.ndarray], sim_logits: list[np.ndarray]) -
     return None if None in cosines else round(min(cosines), 6)
 
 
-def answers_check(mode: str, onnx_dir: Path, bmodel: Path, answers: list[dict], sim: Simulator) -> list[dict]:
+def answers_check(mode: str, onnx_dir: Path, bmodel: Path, answers: list[dict], sim: Simulator,
+                  chunk: int = 0) -> list[dict]:
     """The combined bmodel answers the model's questions, teacher-forced along transformers'
     answers: up to the first different choice, that is exactly what a free-running greedy answer
     shares with transformers' (and each later step is still compared). A float build must agree
     wherever the fp32 top-2 margin is at least TIE_MARGIN."""
     from runtime.tokenizer import load_tokenizer
 
-    onnx, simulated = Engine(OnnxBackend(onnx_dir)), Engine(sim.open(bmodel))
+    onnx, simulated = Engine(OnnxBackend(onnx_dir, chunk=chunk)), Engine(sim.open(bmodel))
     tokenizer = load_tokenizer(onnx_dir)
     results = []
     for a in answers:
@@ -271,7 +283,7 @@ def run(build, paths, pieces, report_path: Path, tools: dict) -> None:
     ids = read_json(paths.report)["prompt_ids"]
     report = {"model": build.model.name, "seq": build.seq, "mode": build.mode, "variant": build.variant,
               "bmodel": paths.dist.name, "prompt_ids": ids, "tools": tools}
-    dims = Dims.from_config(read_json(paths.export_config))
+    dims = Dims.from_config(read_json(paths.export_config), build.history_chunk)
     with Simulator(paths.logs, build.devices) as sim:
         report["pieces"] = check_pieces(build.mode, dims, paths.onnx, paths.deploy, ids, sim, progress, build.dynamic)
         report["decode"] = _whole_bmodel(build, paths, report, ids, sim)
@@ -297,10 +309,10 @@ def _whole_bmodel(build, paths, report: dict, ids: list[int], sim: Simulator) ->
     answers = read_json(paths.report).get("answers")
     if answers:  # real questions replace the generic decode (the simulator is slow)
         say(f"[verify {build.mode} on the simulator] answers of {paths.dist.name} to {len(answers)} questions ...")
-        report["answers"] = answers_check(build.mode, paths.onnx, paths.dist, answers, sim)
+        report["answers"] = answers_check(build.mode, paths.onnx, paths.dist, answers, sim, build.history_chunk)
         return {"run": False, "reason": "replaced by the answers to the model's verify_prompts"}
     if build.sim_tokens == 0:
         return {"run": False, "reason": "sim_tokens=0: the pieces only"}
     steps = min(build.sim_tokens, build.seq - len(ids))  # the window holds the prompt and the new tokens
     say(f"[verify {build.mode} on the simulator] greedy decode of {paths.dist.name}, {steps} tokens ...")
-    return decode_check(build.mode, paths.onnx, paths.dist, ids, steps, sim)
+    return decode_check(build.mode, paths.onnx, paths.dist, ids, steps, sim, build.history_chunk)

@@ -22,8 +22,15 @@ def describe_nets(nets: dict, bmodel: Path) -> dict:
     missing = [n for n in ("embedding", "embedding_cache", "lm_head", "block_0", "block_cache_0") if n not in nets]
     if missing or blocks != list(range(len(blocks))):
         raise ToolchainError(f"{bmodel} does not hold the nets of an LLM bmodel (missing {missing})")
-    seq = nets["block_0"]["inputs"][0]["shape"][1]
     history = nets["block_cache_0"]["inputs"][3]["shape"]  # [1, SEQ, KVH, D]
+    seq = history[1]
+    kv = nets.get("block_kv_0")  # history prefill nets (ours with history=1, llm_convert --use_history_kv)
+    unusable = None
+    if kv and not any(t["name"] == "attention_mask" for t in kv["inputs"]):
+        unusable = ("its history prefill nets (block_kv_i) take no attention mask (llm_convert.py --dynamic "
+                    "--use_history_kv builds them so): run on the simulator they attend to the cache wrongly (their "
+                    "hidden states at cosine 0.90 against onnxruntime's), so this runtime does not use them")
+        kv = None
     head_out = nets["lm_head"]["outputs"][0]
     token_head = "i" in head_out["dtype"] or head_out["shape"][-1] == 1  # int32 [1, 1]: the chosen token
     return {"model": Path(bmodel).stem, "seq": seq, "num_layers": len(blocks), "kv_heads": history[2],
@@ -31,6 +38,11 @@ def describe_nets(nets: dict, bmodel: Path) -> dict:
             "head": "token" if token_head else "logits", "bmodel": str(bmodel),
             # prefill nets compiled dynamic run at the prompt's length (llm_convert --dynamic, ours dynamic=1)
             "dynamic": bool(nets["block_0"].get("dynamic")),
+            # block_i's length (SEQ, or llm_convert's --max_input_length), and the embedding's
+            "prefill_rows": nets["block_0"]["inputs"][0]["shape"][1],
+            "embed_rows": nets["embedding"]["inputs"][0]["shape"][1],
+            "history": kv["inputs"][0]["shape"][1] if kv else 0, "history_dynamic": bool(kv and kv.get("dynamic")),
+            "history_unusable": unusable,
             # the heads that choose on the device (llm_convert --do_sample's, and ours)
             "greedy_head": "greedy_head" in nets and not token_head,
             "sample_head": nets["sample_head"]["outputs"][0]["shape"][-1] if "sample_head" in nets and not token_head

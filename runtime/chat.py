@@ -135,6 +135,7 @@ class Chat:
         self.params = SamplingParams(args.temperature, args.top_k, args.top_p, args.repetition_penalty, args.seed)
         self.history: list[Message] = []
         self.said_system_dropped = False
+        self.said_no_history = False
 
     def prompt(self, query: str, notes) -> list[int]:
         """The prompt ids; the history keeps only what fitted (so the past is not tokenized again
@@ -162,6 +163,10 @@ class Chat:
                                   self.params, self.args.stop, result, stop.is_set):
                 print(piece, end="", file=out, flush=True)
         print(file=out)
+        if self.engine.missed and not self.said_no_history:
+            self.said_no_history = True
+            print("[this model has no history prefill nets (build it with history=1): each turn prefills the whole "
+                  "conversation again]", file=notes or out, flush=True)
         if result.finish_reason != "cancelled":
             self.history += [Message("user", query), Message("assistant", result.text)]
         return result
@@ -171,7 +176,9 @@ def stats(result: Result) -> str:
     device = ""  # what crossed between host and device per generated token (a bmodel only)
     if result.decode_steps and result.decode_traffic.launches:
         device = "; " + per_token_line(result.decode_traffic, result.decode_steps)
-    return (f"[{len(result.tokens)} tokens, {result.finish_reason}; prompt {result.prompt_tokens} tokens; "
+    prefilled = result.prompt_tokens - result.cached_tokens  # the rest was in the cache from the last turn
+    return (f"[{len(result.tokens)} tokens, {result.finish_reason}; prefilled {prefilled} of {result.prompt_tokens} "
+            "prompt tokens; "
             f"first token {result.first_token_seconds:.2f} s; {result.decode_tokens_per_second:.3g} tokens/s{device}]")
 
 

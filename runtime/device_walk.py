@@ -16,7 +16,7 @@ import numpy as np
 
 from .bmrt import DTYPES, Runtime, from_device_type, to_device_type
 from .native_output import output_to
-from .engine import decode_mask, pad_ids, penalty_window, prefill_mask
+from .engine import decode_mask, pad_ids, penalty_window, prefill_plan
 from .toolchain import ToolchainError
 
 
@@ -56,9 +56,15 @@ class DeviceWalk:
                           "avoid it)", SlowCacheWarning, stacklevel=3)
         hidden = self._size("block_0", 0, output=True)
         self.hidden = [self._alloc(hidden, self._device("block_0", 0)) for _ in range(2)]  # ping-pong
-        self.positions = self._alloc(self._size("block_0", 1), self._device("block_0", 1))
-        self.mask = (self._alloc(self._size("block_0", 2), self._device("block_0", 2))
-                     if len(nets["block_0"]["inputs"]) > 2 else None)
+        # the prefill's positions and mask, written once per run and read by every layer; sized for
+        # block_i and block_kv_i, whichever is larger
+        prefill_nets = ["block_0"] + (["block_kv_0"] if info.get("history") else [])
+        self.positions = self._alloc(max(self._size(n, 1) for n in prefill_nets), self._device("block_0", 1))
+        masks = [n for n in prefill_nets if self._has_mask(n)]
+        self.mask = self._alloc(max(self._size(n, 2) for n in masks), self._device(masks[0], 2)) if masks else None
+        # block_kv's new K/V land here first, then their real rows go into the cache
+        self.kv_scratch = ([self._alloc(self._size("block_kv_0", k, output=True), self._device("block_kv_0", k, True))
+                            for k in (1, 2)] if info.get("history") else None)
         # decode's position and mask: written once per step, read by every layer
         self.step_inputs = (self._kept_input("block_cache_0", 1), self._kept_input("block_cache_0", 2))
         self.stepped, self.sample_params = False, None
@@ -106,8 +112,12 @@ class DeviceWalk:
             self.rt.zero(mem, device)
         return k, v, device, size
 
+    def _has_mask(self, net: str) -> bool:
+        """A prefill net with an attention_mask input (llm_convert's dynamic ones build theirs inside)."""
+        return any(t["name"] == "attention_mask" for t in self.rt.nets[net]["inputs"])
+
     def _rows(self, net: str, index: int, rows: int, output: bool = False) -> list[int]:
-        """A prefill tensor's shape [1, rows, ...]: its largest, with the prompt's length for SEQ."""
+        """A prefill tensor's shape [1, rows, ...]: its largest, with the run's length in dim 1."""
         shape = list(self.rt.nets[net]["outputs" if output else "inputs"][index]["shape"])
         return [shape[0], rows, *shape[2:]]
 
@@ -115,32 +125,62 @@ class DeviceWalk:
         return self.rt.nets[net]["_dtypes"][0][index]
 
     @_quiet
-    def prefill(self, ids: list[int]) -> None:
-        rt, n = self.rt, len(ids)
-        # a dynamic prefill runs at the prompt's length; a static one over the whole window
-        rows = n if self.info.get("dynamic") else self.seq
-        embed_in = rt.mems["embedding"][0][0]  # (the embedding is static: it pads, and costs little)
-        rt.h2d(embed_in, pad_ids(ids, self.seq), self._device("embedding", 0), "input_ids")
-        rt.launch("embedding", [rt.tensor("embedding", 0, False, embed_in)],
-                  [rt.tensor("embedding", 0, True, self.hidden[0])])
-        rt.h2d(self.positions, np.arange(rows, dtype=np.int32)[None], self._device("block_0", 1), "position_ids")
-        if self.mask is not None:
-            rt.h2d(self.mask, to_device_type(prefill_mask(n, rows), self._dtype("block_0", 2)),
-                   self._device("block_0", 2), "attention_mask")
-        for i in range(self.layers):
-            net = f"block_{i}"
-            inputs = [rt.tensor(net, 0, False, self.hidden[i % 2], self._rows(net, 0, rows)),
-                      rt.tensor(net, 1, False, self.positions, [1, rows])]
-            if self.mask is not None:
-                inputs.append(rt.tensor(net, 2, False, self.mask, [1, 1, rows, rows]))
-            k, v, _, _ = self.cache[i]  # block_i's K/V of the first `rows` slots land in the cache itself
-            rt.launch(net, inputs, [rt.tensor(net, 0, True, self.hidden[(i + 1) % 2], self._rows(net, 0, rows, True)),
-                                    rt.tensor(net, 1, True, k, self._rows(net, 1, rows, True)),
-                                    rt.tensor(net, 2, True, v, self._rows(net, 2, rows, True))])
+    def prefill(self, ids: list[int], start: int = 0) -> None:
+        """Tokens ids[start:], the cache holding the first `start`: runs of block_i and block_kv_i
+        (engine.prefill_plan), each layer's K/V written into the cache on the device."""
+        rt = self.rt
+        for c in prefill_plan(self.info, start, len(ids)):
+            embed_in = rt.mems["embedding"][0][0]  # (the embedding is static: it pads, and costs little)
+            rt.h2d(embed_in, pad_ids(ids[c.begin:c.end], self.info.get("embed_rows", self.seq)),
+                   self._device("embedding", 0), "input_ids")
+            rt.launch("embedding", [rt.tensor("embedding", 0, False, embed_in)],
+                      [rt.tensor("embedding", 0, True, self.hidden[0])])
+            first = f"{c.net}_0"
+            rt.h2d(self.positions, c.positions(self.seq), self._device(first, 1), "position_ids")
+            if self._has_mask(first):
+                rt.h2d(self.mask, to_device_type(c.mask(), self._dtype(first, 2)), self._device(first, 2),
+                       "attention_mask")
+            for i in range(self.layers):
+                (self._block if c.net == "block" else self._block_kv)(i, c)
         last = self.hidden[self.layers % 2]
-        self._head(rt.at(last, (n - 1) * self.row_bytes, self.row_bytes))
+        self._head(rt.at(last, (c.end - c.begin - 1) * self.row_bytes, self.row_bytes))
         if self.sample_inputs:  # the repetition penalty's window: the prompt, then one token per step
             rt.h2d(self.sample_inputs[1], penalty_window(ids, self.seq), self._device("sample_head", 1), "input_ids")
+
+    def _inputs(self, net: str, c) -> list:
+        """A prefill net's hidden states, positions and (where it has one) mask, at the run's rows."""
+        rt, i = self.rt, int(net.rpartition("_")[2])
+        inputs = [rt.tensor(net, 0, False, self.hidden[i % 2], self._rows(net, 0, c.rows)),
+                  rt.tensor(net, 1, False, self.positions, [1, c.rows])]
+        if self._has_mask(net):
+            inputs.append(rt.tensor(net, 2, False, self.mask, [1, 1, c.rows, c.history + c.rows]))
+        return inputs
+
+    def _block(self, i: int, c) -> None:
+        """block_i from position 0: its K/V of the run's rows land in the cache itself."""
+        rt, net = self.rt, f"block_{i}"
+        k, v, _, _ = self.cache[i]
+        rt.launch(net, self._inputs(net, c),
+                  [rt.tensor(net, 0, True, self.hidden[(i + 1) % 2], self._rows(net, 0, c.rows, True)),
+                   rt.tensor(net, 1, True, k, self._rows(net, 1, c.rows, True)),
+                   rt.tensor(net, 2, True, v, self._rows(net, 2, c.rows, True))])
+
+    def _block_kv(self, i: int, c) -> None:
+        """block_kv_i: the run's tokens against the first `c.history` cache slots; the new K/V of
+        its real rows then go into the cache at their positions (padding rows never reach it)."""
+        rt, net = self.rt, f"block_kv_{i}"
+        k, v, device, _ = self.cache[i]
+        history = [1, c.history, *self.rt.nets[net]["inputs"][-1]["shape"][2:]]
+        scratch_k, scratch_v = self.kv_scratch
+        inputs = self._inputs(net, c)
+        inputs += [rt.tensor(net, len(inputs), False, k, history), rt.tensor(net, len(inputs) + 1, False, v, history)]
+        rt.launch(net, inputs,
+                  [rt.tensor(net, 0, True, self.hidden[(i + 1) % 2], self._rows(net, 0, c.rows, True)),
+                   rt.tensor(net, 1, True, scratch_k, self._rows(net, 1, c.rows, True)),
+                   rt.tensor(net, 2, True, scratch_v, self._rows(net, 2, c.rows, True))])
+        new = (c.end - c.begin) * self.kv_bytes
+        rt.d2d(k, c.begin * self.kv_bytes, scratch_k, 0, new, device)
+        rt.d2d(v, c.begin * self.kv_bytes, scratch_v, 0, new, device)
 
     @_quiet
     def decode(self, token: int, pos: int) -> None:

@@ -8,7 +8,14 @@ The engine keeps the conversation's length and asks a walk over the nets for eac
     host arrays.
 Every user of a model (the chat, the server, `doit verify`, the benchmarks) goes through Engine.
 The cache holds SEQ slots per layer; the decode mask covers them plus the current token at index SEQ.
+
+The engine remembers which tokens the cache holds: a prompt that extends them (a chat's next turn,
+a server request that continues a conversation) prefills only what is new, with the history
+prefill nets (`block_kv_i`, built with `history=1`) against the cache; a prompt longer than a chunk
+goes in chunks (prefill_plan).
 """
+from dataclasses import dataclass
+
 import numpy as np
 
 from .traffic import Traffic
@@ -35,6 +42,59 @@ def decode_mask(pos: int, seq: int) -> np.ndarray:
     mask[..., :pos] = 0.0
     mask[..., seq] = 0.0
     return mask
+
+
+def history_mask(begin: int, length: int, rows: int, history: int) -> np.ndarray:
+    """[1,1,rows,history+rows] for block_kv: each of the `length` new tokens sees the `begin`
+    tokens in the cache (the first `history` slots are given) and the new ones up to itself;
+    padding rows see only themselves."""
+    mask = np.full((rows, history + rows), MASK_VALUE, np.float32)
+    mask[:length, :begin] = 0.0
+    mask[:, history:] = np.triu(np.full((rows, rows), MASK_VALUE, np.float32), 1)
+    mask[length:, history:] = MASK_VALUE
+    mask[np.arange(rows), history + np.arange(rows)] = 0.0
+    return mask[None, None]
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """One prefill run: tokens [begin, end) through `net` ("block" or "block_kv")."""
+    net: str
+    begin: int
+    end: int
+    rows: int      # the rows the net runs: the chunk's length (dynamic), else the net's own length
+    history: int   # block_kv: the cache slots it is given (`begin` if dynamic, else SEQ)
+
+    def positions(self, seq: int) -> np.ndarray:
+        """[1,rows]: the tokens' positions (padding rows stay inside the RoPE table)."""
+        return np.minimum(self.begin + np.arange(self.rows, dtype=np.int32), seq - 1)[None]
+
+    def mask(self) -> np.ndarray:
+        if self.net == "block":
+            return prefill_mask(self.end, self.rows)
+        return history_mask(self.begin, self.end - self.begin, self.rows, self.history)
+
+
+def prefill_plan(info: dict, start: int, n: int) -> list[Chunk]:
+    """The runs that prefill tokens [start, n) when the cache holds the first `start`.
+    info: seq; prefill_rows (block_i's length, SEQ unless built shorter) and dynamic; history
+    (block_kv's chunk length, 0 without those nets) and history_dynamic. From position 0 a static
+    build prefers block_kv chunks when they run fewer rows than block_i's whole window."""
+    seq, block_rows, chunk = info["seq"], info.get("prefill_rows", info["seq"]), info.get("history", 0)
+    runs, pos = [], start
+    if pos == 0 and not (chunk and not info.get("dynamic") and -(-n // chunk) * chunk < block_rows):
+        end = min(n, block_rows)
+        runs.append(Chunk("block", 0, end, end if info.get("dynamic") else block_rows, 0))
+        pos = end
+    while pos < n:
+        if not chunk:
+            why = info.get("history_unusable") or "the bmodel has no history nets to prefill the rest"
+            raise PromptTooLong(f"prompt of {n} tokens is longer than the prefill net ({block_rows} tokens), and {why} "
+                                "(build it with this project's history=1)")
+        end, dynamic = min(n, pos + chunk), info.get("history_dynamic")
+        runs.append(Chunk("block_kv", pos, end, end - pos if dynamic else chunk, pos if dynamic else seq))
+        pos = end
+    return runs
 
 
 def pad_ids(ids: list[int], seq: int) -> np.ndarray:
@@ -67,16 +127,22 @@ class HostWalk:
     def traffic(self) -> Traffic | None:
         return getattr(self.backend, "traffic", None)
 
-    def prefill(self, ids: list[int]) -> None:
-        n, run = len(ids), self.backend.run
-        rows = n if self.info.get("dynamic") else self.seq  # a dynamic prefill runs at the prompt's length
-        positions, mask = np.arange(rows, dtype=np.int32)[None], prefill_mask(n, rows)
-        (hidden,) = run("embedding", {"input_ids": pad_ids(ids, self.seq)})
-        hidden = hidden[:, :rows]
-        for i in range(self.layers):
-            hidden, k, v = run(f"block_{i}", {"input_states": hidden, "position_ids": positions, "attention_mask": mask})
-            self.k[i][:, :rows], self.v[i][:, :rows] = k, v
-        self._head(hidden[:, n - 1])
+    def prefill(self, ids: list[int], start: int = 0) -> None:
+        """Tokens ids[start:] at their positions, the cache holding the first `start` (prefill_plan)."""
+        run, embed_rows = self.backend.run, self.info.get("embed_rows", self.seq)
+        for c in prefill_plan(self.info, start, len(ids)):
+            (hidden,) = run("embedding", {"input_ids": pad_ids(ids[c.begin:c.end], embed_rows)})
+            hidden, feeds = hidden[:, :c.rows], {"position_ids": c.positions(self.seq), "attention_mask": c.mask()}
+            for i in range(self.layers):
+                if c.net == "block":
+                    hidden, k, v = run(f"block_{i}", {"input_states": hidden, **feeds})
+                    self.k[i][:, :c.rows], self.v[i][:, :c.rows] = k, v
+                else:
+                    hidden, k, v = run(f"block_kv_{i}", {"input_states": hidden, **feeds,
+                                                         "history_k": self.k[i][:, :c.history],
+                                                         "history_v": self.v[i][:, :c.history]})
+                    self.k[i][:, c.begin:c.end], self.v[i][:, c.begin:c.end] = k[:, :c.end - c.begin], v[:, :c.end - c.begin]
+        self._head(hidden[:, c.end - c.begin - 1])
 
     def decode(self, token: int, pos: int) -> None:
         run, mask = self.backend.run, decode_mask(pos, self.seq)
@@ -109,6 +175,9 @@ class Engine:
         self.walk = walk or (backend.walk() if hasattr(backend, "walk") else HostWalk(backend))
         self.seq, self.layers = self.walk.info["seq"], self.walk.info["num_layers"]
         self.length = 0
+        self.tokens: list[int] = []  # what the cache holds, from position 0
+        self.reused = 0  # the last prompt's tokens found in the cache (not run again)
+        self.missed = 0  # ... and those a model without history nets ran again
         # what the device was asked for, per phase (None where the backend has no device)
         self.prefill_traffic, self.decode_traffic, self.decoded = Traffic(), Traffic(), 0
 
@@ -119,21 +188,45 @@ class Engine:
         return result, (self.walk.traffic - before if before is not None else Traffic())
 
     def prefill(self, ids: list[int]) -> None:
-        """Run the prompt from position 0; the next token is then read with logits() or next_token()."""
+        """Run the prompt; the next token is then read with logits() or next_token(). What the cache
+        already holds of it (the longest common start) is not run again, where the bmodel has the
+        history nets; `reused` says how much that was."""
         n = len(ids)
         if not 0 < n < self.seq:
             raise PromptTooLong(f"prompt of {n} tokens does not fit seq_length {self.seq} (at most {self.seq - 1})")
-        _, self.prefill_traffic = self._counted(self.walk.prefill, ids)
+        start = self.reusable(ids)
+        self.tokens, self.length = [], 0  # until the prefill is done, the cache holds nothing certain
+        _, self.prefill_traffic = self._counted(self.walk.prefill, ids, start)
         self.decode_traffic, self.decoded = Traffic(), 0
-        self.length = n
+        self.tokens, self.length, self.reused = list(ids), n, start
+
+    def reusable(self, ids: list[int]) -> int:
+        """How many of `ids` the cache holds and the walk can keep (at least the last one runs again:
+        its logits are the answer's start)."""
+        same = 0
+        for a, b in zip(self.tokens, ids[:-1]):
+            if a != b:
+                break
+            same += 1
+        self.missed = 0 if self.walk.info.get("history") else same  # a model without history nets runs them again
+        return same - self.missed
+
+    def forget(self) -> None:
+        """The next prompt prefills from position 0 (the cache's content is then overwritten)."""
+        self.tokens, self.length = [], 0
 
     def decode(self, token: int) -> None:
         """Feed one token at position `length`."""
         pos = self.length
         if pos >= self.seq:
             raise PromptTooLong(f"the KV cache is full ({self.seq} tokens)")
-        self.decode_traffic += self._counted(self.walk.decode, token, pos)[1]
+        try:
+            self.decode_traffic += self._counted(self.walk.decode, token, pos)[1]
+        except BaseException:  # a step cut short (Ctrl-C, a failure): what the cache holds is not known
+            self.forget()
+            raise
         self.decoded += 1
+        self.tokens.append(token)
         self.length = pos + 1
 
     def logits(self) -> np.ndarray:

@@ -17,6 +17,7 @@ class Result:
     tokens: list[int] = field(default_factory=list)
     finish_reason: str = ""         # stop | length
     prompt_tokens: int = 0
+    cached_tokens: int = 0          # of the prompt, found in the cache from the previous turn (not prefilled)
     first_token_seconds: float = 0.0
     decode_tokens_per_second: float = 0.0
     prefill_traffic: Traffic = field(default_factory=Traffic)  # what crossed to and from the device
@@ -40,6 +41,7 @@ def generate(engine: Engine, tokenizer, prompt: list[int], max_new_tokens: int, 
     pending, seen = "", list(prompt)
     start = time.perf_counter()
     engine.prefill(prompt)
+    result.cached_tokens = engine.reused
     result.first_token_seconds = time.perf_counter() - start
     decode_start = time.perf_counter()
     while True:

@@ -89,7 +89,9 @@ class ChatService:
     def __init__(self, model: Path, name: str, tokenizer: Path | None = None, max_queue: int = 4,
                  default_max_tokens: int = 256, devid: str = "0"):
         self.backend = open_backend(model, devid)
-        self.engine = Engine(self.backend)  # one engine: the device state is made once
+        # one engine: the device state is made once, and a request that continues the previous
+        # conversation (the same tokens first) prefills only what is new (Engine.prefill)
+        self.engine = Engine(self.backend)
         self.traffic = {"prefill": Traffic(), "decode": Traffic(), "decode_steps": 0}  # totals, for /health
         self.tokenizer = load_tokenizer(tokenizer or default_tokenizer(model))
         self.name, self.seq = name, self.backend.info["seq"]
@@ -145,8 +147,10 @@ class ChatService:
 
 
 def _usage(result: Result) -> dict:
+    # cached_tokens (OpenAI's field): the prompt's start that the previous request left in the cache
     return {"prompt_tokens": result.prompt_tokens, "completion_tokens": len(result.tokens),
-            "total_tokens": result.prompt_tokens + len(result.tokens)}
+            "total_tokens": result.prompt_tokens + len(result.tokens),
+            "prompt_tokens_details": {"cached_tokens": result.cached_tokens}}
 
 
 def _sse(data) -> str:

@@ -22,6 +22,15 @@ def test_dynamic_prefill_is_part_of_the_variant_and_the_file_name():
     assert build.dist_name == "tiny-qwen2_int8_seq32_1dev_dyn"
 
 
+def test_history_prefill_is_part_of_the_bmodels_key_and_not_of_the_deployed_pieces():
+    build = parse_build_config({"model": "tiny-qwen2", "seq": "128", "history": "1"})
+    assert (build.history, build.chunk, build.history_chunk) == (True, 32, 32)  # llm_convert's default: seq/4
+    assert build.variant == "int8_1dev_bm1684x" and build.target == "int8_1dev_bm1684x_hist_c32"
+    assert build.dist_name == "tiny-qwen2_int8_seq128_1dev_hist_c32"
+    assert parse_build_config({"model": "tiny-qwen2", "history": "1", "chunk": "8"}).dist_name.endswith("_hist_c8")
+    assert parse_build_config({"model": "tiny-qwen2"}).history_chunk == 0
+
+
 @pytest.mark.parametrize("variables, message", [
     ({"model": "nope"}, "unknown model 'nope'; known models:"),
     ({"mode": "int3"}, "mode='int3' is not allowed; use one of: bf16, f16, int8, int4"),
@@ -38,6 +47,10 @@ def test_dynamic_prefill_is_part_of_the_variant_and_the_file_name():
     ({"sim_tokens": "17"}, "sim_tokens=17 is not allowed; use 0 (check the pieces only) to 16"),
     ({"sim_tokens": "-1"}, "sim_tokens=-1 is not allowed"),
     ({"dynamic": "yes"}, "dynamic='yes' is not allowed; use one of: 0, 1"),
+    ({"history": "2"}, "history='2' is not allowed; use one of: 0, 1"),
+    ({"history": "1", "chunk": "17"}, "chunk=17 is not allowed with seq=32: use 1 to 16 (default seq/4)"),
+    ({"history": "1", "chunk": "0"}, "chunk=0 is not allowed"),
+    ({"chunk": "8"}, "chunk= is the history prefill's chunk length: give it with history=1"),
 ])
 def test_bad_variables_name_variable_value_and_choices(variables, message):
     with pytest.raises(PipelineError) as err:

@@ -42,7 +42,7 @@ def test_the_default_model_chats_with_its_defaults(models):
     code, out, _ = _chat(models[32], stdin=b"hi\nhello\n/exit\n")
     assert code == 0 and out.count("Assistant: ") == 2 and "error" not in out
     assert out.count("the default system prompt does not fit") == 1
-    assert len(re.findall(r"\[\d+ tokens, (?:length|stop); prompt \d+ tokens", out)) == 2
+    assert len(re.findall(r"\[\d+ tokens, (?:length|stop); prefilled \d+ of \d+ prompt tokens", out)) == 2
     code, out, err = _chat(models[32], "--prompt", "hi")
     assert code == 0 and "the default system prompt does not fit" in err and "does not fit" not in out  # a note
     code, _, err = _chat(models[32], "--prompt", "hi", "--system", "You are a helpful assistant.")

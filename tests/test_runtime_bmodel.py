@@ -18,6 +18,7 @@ from runtime.isolated_backend import IsolatedBmodelBackend
 from runtime.engine import Engine, HostWalk
 from runtime.onnx_backend import OnnxBackend
 from runtime.sampling import Sampler, SamplingParams
+from runtime.toolchain import ToolchainError
 
 from .conftest import ROOT, run_doit
 
@@ -118,6 +119,36 @@ def test_a_conversation_of_three_turns_on_the_device_answers_as_the_onnx_pipelin
     assert turns == [6, 13, 20]
 
 
+def test_history_nets_make_a_chat_prefill_each_turn_once_on_the_device(built):
+    """history=1 adds block_kv_i (llm_convert's --use_history_kv) and nothing else is exported or
+    deployed again; four turns on the simulator then answer as a fresh prefill of the whole
+    conversation, a turn of 10 new tokens in two chunks and the last turn filling the window."""
+    from runtime.tokenizer import load_tokenizer
+
+    from .turns import four_turns
+
+    build_dir, _, _, _ = built
+    result = run_doit(build_dir, ["verify"], model=MODEL, mode="bf16", history="1", chunk="8", sim_tokens="4")
+    assert result.code == 0, result.output
+    new = sorted(t.split("/")[-1] for t in result.ran if t.split(":")[0] in ("export", "transform", "deploy"))
+    assert new == sorted(f"block_kv_{i}_c8" for i in range(LAYERS) for _ in range(3)), new
+    report = json.loads((build_dir / MODEL / "seq32" / "verify" / "bf16_1dev_bm1684x_hist_c8" / "report.json").read_text())
+    assert {f"block_kv_{i}" for i in range(LAYERS)} <= set(report["pieces"])
+    bmodel = build_dir / "dist" / f"{MODEL}_bf16_seq32_1dev_hist_c8.bmodel"
+    assert "history" in bmodel.with_suffix(".md").read_text()
+    tokenizer = load_tokenizer(build_dir / "dist" / f"{MODEL}-tokenizer")
+    with IsolatedBmodelBackend(bmodel) as one, IsolatedBmodelBackend(bmodel) as other:
+        kept = Engine(one)
+        assert (kept.walk.info["history"], kept.walk.info["history_dynamic"]) == (8, False)
+        turns = four_turns(kept, Engine(other), tokenizer, [[40 + k for k in range(5)], list(range(60, 69)), [70, 71],
+                                                            [72, 73]], 4)
+        assert [len(t.tokens) for t in turns] == [4, 4, 4, 3] and kept.length == SEQ  # the window filled
+        # the 2nd turn sent its 10 tokens in 2 runs of 8 rows: ids, positions and masks for them only
+        assert turns[1].cached_tokens == 8
+        assert turns[1].prefill_traffic.h2d == 2 * (SEQ * 4 + 8 * 4 + 8 * (SEQ + 8) * BF16) + SEQ * 4
+        assert turns[1].prefill_traffic.d2d == LAYERS * 2 * 10 * KV_HEADS * HEAD_DIM * BF16  # the new K/V only
+
+
 SAMPLINGS = [(1.3, 0.8, 20, 0.9), (1.0, 1.0, 49, 1.0), (2.0, 0.5, 5, 0.5), (1.1, 1.5, 1, 1.0)]
 
 
@@ -169,7 +200,7 @@ def test_chat_cli_runs_a_bmodel(built, tmp_path):
                           "--max-new-tokens", "5"], cwd=ROOT, capture_output=True, text=True, timeout=300,
                          env={**os.environ, "QWEN_TPU_RUNTIME_LOG": str(log)})
     assert out.returncode == 0, out.stderr
-    assert "[5 tokens, length; prompt" in out.stderr  # its tokenizer was found beside it
+    assert "[5 tokens, length; prefilled" in out.stderr  # its tokenizer was found beside it
     # the simulator's own prints (at start, at every launch, at exit) go to the runtime's log, not
     # into the answer: stdout is the answer's text, stderr the stats line alone
     assert "cmodel" in log.read_text() and "do_allreduce" in log.read_text()
@@ -195,11 +226,15 @@ def test_the_server_reports_what_crossed_to_the_device(built):
     assert traffic["prefill"]["syncs"] == 1 and traffic["prefill"]["d2h"] == 4
 
 
-@pytest.mark.parametrize("options", [[], ["--do_sample"], ["--dynamic"]], ids=["default", "do_sample", "dynamic"])
+@pytest.mark.parametrize("options", [[], ["--do_sample"], ["--dynamic"], ["--use_history_kv"]],
+                         ids=["default", "do_sample", "dynamic", "history"])
 def test_llm_convert_bmodel_runs_in_our_runtime(built, tmp_path, options):
     """A bmodel made by tpu-mlir's own llm_convert.py: by default its lm_head returns the token, not
     logits; with --do_sample it returns logits, and greedy_head / sample_head choose; with --dynamic
-    its block_i run at the prompt's length, with the causal mask inside (no mask input)."""
+    its block_i run at the prompt's length, with the causal mask inside (no mask input); with
+    --use_history_kv (which turns --dynamic on) block_i takes seq/4 tokens and block_kv_i, without a mask
+    input, attends to the cache wrongly on the simulator: our runtime does not use them, runs prompts
+    that block_i holds, and refuses longer ones, saying why."""
     build_dir, onnx, _, ids = built
     if shutil.which("parallel") is None:
         pytest.fail("llm_convert.py needs GNU parallel (apt-get install parallel; .ci/run installs it)")
@@ -213,8 +248,15 @@ def test_llm_convert_bmodel_runs_in_our_runtime(built, tmp_path, options):
     backend = IsolatedBmodelBackend(bmodel)
     sampling = "--do_sample" in options
     assert backend.info["seq"] == 32 and backend.info["num_layers"] == 2
-    assert backend.info["dynamic"] == ("--dynamic" in options)
-    assert len(backend.nets["block_0"]["inputs"]) == (2 if "--dynamic" in options else 3)
+    history = "--use_history_kv" in options
+    assert backend.info["dynamic"] == ("--dynamic" in options or history)
+    assert len(backend.nets["block_0"]["inputs"]) == (2 if backend.info["dynamic"] else 3)
+    assert (backend.info["history"], backend.info["prefill_rows"]) == ((0, 8) if history else (0, 32))
+    assert ("block_kv_0" in backend.nets) == history and bool(backend.info["history_unusable"]) == history
+    if history:  # the prompts block_i holds
+        with backend, pytest.raises(ToolchainError, match="take no attention mask"):
+            Engine(backend).prefill(ids[:9])
+        backend, ids = IsolatedBmodelBackend(bmodel), ids[:8]
     assert (backend.info["head"], backend.info["greedy_head"], backend.info["sample_head"]) == \
         (("logits", True, 50) if sampling else ("token", False, 0))
     # teacher-forced along the ONNX pipeline's greedy path: the same choice wherever it is not a near-tie
