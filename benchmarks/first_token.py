@@ -10,29 +10,21 @@ benchmarks/results/first_token.md.
 import argparse
 import os
 import re
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks.common import ROOT, publish  # noqa: E402
-
-DOIT = Path(sys.executable).parent / "doit"
-
+from benchmarks.common import build_bmodel, publish  # noqa: E402
 
 def build(args, dynamic: bool) -> tuple[Path, float]:
     """The combined bmodel, and the seconds its block_i deploys took (what `dynamic` changes)."""
-    from pipeline.build_config import parse_build_config
-
-    variables = {"model": args.model, "layers": str(args.layers), "seq": str(args.seq), "mode": args.mode,
-                 "dynamic": str(int(dynamic)), "build_dir": str(args.build_dir), "dist_dir": str(args.build_dir / "dist")}
-    out = subprocess.run([str(DOIT), "combine", *(f"{k}={v}" for k, v in variables.items())], cwd=ROOT, check=True,
-                         capture_output=True, text=True)
-    deploys = [float(m[1]) for m in re.finditer(r"\[deploy \d+/\d+\] block_\d+ done in ([\d.]+) s", out.stdout + out.stderr)]
-    built = parse_build_config(variables)
-    return built.dist_dir / f"{built.dist_name}.bmodel", sum(deploys)
+    bmodel, output = build_bmodel({"model": args.model, "layers": str(args.layers), "seq": str(args.seq),
+                                   "mode": args.mode, "dynamic": str(int(dynamic)), "build_dir": str(args.build_dir),
+                                   "dist_dir": str(args.build_dir / "dist")})
+    deploys = [float(m[1]) for m in re.finditer(r"\[deploy \d+/\d+\] block_\d+ done in ([\d.]+) s", output)]
+    return bmodel, sum(deploys)
 
 
 def first_tokens(bmodel: Path, prompts: list[int]) -> list[dict]:

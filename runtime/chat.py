@@ -26,12 +26,16 @@ from .traffic import per_token_line
 SURROGATES = re.compile("[\ud800-\udfff]")
 
 
-def open_backend(model: Path, devid: str = "0"):
-    """The backend for what --model points at: a folder of ONNX pieces, or a .bmodel."""
+def open_backend(model: Path, devid: str = "0", chunk: int | None = None):
+    """The backend for what --model points at: a folder of ONNX pieces (with the history prefill
+    pieces of `chunk` tokens, default the largest exported; 0: none), or a .bmodel."""
     if model.is_dir() and (model / "model.json").is_file():
         from .onnx_backend import OnnxBackend
 
-        return OnnxBackend(model)
+        try:
+            return OnnxBackend(model, chunk=chunk)
+        except FileNotFoundError as err:
+            raise SystemExit(f"error: {err}") from None
     if model.suffix == ".bmodel" and model.is_file():
         from .bmodel_backend import BmodelBackend
         from .toolchain import ToolchainError
@@ -87,6 +91,9 @@ def parse_args(argv=None):
                    help="dist/<name>.bmodel (the TPU-MLIR runtime: a device, or the simulator), or an ONNX "
                         "folder build/<model>/seq<L>/onnx (onnxruntime)")
     p.add_argument("--devid", default="0", help="device id(s) for a bmodel: one, or one per device it was built for (2,3)")
+    p.add_argument("--chunk", type=at_least(0), help="an ONNX folder: use the history prefill pieces of this many "
+                   "tokens a run (exported with history=1 chunk=N; default the largest there; 0: none, each turn "
+                   "prefilled whole)")
     p.add_argument("--tokenizer", type=Path, help="folder with tokenizer.json or qwen.tiktoken "
                    "(default: the one the build put beside the model)")
     p.add_argument("--prompt", help="answer this one message and exit (no interaction)")
@@ -124,7 +131,7 @@ def interrupt_sets(event: threading.Event):
 class Chat:
     def __init__(self, args):
         self.args = args
-        backend = open_backend(args.model, args.devid)
+        backend = open_backend(args.model, args.devid, args.chunk)
         self.engine_info = backend.info
         self.backend, self.engine = backend, Engine(backend)  # one engine: the device state is made once
         tokenizer_dir = args.tokenizer or default_tokenizer(args.model)

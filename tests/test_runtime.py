@@ -307,6 +307,19 @@ def test_chat_cli_one_shot_and_interactive(tiny_onnx):
     assert prefilled[0] == prompts[0] and prefilled[1] < prompts[1] - 40 and prefilled[2] < prompts[2] - 20
 
 
+def test_chat_cli_without_history_pieces_prefills_each_turn_whole_and_says_so_once(tiny_onnx):
+    session = _chat(["--model", str(tiny_onnx), "--max-new-tokens", "4", "--no-think", "--chunk", "0"],
+                    "Hello\nAnd again?\nOnce more\n/exit\n")
+    assert session.returncode == 0, session.stderr
+    out = session.stdout
+    assert out.count("[this model has no history prefill nets (build it with history=1)") == 1, out
+    prefilled = re.findall(r"prefilled (\d+) of (\d+) prompt tokens", out)
+    assert len(prefilled) == 3 and all(a == b for a, b in prefilled)  # every turn from position 0
+    missing = _chat(["--model", str(tiny_onnx), "--prompt", "x", "--chunk", "7"])
+    assert missing.returncode != 0 and "no history prefill pieces of chunk 7 (block_kv_0_c7.onnx; exported: [16])" \
+        in missing.stderr
+
+
 def test_chat_cli_bad_input(tiny_onnx, tmp_path):
     assert "is neither a folder of exported pieces" in _chat(["--model", str(tmp_path), "--prompt", "x"]).stderr
     assert "top_p must be in (0, 1]" in _chat(["--model", str(tiny_onnx), "--prompt", "x", "--top-p", "2"]).stderr

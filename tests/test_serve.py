@@ -65,7 +65,7 @@ def _serve(onnx, *options):
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     build_dir = tmp_path_factory.mktemp("serve")
-    result = run_doit(build_dir, ["export", "patch"], model=MODEL, layers=4, seq=256)
+    result = run_doit(build_dir, ["export", "patch"], model=MODEL, layers=4, seq=256, history=1, chunk=32)
     assert result.code == 0, result.output
     with _serve(build_dir / f"{MODEL}-4l" / "seq256" / "onnx", "--max-queue", "1", "--name", "medium") as base:
         yield base
@@ -111,6 +111,24 @@ def test_non_streaming_and_streaming_agree(server):
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == choice.message.content  # greedy: the same answer, streamed
     assert chunks[0].choices[0].delta.role == "assistant" and chunks[-1].choices[0].finish_reason == "length"
+
+
+def test_a_request_that_continues_the_conversation_is_prefilled_from_where_the_last_one_ended(server):
+    """The server keeps the cache: a request whose tokens extend the previous one's prefills only
+    the new ones (usage.prompt_tokens_details.cached_tokens, OpenAI's field); another conversation
+    starts over; the answers are a fresh prefill's."""
+    client = _client(server)
+    first = client.chat.completions.create(model="medium", messages=MESSAGES, max_tokens=8)
+    follow = [*MESSAGES, {"role": "assistant", "content": first.choices[0].message.content},
+              {"role": "user", "content": "And of Germany?"}]
+    continued = client.chat.completions.create(model="medium", messages=follow, max_tokens=8)
+    cached = continued.usage.prompt_tokens_details.cached_tokens
+    assert first.usage.prompt_tokens - 4 < cached < continued.usage.prompt_tokens, (first.usage, continued.usage)
+    other = [{"role": "system", "content": "Answer in French."}, {"role": "user", "content": "Bonjour"}]
+    assert client.chat.completions.create(model="medium", messages=other, max_tokens=2).usage \
+        .prompt_tokens_details.cached_tokens < 5  # "<|im_start|>system\n" at most
+    again = client.chat.completions.create(model="medium", messages=follow, max_tokens=8)
+    assert again.choices[0].message.content == continued.choices[0].message.content
 
 
 def test_stop_string_and_sampling_fields(server):
