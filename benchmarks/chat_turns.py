@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks.common import build_bmodel, publish  # noqa: E402
+from benchmarks.common import build_bmodel, model_options, publish  # noqa: E402
 
 
 def first_token(engine, sampler, ids: list[int], fresh: bool) -> tuple[float, int]:
@@ -68,15 +68,11 @@ def table(title: str, rows: list[dict]) -> list[str]:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="bench-qwen2-medium")
-    parser.add_argument("--layers", type=int, default=2)
-    parser.add_argument("--seq", type=int, default=512)
-    parser.add_argument("--mode", default="int4")
+    model_options(parser)
     parser.add_argument("--chunk", type=int, default=128)
     parser.add_argument("--dynamic", type=int, default=1)
     parser.add_argument("--turn", type=int, default=60, help="user tokens a turn")
     parser.add_argument("--answer", type=int, default=8, help="answer tokens a turn")
-    parser.add_argument("--build-dir", type=Path)
     args = parser.parse_args()
     args.build_dir = args.build_dir or Path(tempfile.mkdtemp(prefix="chat-turns-bench-"))
     from runtime.engine import Engine

@@ -23,3 +23,12 @@ def build_bmodel(variables: dict[str, str]) -> tuple[Path, str]:
                          capture_output=True, text=True)
     built = parse_build_config(variables)
     return built.dist_dir / f"{built.dist_name}.bmodel", out.stdout + out.stderr
+
+
+def model_options(parser, layers: int = 2, seq: int = 512) -> None:
+    """The options of a benchmark that builds a generated model for the simulator."""
+    parser.add_argument("--model", default="bench-qwen2-medium")
+    parser.add_argument("--layers", type=int, default=layers)
+    parser.add_argument("--seq", type=int, default=seq)
+    parser.add_argument("--mode", default="int4")
+    parser.add_argument("--build-dir", type=Path, help="where to build (default: a new temporary folder)")

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks.common import build_bmodel, publish  # noqa: E402
+from benchmarks.common import build_bmodel, model_options, publish  # noqa: E402
 
 def build(args, dynamic: bool) -> tuple[Path, float]:
     """The combined bmodel, and the seconds its block_i deploys took (what `dynamic` changes)."""
@@ -49,12 +49,8 @@ def first_tokens(bmodel: Path, prompts: list[int]) -> list[dict]:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="bench-qwen2-medium")
-    parser.add_argument("--layers", type=int, default=2)
-    parser.add_argument("--seq", type=int, default=512)
-    parser.add_argument("--mode", default="int4")
+    model_options(parser)
     parser.add_argument("--prompts", nargs="+", type=int, default=[16, 64, 256])
-    parser.add_argument("--build-dir", type=Path)
     args = parser.parse_args()
     args.build_dir = args.build_dir or Path(tempfile.mkdtemp(prefix="first-token-bench-"))
     prompts = sorted({*args.prompts, args.seq - 1})
