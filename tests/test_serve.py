@@ -126,7 +126,7 @@ def test_a_request_that_continues_the_conversation_is_prefilled_from_where_the_l
     assert first.usage.prompt_tokens - 4 < cached < continued.usage.prompt_tokens, (first.usage, continued.usage)
     other = [{"role": "system", "content": "Answer in French."}, {"role": "user", "content": "Bonjour"}]
     assert client.chat.completions.create(model="medium", messages=other, max_tokens=2).usage \
-        .prompt_tokens_details.cached_tokens < 5  # "<|im_start|>system\n" at most
+        .prompt_tokens_details.cached_tokens < 10  # the chat template's start, at most
     again = client.chat.completions.create(model="medium", messages=follow, max_tokens=8)
     assert again.choices[0].message.content == continued.choices[0].message.content
 
