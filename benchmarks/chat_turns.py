@@ -3,9 +3,11 @@ time with the cache kept from the turn before (history nets, `history=1`) agains
 of the whole conversation, on one bmodel; and the same on onnxruntime (CPU) over the same pieces.
 
     .venv/bin/python benchmarks/chat_turns.py [--model bench-qwen2-medium] [--layers 2] [--seq 512]
-        [--mode int4] [--chunk 128] [--dynamic 1] [--turn 60] [--answer 8] [--build-dir DIR]
-Each turn adds `--turn` user tokens to the conversation and answers `--answer` tokens (greedy).
-Prints a Markdown table and writes it to benchmarks/results/chat_turns.md.
+        [--mode int4] [--chunk 128] [--dynamic 1] [--first N] [--turn 60] [--answer 8] [--build-dir DIR]
+        [--out chat_turns.md]
+The first turn adds `--first` user tokens (default `--turn`), each next one `--turn`; each is
+answered with `--answer` tokens (greedy). Prints a Markdown table and writes it to
+benchmarks/results/<out>.
 """
 import argparse
 import os
@@ -35,12 +37,13 @@ def warm(engine) -> None:
     engine.forget()
 
 
-def conversation(engine, sampler, turns: int, turn_tokens: int, answer: int) -> list[dict]:
+def conversation(engine, sampler, turns: int, turn_tokens: int, answer: int, first: int | None = None) -> list[dict]:
     """The turns, each timed twice: with the cache the turn before left, then everything again
     (whose state the answer then continues from: the cache holds the same tokens either way)."""
     rows, ids = [], []
     for turn in range(1, turns + 1):
-        ids = ids + [10 + (turn * 37 + k) % 400 for k in range(turn_tokens)]  # within any vocabulary
+        user = first if turn == 1 and first else turn_tokens
+        ids = ids + [10 + (turn * 37 + k) % 400 for k in range(user)]  # within any vocabulary
         kept_seconds, prefilled = first_token(engine, sampler, ids, fresh=False)
         fresh_seconds, _ = first_token(engine, sampler, ids, fresh=True)
         rows.append({"turn": turn, "prompt": len(ids), "prefilled": prefilled, "kept": kept_seconds,
@@ -72,6 +75,9 @@ def main():
     parser.add_argument("--chunk", type=int, default=128)
     parser.add_argument("--dynamic", type=int, default=1)
     parser.add_argument("--turn", type=int, default=60, help="user tokens a turn")
+    parser.add_argument("--first", type=int, help="user tokens of the first turn (a system prompt, a document; "
+                        "default: --turn)")
+    parser.add_argument("--out", default="chat_turns.md", help="the results file in benchmarks/results/")
     parser.add_argument("--answer", type=int, default=8, help="answer tokens a turn")
     args = parser.parse_args()
     args.build_dir = args.build_dir or Path(tempfile.mkdtemp(prefix="chat-turns-bench-"))
@@ -90,17 +96,18 @@ def main():
     onnx_dir = next(args.build_dir.glob(f"{args.model}*/seq{args.seq}/onnx"))
     onnx_engine = Engine(OnnxBackend(onnx_dir, chunk=args.chunk))
     warm(onnx_engine)
-    onnx_rows = conversation(onnx_engine, sampler, 4, args.turn, args.answer)
+    onnx_rows = conversation(onnx_engine, sampler, 4, args.turn, args.answer, args.first)
     with IsolatedBmodelBackend(bmodel) as backend:
         engine = Engine(backend)
         warm(engine)
-        sim_rows = conversation(engine, sampler, 4, args.turn, args.answer)
+        sim_rows = conversation(engine, sampler, 4, args.turn, args.answer, args.first)
     lines = [f"{args.model}, {args.layers} layers, mode {args.mode}, seq {args.seq}, history nets of {args.chunk} "
-             f"tokens a run, {'dynamic' if args.dynamic else 'static'} prefill; each turn adds {args.turn} user "
-             f"tokens and answers {args.answer} (greedy); {os.cpu_count()} cores, {time.strftime('%Y-%m-%d')}; "
+             f"tokens a run, {'dynamic' if args.dynamic else 'static'} prefill; the first turn "
+             f"{args.first or args.turn} user tokens, each next one {args.turn}, each answered with {args.answer} "
+             f"tokens (greedy); {os.cpu_count()} cores, {time.strftime('%Y-%m-%d')}; "
              f"build (doit combine, from nothing) {build_seconds:.0f} s, bmodel {bmodel.stat().st_size / 2**20:.1f} "
              "MiB.", "", *table("BM1684X simulator", sim_rows), *table("onnxruntime (CPU, fp32)", onnx_rows)]
-    publish("\n".join(lines), "chat_turns.md")
+    publish("\n".join(lines), args.out)
 
 
 if __name__ == "__main__":
