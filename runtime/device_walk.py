@@ -1,8 +1,10 @@
 """The walk over an LLM bmodel's nets with the state kept on the device, the way the device wants
 it (FACTS.md section 6; Sophgo's LLM-TPU runtime does the same in C++):
   - layer i's K/V cache is `block_cache_i`'s own io_alone input memory (`history_k`, `history_v`);
-    prefill writes all of it in place (block_i's K/V outputs point at it), decode writes the new
-    token's K/V in place (the outputs point at its slot);
+    block_i writes its rows in place (its K/V outputs point at it); block_kv_i (history prefill)
+    reads the filled slots and its new rows are copied on the device to their slots; decode writes
+    the new token's K/V in place (the outputs point at its slot). The cache stays between prompts:
+    a prompt that continues it runs only its new tokens (engine.prefill_plan);
   - hidden states go from net to net in device memory; only the last prompt row goes to the head;
   - per step only the token, the position and the mask go in, written once and shared by every
     layer; one wait for the device per step, when the head's answer is read.

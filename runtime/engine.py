@@ -141,7 +141,8 @@ class HostWalk:
                     hidden, k, v = run(f"block_kv_{i}", {"input_states": hidden, **feeds,
                                                          "history_k": self.k[i][:, :c.history],
                                                          "history_v": self.v[i][:, :c.history]})
-                    self.k[i][:, c.begin:c.end], self.v[i][:, c.begin:c.end] = k[:, :c.end - c.begin], v[:, :c.end - c.begin]
+                    new = c.end - c.begin  # the real rows: padding rows never reach the cache
+                    self.k[i][:, c.begin:c.end], self.v[i][:, c.begin:c.end] = k[:, :new], v[:, :new]
         self._head(hidden[:, c.end - c.begin - 1])
 
     def decode(self, token: int, pos: int) -> None:
