@@ -62,18 +62,23 @@ class BuildConfig:
         return self.chunk if self.history else 0
 
     @property
+    def history_suffix(self) -> str:
+        """What the history nets add to the names of what holds them: `_hist_c<C>`, or nothing."""
+        return f"_hist_c{self.chunk}" if self.history else ""
+
+    @property
     def target(self) -> str:
         """The combined bmodel's key: the variant, and the nets added to it (the deployed pieces of
         one variant are shared whatever is added)."""
-        return self.variant + (f"_hist_c{self.chunk}" if self.history else "")
+        return self.variant + self.history_suffix
 
     @property
     def dist_name(self) -> str:
         chip = "" if self.chip == "bm1684x" else f"_{self.chip}"
         group = "" if self.group_size == 64 or not MODES[self.mode].startswith("W4") else f"_g{self.group_size}"
         dynamic = "_dyn" if self.dynamic else ""
-        history = f"_hist_c{self.chunk}" if self.history else ""
-        return f"{self.model.name}_{self.mode}{group}_seq{self.seq}_{self.devices}dev{chip}{dynamic}{history}"
+        return (f"{self.model.name}_{self.mode}{group}_seq{self.seq}_{self.devices}dev{chip}{dynamic}"
+                f"{self.history_suffix}")
 
 
 def _int(name: str, value: str) -> int:

@@ -73,7 +73,7 @@ class Paths:
         self.onnx = self.seq / "onnx"
         self.logs = self.seq / "logs"
         # the ONNX check walks the pieces there are: with history nets, a report of its own
-        self.report = self.seq / "verify" / (f"report_hist_c{build.chunk}.json" if build.history else "report.json")
+        self.report = self.seq / "verify" / f"report{build.history_suffix}.json"
         self.layers_plot = self.seq / "verify" / "layers.png"
         self.transform = self.seq / "transform"
         self.deploy = self.seq / "deploy" / build.variant
@@ -273,7 +273,8 @@ class CombineTasks(Stage):
         copy_tokenizer(self.paths.onnx, self.paths.dist.parent / tokenizer)
         build = {"model": b.model.name, "display_name": b.model.display_name, "family": b.model.family,
                  "mode": b.mode, "group_size": b.group_size, "devices": b.devices, "chip": b.chip, "seq": b.seq,
-                 "dynamic": b.dynamic, "history": b.history, "chunk": b.chunk, "tokenizer": tokenizer, "tools": {**TOOL_VERSIONS, **COMPILER}}
+                 "dynamic": b.dynamic, "history": b.history, "chunk": b.chunk, "tokenizer": tokenizer,
+                 "tools": {**TOOL_VERSIONS, **COMPILER}}
         fingerprints = {g.stem: read_json(g)["sha256"] for g in sorted(self.paths.weights.glob("*.json"))}
         described = describe(self.paths.dist, info, build, read_json(self.paths.source)["folder"], fingerprints)
         say(f"[combine] {self.paths.dist} ({described['bytes'] / 2**20:.1f} MiB, {len(info['nets'])} nets) "

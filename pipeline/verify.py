@@ -155,10 +155,14 @@ def walk_pieces(dims: Dims, ids: list[int], reference, candidate, judge, progres
 
 
 def next_turn(ids: list[int], token: int, dims: Dims) -> list[int]:
-    """The conversation after `ids` and `token`, with up to a whole chunk of new tokens (as many as
-    the window leaves room for)."""
-    room = min(dims.chunk, dims.seq - len(ids) - 2)
+    """The conversation after `ids` and `token`, with next_turn_tokens new tokens."""
+    room = next_turn_tokens(len(ids), dims)
     return ids + [token] + (ids * (room // len(ids) + 1))[:room]
+
+
+def next_turn_tokens(prompt: int, dims: Dims) -> int:
+    """The new tokens of next_turn: a whole chunk, or as many as the window leaves room for."""
+    return min(dims.chunk, dims.seq - prompt - 2)
 
 
 def check_pieces(config: dict, source: Path, mapping: dict, onnx_dir: Path, ids: list[int], progress,
@@ -171,8 +175,9 @@ def check_pieces(config: dict, source: Path, mapping: dict, onnx_dir: Path, ids:
         onnx.close(net)  # one session at a time: memory follows the largest piece
         return outputs
 
-    return walk_pieces(Dims.from_config(config, chunk), ids, lambda net, kind, layer, feeds: torch_pieces.run(kind, layer, feeds),
-                       candidate, lambda kind, ref, got: compare(ref, got), progress)
+    return walk_pieces(Dims.from_config(config, chunk), ids,
+                       lambda net, kind, layer, feeds: torch_pieces.run(kind, layer, feeds), candidate,
+                       lambda kind, ref, got: compare(ref, got), progress)
 
 
 def reference_model(config: dict, source: Path, mapping: dict, family: str):

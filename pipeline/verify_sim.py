@@ -25,7 +25,7 @@ from .progress import say
 from .toolchain.install import ensure_toolchain
 from .toolchain.pyruntime_backend import PyruntimeBackend
 from .toolchain.tools import Worker
-from .verify import compare, piece_failures, pieces_table, walk_pieces
+from .verify import compare, next_turn_tokens, piece_failures, pieces_table, walk_pieces
 
 LABELS = {"reference": "onnxruntime", "candidate": "simulator"}  # what compare() saw on each side, here
 
@@ -102,8 +102,8 @@ def check_pieces(mode: str, dims: Dims, onnx_dir: Path, deploy_dir: Path, ids: l
         backend = sim.open(deploy_dir / f"{files[net]}.bmodel", whole_model=False)
         if dynamic and net.rpartition("_")[0] in DYNAMIC_KINDS:
             reference = onnx.run(net, feeds)
-            # the tokens the walk gave it: the prompt, or the next turn's (verify.next_turn)
-            length = min(dims.chunk, dims.seq - len(ids) - 2) if net.startswith("block_kv_") else len(ids)
+            # the tokens the walk gave it: the prompt, or the next turn's
+            length = next_turn_tokens(len(ids), dims) if net.startswith("block_kv_") else len(ids)
             for rows in sorted({1, max(1, length // 2), length}):
                 got = backend.run(net, prefill_rows(feeds, rows))
                 at_lengths[f"{net} at length {rows}"] = {

@@ -196,7 +196,7 @@ class Engine:
         if not 0 < n < self.seq:
             raise PromptTooLong(f"prompt of {n} tokens does not fit seq_length {self.seq} (at most {self.seq - 1})")
         start = self.reusable(ids)
-        self.tokens, self.length = [], 0  # until the prefill is done, the cache holds nothing certain
+        self.forget()  # until the prefill is done, the cache holds nothing certain
         _, self.prefill_traffic = self._counted(self.walk.prefill, ids, start)
         self.decode_traffic, self.decoded = Traffic(), 0
         self.tokens, self.length, self.reused = list(ids), n, start
