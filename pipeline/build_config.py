@@ -10,6 +10,7 @@ from . import PROJECT_ROOT
 from .errors import PipelineError
 from .model_config import ModelConfig, load_model_config
 from .modes import MODES
+from .pieces import decode_stages
 
 DEFAULT_MODEL = "tiny-qwen2"  # builds anywhere: the project generates its weights
 DEVICE_COUNTS = (1, 2, 4, 8)
@@ -38,7 +39,7 @@ class BuildConfig:
     sim_tokens: int = SIM_TOKENS_MAX
     dynamic: bool = False  # prefill nets compiled dynamic: run at the prompt's length (llm_convert --dynamic)
     history: bool = False  # block_kv nets: prefill against the cache (llm_convert --use_history_kv)
-    chunk: int = 0         # block_kv's tokens per run (llm_convert --chunk_length)
+    chunk: int = 0         # block_kv's tokens per run and the first decode stage (llm_convert --chunk_length)
 
     @property
     def model_dir(self) -> Path:
@@ -62,15 +63,23 @@ class BuildConfig:
         return self.chunk if self.history else 0
 
     @property
-    def history_suffix(self) -> str:
-        """What the history nets add to the names of what holds them: `_hist_c<C>`, or nothing."""
-        return f"_hist_c{self.chunk}" if self.history else ""
+    def stages(self) -> tuple[int, ...]:
+        """The decode stages' cache lengths below SEQ (C, 2C, 4C ...); none with chunk=0."""
+        return decode_stages(self.seq, self.chunk)
+
+    @property
+    def chunk_suffix(self) -> str:
+        """What the chunk's nets add to the names of what holds them: `_hist_c<C>` (history prefill
+        and decode stages), `_c<C>` (decode stages), or nothing."""
+        if not self.chunk:
+            return ""
+        return f"_hist_c{self.chunk}" if self.history else f"_c{self.chunk}"
 
     @property
     def target(self) -> str:
         """The combined bmodel's key: the variant, and the nets added to it (the deployed pieces of
         one variant are shared whatever is added)."""
-        return self.variant + self.history_suffix
+        return self.variant + self.chunk_suffix
 
     @property
     def dist_name(self) -> str:
@@ -78,7 +87,7 @@ class BuildConfig:
         group = "" if self.group_size == 64 or not MODES[self.mode].startswith("W4") else f"_g{self.group_size}"
         dynamic = "_dyn" if self.dynamic else ""
         return (f"{self.model.name}_{self.mode}{group}_seq{self.seq}_{self.devices}dev{chip}{dynamic}"
-                f"{self.history_suffix}")
+                f"{self.chunk_suffix}")
 
 
 def _int(name: str, value: str) -> int:
@@ -127,11 +136,12 @@ def parse_build_config(variables: dict[str, str | None]) -> BuildConfig:
                             f"{SIM_TOKENS_MAX} (the default)")
     dynamic = _choice("dynamic", given.get("dynamic", "0"), ("0", "1")) == "1"
     history = _choice("history", given.get("history", "0"), ("0", "1")) == "1"
+    # as llm_convert: the chunk sets the history prefill's run and the decode stages; history
+    # needs one (seq/4 unless given), and it is at most half the window
     chunk = _int("chunk", given.get("chunk", str(seq // 4 if history else 0)))
-    if history and not 1 <= chunk <= seq // 2:  # llm_convert's bound: a chunk at most half the window
-        raise PipelineError(f"chunk={chunk} is not allowed with seq={seq}: use 1 to {seq // 2} (default seq/4)")
-    if not history and "chunk" in given:
-        raise PipelineError("chunk= is the history prefill's chunk length: give it with history=1")
+    if not (1 if history else 0) <= chunk <= seq // 2:
+        raise PipelineError(f"chunk={chunk} is not allowed with seq={seq}: use {1 if history else 0} to {seq // 2} "
+                            f"(default {'seq/4' if history else '0: no decode stages'})")
     path = None
     if "path" in given:
         path = Path(given["path"]).expanduser().resolve()

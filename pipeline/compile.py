@@ -5,7 +5,10 @@
 
 Deploy flags follow Sophgo's Qwen-TPU compile.sh and tpu-mlir's llm_convert: embedding and lm_head
 in the mode's float type, blocks in the mode, --quant_input/--quant_output so hidden states and
-K/V move between nets as bf16/f16, io_alone addressing for cache blocks.
+K/V move between nets as bf16/f16, io_alone addressing for cache blocks. A cache block's deploy
+saves its io_alone addresses, and its decode stages are deployed onto them (llm_convert's
+--save_io_alone_config / --use_io_alone_config): every stage of the combined net then reads and
+writes the one cache.
 """
 import hashlib
 import json
@@ -65,8 +68,9 @@ def deploy_args(piece: Piece, mode: str, devices: int, chip: str, group_size: in
         args = ["--quantize", quantize, "--quant_input", "--quant_output"]
         if quantize.startswith("W4"):
             args += ["--q_group_size", str(group_size)]
-        if piece.kind == "block_cache":  # K/V stay in the net's own input buffers
-            args += ["--addr_mode", "io_alone"]
+        if piece.kind == "block_cache":  # K/V stay in the net's own input buffers, shared by its stages
+            args += ["--addr_mode", "io_alone",
+                     "--use_io_alone_config" if piece.stage else "--save_io_alone_config", IO_CONFIG]
         if dynamic and piece.kind in DYNAMIC_KINDS:  # the prefill runs at the prompt's length
             args.append("--dynamic")
     args += ["--chip", chip, "--high_precision", "--disable_gdma_check"]
@@ -75,18 +79,34 @@ def deploy_args(piece: Piece, mode: str, devices: int, chip: str, group_size: in
     return args
 
 
-def deploy(piece: Piece, mlir_dir: Path, args: list[str], out: Path, log: Path, log_dir: Path) -> None:
-    """model_deploy.py in a scratch folder; only the bmodel is kept, renamed into place."""
+IO_CONFIG = "io_alone_config.json"  # in the deploy's working folder (the args name no path)
+
+
+def io_config_of(piece: Piece, deploy_dir: Path) -> Path | None:
+    """Where a cache block's io_alone addresses are kept: beside its whole-cache bmodel."""
+    return deploy_dir / f"{piece.name}.io_alone.json" if piece.kind == "block_cache" else None
+
+
+def deploy(piece: Piece, mlir_dir: Path, args: list[str], out: Path, log: Path, log_dir: Path,
+           io_config: Path | None = None) -> None:
+    """model_deploy.py in a scratch folder; only the bmodel (and the io_alone addresses it saves)
+    are kept, renamed into place, the bmodel last."""
     out.parent.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
         for f in mlir_dir.iterdir():  # the mlir names its weight file relative to the working folder
             (scratch / f.name).symlink_to(f.resolve())
+        if "--use_io_alone_config" in args:
+            (scratch / IO_CONFIG).symlink_to(io_config.resolve())
         run_python_tool("model_deploy", ["--mlir", f"{piece.name}.mlir", *args,
                                          "--model", f"{piece.name}.bmodel"], scratch, log, log_dir)
         built = scratch / f"{piece.name}.bmodel"
         if not built.exists():
             raise PipelineError(f"model_deploy.py reported success but wrote no {built.name} (log: {log})")
+        if "--save_io_alone_config" in args:
+            if not (scratch / IO_CONFIG).exists():
+                raise PipelineError(f"model_deploy.py wrote no {IO_CONFIG} for {piece.file} (log: {log})")
+            os.replace(scratch / IO_CONFIG, io_config)
         os.replace(built, out)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
@@ -105,7 +125,7 @@ def combine(bmodels: list[Path], out: Path, expected_nets: list[str], log: Path)
             require_space(out.parent, needed - tmp.stat().st_size, f"the combined {out.name}")
             raise
         nets = [net["name"] for net in info["nets"]]
-        if sorted(set(nets)) != sorted(expected_nets):
+        if set(nets) != set(expected_nets):
             missing, extra = sorted(set(expected_nets) - set(nets)), sorted(set(nets) - set(expected_nets))
             raise PipelineError(f"the combined bmodel does not hold the nets of the contract: missing {missing}, "
                                 f"unexpected {extra} (log: {log})")
@@ -123,13 +143,18 @@ def combined_bytes(piece_sizes: list[int]) -> int:
 
 
 def bmodel_info(path: Path, log: Path) -> dict:
-    """Nets with their inputs/outputs (name, dtype, shape) and the device count, from model_tool --info."""
+    """Nets with their inputs/outputs (name, dtype, shape; a net of several stages, e.g. a cache net
+    with decode stages, lists stage 0's and each stage's input shapes) and the device count, from
+    model_tool --info."""
     text = run_binary(["model_tool", "--info", str(Path(path).resolve())], path.parent, log)
-    nets, net = [], None
+    nets, net, stage = [], None, None
     for line in text.splitlines():
         if m := re.match(r"\s*net\s*\d*:\s*\[(\S+)\]", line):  # "net 0: [x] static" / "net: [x] cascade"
-            net = {"name": m[1], "inputs": [], "outputs": []}
+            net = {"name": m[1], "inputs": [], "outputs": [], "stages": []}
             nets.append(net)
+        elif net is not None and re.match(r"\s*stage\s+\d+", line):
+            stage = {"inputs": [], "outputs": []}
+            net["stages"].append(stage)
         elif net is not None and (m := re.match(
                 r"\s*(input|output):\s*(?:devid\((\d+)\)\s*)?([^,]+),\s*\[([\w:,\s]*)\],\s*(\w+)", line)):
             # a dynamic net lists its largest shape: "[max:1, max:512]"
@@ -137,7 +162,12 @@ def bmodel_info(path: Path, log: Path) -> dict:
             tensor = {"name": m[3], "shape": shape, "dtype": m[5]}
             if m[2] is not None:  # multi-device ("cascade") nets list each device's tensors
                 tensor["device"] = int(m[2])
-            net[m[1] + "s"].append(tensor)
+            if len(net["stages"]) <= 1:
+                net[m[1] + "s"].append(tensor)
+            if stage is not None:
+                stage[m[1] + "s"].append(shape)
+    for net in nets:
+        net["stages"] = [s["inputs"] for s in net["stages"]] if len(net["stages"]) > 1 else []
     device = re.search(r"device num:\s*(\d+)", text)
     return {"nets": nets, "devices": int(device[1]) if device else 1, "text": text}
 
@@ -160,6 +190,8 @@ def describe_markdown(d: dict) -> str:
     prefill = " (dynamic: the prefill runs at the prompt's length)" if d.get("dynamic") else ""
     if d.get("history"):
         prefill += f"; history prefill nets block_kv_i, {d['chunk']} tokens a run against the cache"
+    if d.get("stages"):
+        prefill += f"; decode stages over the first {', '.join(map(str, d['stages']))} cache slots"
     lines = [f"# {d['file']}", "",
              f"{d['display_name']} ({d['family']}), mode {d['mode']} ({d['quantize']}"
              f"{', group ' + str(d['group_size']) if d['quantize'].startswith('W4') else ''}), "
@@ -172,5 +204,9 @@ def describe_markdown(d: dict) -> str:
         return "<br>".join(f"{'device %d: ' % t['device'] if 'device' in t else ''}{t['name']} {t['shape']} "
                            f"{t['dtype']}" for t in ts)
 
-    lines += [f"| {n['name']} | {tensors(n['inputs'])} | {tensors(n['outputs'])} |" for n in d["nets"]]
+    def stages(n):
+        return (f"<br>{len(n['stages'])} stages, history {', '.join(str(s[3][1]) for s in n['stages'])}"
+                if n.get("stages") else "")
+
+    lines += [f"| {n['name']} | {tensors(n['inputs'])}{stages(n)} | {tensors(n['outputs'])} |" for n in d["nets"]]
     return "\n".join(lines) + "\n"

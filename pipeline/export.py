@@ -37,7 +37,7 @@ def export_piece(piece: Piece, config: dict, source: Path, mapping: dict, out: P
     ckpt = Checkpoint(source)
     module = build_piece(piece.kind, piece.layer, config,
                          lambda name: load_tensor(ckpt, mapping, name).to(torch.float32))
-    dims = Dims.from_config(config, piece.chunk)
+    dims = Dims.from_config(config, piece.chunk).of(piece)
     inputs, outputs = io_spec(piece.kind, dims)
     out.parent.mkdir(parents=True, exist_ok=True)
     weight_bytes = sum(t.numel() * t.element_size() for t in module.state_dict().values())

@@ -19,9 +19,12 @@ The heads choose the next token on the device, as tpu-mlir's llm_convert.py --do
 greedy_head the argmax, sample_head the candidates the host draws from (runtime/sampling.py's rule).
 block_kv_i (`history=1`, llm_convert --use_history_kv) prefills C = `chunk` new tokens against the
 history already in the cache: a chat's later turns, and prompts longer than a chunk, chunk by chunk.
+Decode stages (`chunk=C`, llm_convert --chunk_length): block_cache_i also at cache lengths C, 2C,
+4C ... < SEQ (history [1,K,KVH,D], mask [1,1,1,K+1]), combined as stages of the one net and
+sharing its io_alone memory: a step attends over the shortest stage that holds the cache.
 Masks are additive: 0 attends, runtime.engine.MASK_VALUE masks (see its mask builders).
 """
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 # the kinds compiled dynamic with `dynamic=1` (llm_convert --dynamic): the prefill, run at the
 # prompt's length; the export writes their reshapes out in full (export.explicit_reshapes)
@@ -36,19 +39,35 @@ class Piece:
     group: str           # the weight group it reads (see patch.weight_groups)
     layer: int | None = None
     chunk: int = 0       # block_kv: the new tokens per run
+    stage: int = 0       # block_cache: a decode stage's cache length (0: the whole SEQ)
 
     @property
     def file(self) -> str:
-        """Its artifacts' name: a block_kv of each chunk length has its own (switching back is free)."""
-        return f"{self.name}_c{self.chunk}" if self.chunk else self.name
+        """Its artifacts' name: a block_kv of each chunk length and a block_cache of each stage have
+        their own (switching back is free); the net's name stays the piece's."""
+        if self.chunk:
+            return f"{self.name}_c{self.chunk}"
+        return f"{self.name}_kv{self.stage}" if self.stage else self.name
 
 
-def model_pieces(num_layers: int, history: int = 0) -> list[Piece]:
-    """The pieces of a model; `history` = C adds the block_kv_i that prefill C tokens against the cache."""
+def decode_stages(seq: int, chunk: int) -> tuple[int, ...]:
+    """The decode stages' cache lengths below SEQ, as llm_convert makes them: C, 2C, 4C ... < SEQ."""
+    stages = []
+    while 0 < chunk < seq:
+        stages.append(chunk)
+        chunk *= 2
+    return tuple(stages)
+
+
+def model_pieces(num_layers: int, history: int = 0, stages: tuple[int, ...] = ()) -> list[Piece]:
+    """The pieces of a model; `history` = C adds the block_kv_i that prefill C tokens against the
+    cache, `stages` the block_cache_i that attend over a shorter cache (each after its SEQ one:
+    the combined net's stage 0 is the whole cache)."""
     pieces = [Piece("embedding", "embedding", "embed"), Piece("embedding_cache", "embedding_cache", "embed")]
     for i in range(num_layers):
         pieces.append(Piece(f"block_{i}", "block", f"layer_{i}", i))
         pieces.append(Piece(f"block_cache_{i}", "block_cache", f"layer_{i}", i))
+        pieces += [Piece(f"block_cache_{i}", "block_cache", f"layer_{i}", i, stage=k) for k in stages]
         if history:
             pieces.append(Piece(f"block_kv_{i}", "block_kv", f"layer_{i}", i, history))
     pieces.append(Piece("lm_head", "lm_head", "head"))
@@ -65,12 +84,20 @@ class Dims:
     head_dim: int
     vocab: int
     chunk: int = 0  # block_kv's new tokens (not in the config: a build variable)
+    stages: tuple[int, ...] = ()  # the decode stages' cache lengths below SEQ (a build variable too)
 
     @classmethod
-    def from_config(cls, config: dict, chunk: int = 0) -> "Dims":
+    def from_config(cls, config: dict, chunk: int = 0, stages: tuple[int, ...] = ()) -> "Dims":
         head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
         return cls(config["seq_length"], config["num_hidden_layers"], config["hidden_size"],
-                   config["num_key_value_heads"], head_dim, config["vocab_size"], chunk)
+                   config["num_key_value_heads"], head_dim, config["vocab_size"], chunk, tuple(stages))
+
+    def pieces(self) -> list[Piece]:
+        return model_pieces(self.num_layers, self.chunk, self.stages)
+
+    def of(self, piece: Piece) -> "Dims":
+        """The dims a piece's shapes follow: a decode stage's cache is shorter than SEQ."""
+        return replace(self, seq=piece.stage) if piece.stage else self
 
 
 def io_spec(kind: str, d: Dims) -> tuple[list[tuple[str, tuple, str]], list[str]]:

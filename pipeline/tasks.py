@@ -73,7 +73,7 @@ class Paths:
         self.onnx = self.seq / "onnx"
         self.logs = self.seq / "logs"
         # the ONNX check walks the pieces there are: with history nets, a report of its own
-        self.report = self.seq / "verify" / f"report{build.history_suffix}.json"
+        self.report = self.seq / "verify" / f"report{build.chunk_suffix}.json"
         self.layers_plot = self.seq / "verify" / "layers.png"
         self.transform = self.seq / "transform"
         self.deploy = self.seq / "deploy" / build.variant
@@ -155,7 +155,7 @@ class ExportTasks(Stage):
 
     def __init__(self, build: BuildConfig, paths: Paths):
         self.build, self.paths = build, paths
-        self.pieces = model_pieces(build.model.architecture.num_layers, build.history_chunk)
+        self.pieces = model_pieces(build.model.architecture.num_layers, build.history_chunk, build.stages)
 
     def target(self, piece) -> Path:
         return self.paths.onnx / f"{piece.file}.onnx"
@@ -222,6 +222,13 @@ class DeployTasks(Stage):
     def bmodel(self, piece) -> Path:
         return self.paths.deploy / f"{piece.file}.bmodel"
 
+    def io_config(self, piece) -> Path | None:
+        """A cache net's io_alone addresses, saved by its whole-cache deploy and used by its decode
+        stages' (so that every stage reads the cache where stage 0 keeps it)."""
+        from .compile import io_config_of
+
+        return io_config_of(piece, self.paths.deploy)
+
     def tasks(self):
         """model_deploy.py per piece for this mode, device count and chip"""
         from .compile import deploy_args
@@ -229,11 +236,13 @@ class DeployTasks(Stage):
         b = self.build
         for k, piece in enumerate(self.pieces, 1):
             args = deploy_args(piece, b.mode, b.devices, b.chip, b.group_size, b.dynamic)
+            config = self.io_config(piece)
+            saved, used = ([config], []) if config and not piece.stage else ([], [config] if config else [])
             yield {"name": f"{b.model.name}/seq{b.seq}/{b.variant}/{piece.file}",
                    "doc": f"deploy {piece.file} ({b.mode}, {b.devices} device(s), {b.chip})",
                    "actions": [(self.action(self.run), [piece, args, k])],
-                   "file_dep": [self.transform.mlir(piece), self.transform.weights(piece), *CODE["deploy"]],
-                   "targets": [self.bmodel(piece)],
+                   "file_dep": [self.transform.mlir(piece), self.transform.weights(piece), *used, *CODE["deploy"]],
+                   "targets": [self.bmodel(piece), *saved],
                    "uptodate": [config_changed({**COMPILER, "args": args})], "clean": True}
 
     def run(self, piece, args, index):
@@ -242,7 +251,8 @@ class DeployTasks(Stage):
         start, total = time.perf_counter(), len(self.pieces)
         log = self.paths.logs / "deploy" / self.build.variant / f"{piece.file}.log"
         say(f"[deploy {index}/{total}] {piece.file} {' '.join(args[:2])} ...")
-        deploy(piece, self.transform.mlir(piece).parent, args, self.bmodel(piece), log, self.paths.logs)
+        deploy(piece, self.transform.mlir(piece).parent, args, self.bmodel(piece), log, self.paths.logs,
+               self.io_config(piece))
         say(f"[deploy {index}/{total}] {piece.file} done in {time.perf_counter() - start:.1f} s (log {log})")
 
 
@@ -273,7 +283,8 @@ class CombineTasks(Stage):
         copy_tokenizer(self.paths.onnx, self.paths.dist.parent / tokenizer)
         build = {"model": b.model.name, "display_name": b.model.display_name, "family": b.model.family,
                  "mode": b.mode, "group_size": b.group_size, "devices": b.devices, "chip": b.chip, "seq": b.seq,
-                 "dynamic": b.dynamic, "history": b.history, "chunk": b.chunk, "tokenizer": tokenizer,
+                 "dynamic": b.dynamic, "history": b.history, "chunk": b.chunk, "stages": list(b.stages),
+                 "tokenizer": tokenizer,
                  "tools": {**TOOL_VERSIONS, **COMPILER}}
         fingerprints = {g.stem: read_json(g)["sha256"] for g in sorted(self.paths.weights.glob("*.json"))}
         described = describe(self.paths.dist, info, build, read_json(self.paths.source)["folder"], fingerprints)
@@ -297,9 +308,9 @@ class VerifyTasks(Stage):
 
     @property
     def name(self) -> str:
-        """The ONNX check's task: per seq, and per history chunk (it walks those pieces too)."""
+        """The ONNX check's task: per seq, and per chunk (it walks those pieces too)."""
         b = self.build
-        return f"{b.model.name}/seq{b.seq}" + (f"/hist_c{b.chunk}" if b.history else "")
+        return f"{b.model.name}/seq{b.seq}" + (f"/{b.chunk_suffix[1:]}" if b.chunk else "")
 
     def tasks(self):
         """onnxruntime vs torch per piece, greedy decode vs transformers"""

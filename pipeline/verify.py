@@ -17,7 +17,7 @@ from .checkpoint import Checkpoint
 from .errors import PipelineError
 from .fsutil import read_json, write_json, write_text
 from .patch import load_tensor
-from .pieces import Dims, io_spec, model_pieces
+from .pieces import Dims, io_spec
 from .progress import say
 
 PROMPT = "Give me a short introduction to large language models."
@@ -112,26 +112,31 @@ def prompt_ids(source: Path, seq: int, new_tokens: int) -> list[int]:
 
 
 class _Compared:
-    """A backend for the engine's host walk that runs each net on two sides: `reference(net, kind,
-    layer, feeds)` gives the outputs that go on to the next net, `candidate(net, feeds)` is judged
-    against them (once per net; token ids must be equal)."""
+    """A backend for the engine's host walk that runs each net on two sides: `reference(piece,
+    feeds)` gives the outputs that go on to the next net, `candidate(piece, feeds)` is judged
+    against them (once per piece file; token ids must be equal). A decode stage is told from the
+    whole-cache net by the length of the history it is given."""
 
     def __init__(self, dims: Dims, reference, candidate, judge, progress):
         self.info = {"seq": dims.seq, "num_layers": dims.num_layers, "kv_heads": dims.kv_heads,
                      "head_dim": dims.head_dim}
-        self.dims, self.pieces = dims, {p.name: p for p in model_pieces(dims.num_layers, dims.chunk)}
+        self.dims, self.pieces = dims, {(p.name, p.stage): p for p in dims.pieces()}
         self.reference, self.candidate, self.judge, self.progress = reference, candidate, judge, progress
         self.results = {}
 
+    def piece(self, net: str, feeds: dict):
+        stage = feeds["history_k"].shape[1] if net.startswith("block_cache_") else 0
+        return self.pieces[net, 0 if stage == self.dims.seq else stage]
+
     def run(self, net: str, feeds: dict) -> list[np.ndarray]:
-        start, piece = time.perf_counter(), self.pieces[net]
-        ref = self.reference(net, piece.kind, piece.layer, feeds)
-        if net not in self.results:
-            got = self.candidate(net, feeds)
-            self.results[net] = {name: compare_exact(r, g) if np.issubdtype(np.asarray(r).dtype, np.integer) else
-                                 self.judge(piece.kind, r, g)
-                                 for name, r, g in zip(io_spec(piece.kind, self.dims)[1], ref, got, strict=True)}
-            self.progress(net, time.perf_counter() - start)
+        start, piece = time.perf_counter(), self.piece(net, feeds)
+        ref = self.reference(piece, feeds)
+        if piece.file not in self.results:
+            got = self.candidate(piece, feeds)
+            self.results[piece.file] = {
+                name: compare_exact(r, g) if np.issubdtype(np.asarray(r).dtype, np.integer) else self.judge(piece.kind, r, g)
+                for name, r, g in zip(io_spec(piece.kind, self.dims.of(piece))[1], ref, got, strict=True)}
+            self.progress(piece.file, time.perf_counter() - start)
         return ref
 
 
@@ -139,7 +144,9 @@ def walk_pieces(dims: Dims, ids: list[int], reference, candidate, judge, progres
     """Run every piece on the activations of `ids` (prefill), of the heads on its logits, and of
     its next token (decode): the engine's walk, each net judged on the way (see _Compared). With
     history nets (dims.chunk), a next turn follows: a whole chunk of new tokens (the prompt's own,
-    again) prefilled against the cache of the prompt and its answer's first token."""
+    again) prefilled against the cache of the prompt and its answer's first token. Then the token
+    again through every decode stage, the longest first, at the last position it holds of the
+    cache filled so far (so each step reads only slots no earlier step wrote)."""
     compared = _Compared(dims, reference, candidate, judge, progress)
     walk = HostWalk(compared)  # its plan sees no history nets: the prompt goes through block_i
     walk.prefill(ids)
@@ -148,9 +155,15 @@ def walk_pieces(dims: Dims, ids: list[int], reference, candidate, judge, progres
     compared.run("sample_head", {"logits": logits, "input_ids": penalty_window(ids, dims.seq), **SAMPLE_CHECK})
     token = int(np.argmax(logits))
     walk.decode(token, len(ids))
+    filled = len(ids) + 1
     if dims.chunk:
         walk.info["history"] = dims.chunk
-        walk.prefill(next_turn(ids, token, dims), len(ids) + 1)
+        conversation = next_turn(ids, token, dims)
+        walk.prefill(conversation, filled)
+        filled = len(conversation)
+    for stage in (dims.seq, *reversed(dims.stages)):
+        walk.info["stages"] = (stage, dims.seq)
+        walk.decode(token, min(stage, filled))
     return compared.results
 
 
@@ -166,17 +179,17 @@ def next_turn_tokens(prompt: int, dims: Dims) -> int:
 
 
 def check_pieces(config: dict, source: Path, mapping: dict, onnx_dir: Path, ids: list[int], progress,
-                 chunk: int = 0) -> dict:
+                 chunk: int = 0, stages: tuple[int, ...] = ()) -> dict:
     """Each ONNX piece in onnxruntime against its torch module, fed the torch pipeline's activations."""
     torch_pieces, onnx = _Pieces(config, source, mapping), OnnxBackend(onnx_dir, chunk=chunk)
 
-    def candidate(net, feeds):
-        outputs = onnx.run(net, feeds)
-        onnx.close(net)  # one session at a time: memory follows the largest piece
+    def candidate(piece, feeds):
+        outputs = onnx.run(piece.name, feeds)
+        onnx.close()  # one session at a time: memory follows the largest piece
         return outputs
 
-    return walk_pieces(Dims.from_config(config, chunk), ids,
-                       lambda net, kind, layer, feeds: torch_pieces.run(kind, layer, feeds), candidate,
+    return walk_pieces(Dims.from_config(config, chunk, stages), ids,
+                       lambda piece, feeds: torch_pieces.run(piece.kind, piece.layer, feeds), candidate,
                        lambda kind, ref, got: compare(ref, got), progress)
 
 
@@ -222,7 +235,8 @@ def model_bytes_fp32(source: Path) -> int:
     return sum(4 * int(np.prod(info["shape"])) for _, info in ckpt.tensor_index.values())
 
 
-def decode_check(config, source, mapping, family, onnx_dir, ids, new_tokens, chunk: int = 0) -> dict:
+def decode_check(config, source, mapping, family, onnx_dir, ids, new_tokens, chunk: int = 0,
+                 stages: tuple[int, ...] = ()) -> dict:
     import psutil
 
     need = int(model_bytes_fp32(source) * 2.5)  # transformers' model + every onnxruntime session
@@ -231,7 +245,7 @@ def decode_check(config, source, mapping, family, onnx_dir, ids, new_tokens, chu
         return {"run": False, "reason": f"needs about {need / 2**30:.1f} GiB, {available / 2**30:.1f} GiB available"}
     start = time.perf_counter()
     ref_tokens, ref_logits = reference_generate(config, source, mapping, family, ids, new_tokens)
-    engine = Engine(OnnxBackend(onnx_dir, chunk=chunk))  # with history nets, the prompt goes in chunks
+    engine = Engine(OnnxBackend(onnx_dir, chunk=chunk, stages=stages))  # the prompt may go in chunks
     onnx_tokens = engine.greedy(ids, new_tokens)
     engine.prefill(ids)
     onnx_logits = engine.logits()
@@ -256,7 +270,8 @@ def answer_prompts(source: Path, prompts: list[str], seq: int) -> list[dict]:
     return out
 
 
-def answers_check(config, source, mapping, family, onnx_dir, questions: list[dict], chunk: int = 0) -> list[dict]:
+def answers_check(config, source, mapping, family, onnx_dir, questions: list[dict], chunk: int = 0,
+                  stages: tuple[int, ...] = ()) -> list[dict]:
     """Each question answered greedily by transformers' generate() and by the ONNX pieces."""
     import torch
 
@@ -265,7 +280,7 @@ def answers_check(config, source, mapping, family, onnx_dir, questions: list[dic
     tokenizer = load_tokenizer(source)
     stops = stop_ids(tokenizer)
     model = reference_model(config, source, mapping, family)
-    engine = Engine(OnnxBackend(onnx_dir, chunk=chunk))  # with history nets, a question reuses the cached start
+    engine = Engine(OnnxBackend(onnx_dir, chunk=chunk, stages=stages))  # a question may reuse the cached start
     results = []
     for q in questions:
         with torch.no_grad():
@@ -352,15 +367,16 @@ def run(build, paths, pieces, tools: dict) -> None:
     new_tokens = new_tokens_for(config["seq_length"])
     ids = prompt_ids(source, config["seq_length"], new_tokens)
     report = {"model": build.model.name, "seq": build.seq, "prompt_ids": ids, "tools": tools,
-              "pieces": check_pieces(config, source, mapping, paths.onnx, ids, progress, build.history_chunk)}
+              "pieces": check_pieces(config, source, mapping, paths.onnx, ids, progress, build.history_chunk,
+                                     build.stages)}
     say("[verify] greedy decode: onnx pieces vs transformers generate() ...")
     report["decode"] = decode_check(config, source, mapping, build.model.family, paths.onnx, ids, new_tokens,
-                                    build.history_chunk)
+                                    build.history_chunk, build.stages)
     if build.model.verify_prompts and report["decode"]["run"]:
         say(f"[verify] answers to {len(build.model.verify_prompts)} questions: onnx pieces vs transformers ...")
         questions = answer_prompts(source, build.model.verify_prompts, config["seq_length"])
         report["answers"] = answers_check(config, source, mapping, build.model.family, paths.onnx, questions,
-                                          build.history_chunk)
+                                          build.history_chunk, build.stages)
     write_json(paths.report, report)
     write_text(paths.report.with_suffix(".md"), markdown(report))
     failures = summarize(report)

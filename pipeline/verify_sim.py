@@ -20,7 +20,7 @@ from runtime.onnx_backend import OnnxBackend
 
 from .errors import PipelineError
 from .fsutil import atomic_path, read_json, write_json, write_text
-from .pieces import DYNAMIC_KINDS, Dims, model_pieces
+from .pieces import DYNAMIC_KINDS, Dims
 from .progress import say
 from .toolchain.install import ensure_toolchain
 from .toolchain.pyruntime_backend import PyruntimeBackend
@@ -91,27 +91,26 @@ def check_pieces(mode: str, dims: Dims, onnx_dir: Path, deploy_dir: Path, ids: l
                  progress, dynamic: bool = False) -> dict:
     """Every deployed piece on the verify prompt's activations; a dynamic build's prefill pieces
     also at shorter lengths (`<net> at length <m>`): one token, half the prompt, the prompt."""
-    onnx, at_lengths = OnnxBackend(onnx_dir, chunk=dims.chunk), {}
-    files = {p.name: p.file for p in model_pieces(dims.num_layers, dims.chunk)}
+    onnx, at_lengths = OnnxBackend(onnx_dir, chunk=dims.chunk, stages=dims.stages), {}
     min_cosine, max_rel = THRESHOLDS[mode]
 
     def judge(kind, ref, got):
         return compare(ref, got, min_cosine, max_rel)
 
-    def candidate(net, feeds):  # each net runs once (a dynamic one once per length)
-        backend = sim.open(deploy_dir / f"{files[net]}.bmodel", whole_model=False)
-        if dynamic and net.rpartition("_")[0] in DYNAMIC_KINDS:
+    def candidate(piece, feeds):  # each piece runs once (a dynamic one once per length)
+        net, backend = piece.name, sim.open(deploy_dir / f"{piece.file}.bmodel", whole_model=False)
+        if dynamic and piece.kind in DYNAMIC_KINDS:
             reference = onnx.run(net, feeds)
             # the tokens the walk gave it: the prompt, or the next turn's
-            length = next_turn_tokens(len(ids), dims) if net.startswith("block_kv_") else len(ids)
+            length = next_turn_tokens(len(ids), dims) if piece.kind == "block_kv" else len(ids)
             for rows in sorted({1, max(1, length // 2), length}):
                 got = backend.run(net, prefill_rows(feeds, rows))
-                at_lengths[f"{net} at length {rows}"] = {
+                at_lengths[f"{piece.file} at length {rows}"] = {
                     name: judge(net, r[:, :rows], g) for name, r, g in zip(("hidden_states", "past_k", "past_v"),
                                                                             reference, got, strict=True)}
         return backend.run(net, feeds)
 
-    pieces = walk_pieces(dims, ids, lambda net, kind, layer, feeds: onnx.run(net, feeds), candidate, judge, progress)
+    pieces = walk_pieces(dims, ids, lambda piece, feeds: onnx.run(piece.name, feeds), candidate, judge, progress)
     return {**pieces, **at_lengths}
 
 
@@ -130,12 +129,12 @@ def prefill_rows(feeds: dict, rows: int) -> dict:
 
 
 def decode_check(mode: str, onnx_dir: Path, bmodel: Path, ids: list[int], new_tokens: int, sim: Simulator,
-                 chunk: int = 0) -> dict:
+                 chunk: int = 0, stages: tuple[int, ...] = ()) -> dict:
     """The combined bmodel decodes the ONNX pipeline's greedy path (teacher forcing: both see the
     same tokens, so one flipped near-tie does not derail every later step) and each step's
     greedy choice is compared. A float build must agree wherever the reference's top-2 margin is
     above TIE_MARGIN; closer calls are reported, not required."""
-    onnx = OnnxBackend(onnx_dir, chunk=chunk)
+    onnx = OnnxBackend(onnx_dir, chunk=chunk, stages=stages)
     ref_logits = Engine(onnx).logits_along(ids, new_tokens)
     reference = [int(np.argmax(lg)) for lg in ref_logits]
     margins = [float(np.diff(np.sort(lg)[-2:])[0]) for lg in ref_logits]
@@ -160,14 +159,14 @@ def _lowest_cosine(ref_logits: list[np.ndarray], sim_logits: list[np.ndarray]) -
 
 
 def answers_check(mode: str, onnx_dir: Path, bmodel: Path, answers: list[dict], sim: Simulator,
-                  chunk: int = 0) -> list[dict]:
+                  chunk: int = 0, stages: tuple[int, ...] = ()) -> list[dict]:
     """The combined bmodel answers the model's questions, teacher-forced along transformers'
     answers: up to the first different choice, that is exactly what a free-running greedy answer
     shares with transformers' (and each later step is still compared). A float build must agree
     wherever the fp32 top-2 margin is at least TIE_MARGIN."""
     from runtime.tokenizer import load_tokenizer
 
-    onnx, simulated = Engine(OnnxBackend(onnx_dir, chunk=chunk)), Engine(sim.open(bmodel))
+    onnx, simulated = Engine(OnnxBackend(onnx_dir, chunk=chunk, stages=stages)), Engine(sim.open(bmodel))
     tokenizer = load_tokenizer(onnx_dir)
     results = []
     for a in answers:
@@ -283,7 +282,7 @@ def run(build, paths, pieces, report_path: Path, tools: dict) -> None:
     ids = read_json(paths.report)["prompt_ids"]
     report = {"model": build.model.name, "seq": build.seq, "mode": build.mode, "variant": build.variant,
               "bmodel": paths.dist.name, "prompt_ids": ids, "tools": tools}
-    dims = Dims.from_config(read_json(paths.export_config), build.history_chunk)
+    dims = Dims.from_config(read_json(paths.export_config), build.history_chunk, build.stages)
     with Simulator(paths.logs, build.devices) as sim:
         report["pieces"] = check_pieces(build.mode, dims, paths.onnx, paths.deploy, ids, sim, progress, build.dynamic)
         report["decode"] = _whole_bmodel(build, paths, report, ids, sim)
@@ -309,10 +308,11 @@ def _whole_bmodel(build, paths, report: dict, ids: list[int], sim: Simulator) ->
     answers = read_json(paths.report).get("answers")
     if answers:  # real questions replace the generic decode (the simulator is slow)
         say(f"[verify {build.mode} on the simulator] answers of {paths.dist.name} to {len(answers)} questions ...")
-        report["answers"] = answers_check(build.mode, paths.onnx, paths.dist, answers, sim, build.history_chunk)
+        report["answers"] = answers_check(build.mode, paths.onnx, paths.dist, answers, sim, build.history_chunk,
+                                          build.stages)
         return {"run": False, "reason": "replaced by the answers to the model's verify_prompts"}
     if build.sim_tokens == 0:
         return {"run": False, "reason": "sim_tokens=0: the pieces only"}
     steps = min(build.sim_tokens, build.seq - len(ids))  # the window holds the prompt and the new tokens
     say(f"[verify {build.mode} on the simulator] greedy decode of {paths.dist.name}, {steps} tokens ...")
-    return decode_check(build.mode, paths.onnx, paths.dist, ids, steps, sim, build.history_chunk)
+    return decode_check(build.mode, paths.onnx, paths.dist, ids, steps, sim, build.history_chunk, build.stages)

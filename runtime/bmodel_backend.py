@@ -31,6 +31,11 @@ def describe_nets(nets: dict, bmodel: Path) -> dict:
                     "--use_history_kv builds them so): run on the simulator they attend to the cache wrongly (their "
                     "hidden states at cosine 0.90 against onnxruntime's), so this runtime does not use them")
         kv = None
+    cache = nets["block_cache_0"]
+    # decode stages (ours with chunk=C, llm_convert --chunk_length): usable where every stage keeps
+    # the cache at the one io_alone memory, as both deploy them
+    stages = ({shapes[3][1] for shapes in cache["stages"]} if cache.get("io_alone") and cache.get("shared_inputs")
+              else {seq})
     head_out = nets["lm_head"]["outputs"][0]
     token_head = "i" in head_out["dtype"] or head_out["shape"][-1] == 1  # int32 [1, 1]: the chosen token
     return {"model": Path(bmodel).stem, "seq": seq, "num_layers": len(blocks), "kv_heads": history[2],
@@ -42,7 +47,7 @@ def describe_nets(nets: dict, bmodel: Path) -> dict:
             "prefill_rows": nets["block_0"]["inputs"][0]["shape"][1],
             "embed_rows": nets["embedding"]["inputs"][0]["shape"][1],
             "history": kv["inputs"][0]["shape"][1] if kv else 0, "history_dynamic": bool(kv and kv.get("dynamic")),
-            "history_unusable": unusable,
+            "history_unusable": unusable, "stages": tuple(sorted(stages)),
             # the heads that choose on the device (llm_convert --do_sample's, and ours)
             "greedy_head": "greedy_head" in nets and not token_head,
             "sample_head": nets["sample_head"]["outputs"][0]["shape"][-1] if "sample_head" in nets and not token_head

@@ -185,27 +185,34 @@ class Runtime:
         self.handles = []
 
     def _net(self, name: bytes) -> dict:
+        """A net's tensors (their shapes: its largest stage's), and the shapes of every stage: a
+        cache net built with decode stages (chunk=C) has one per cache length."""
         info = self.bmrt.bmrt_get_network_info(self.p, name).contents
-        stage = info.stages[0]
+        largest = _largest_stage(info)
+        stage = info.stages[largest]
 
         def tensors(count, names, dtypes, shapes, devices):
             return [{"name": names[i].decode(), "dtype": DTYPES[dtypes[i]][0],
-                     "shape": [shapes[i].dims[d] for d in range(shapes[i].num_dims)],
-                     "device": devices[i] if devices else 0} for i in range(count)]
+                     "shape": _dims(shapes[i]), "device": devices[i] if devices else 0} for i in range(count)]
 
         return {"inputs": tensors(info.input_num, info.input_names, info.input_dtypes, stage.input_shapes,
                                   info.input_loc_devices),
                 "outputs": tensors(info.output_num, info.output_names, info.output_dtypes, stage.output_shapes,
                                    info.output_loc_devices),
                 "io_alone": info.addr_mode == 1, "dynamic": bool(info.is_dynamic),
+                "stages": [[_dims(info.stages[s].input_shapes[i]) for i in range(info.input_num)]
+                           for s in range(info.stage_num)],
+                # every stage reads its inputs where the largest does (decode stages deployed onto its
+                # io_alone addresses): the cache is one memory for all (outputs go where the caller says)
+                "shared_inputs": all(_addresses(info, s) == _addresses(info, largest) for s in range(info.stage_num)),
                 "_dtypes": ([info.input_dtypes[i] for i in range(info.input_num)],
                             [info.output_dtypes[i] for i in range(info.output_num)])}
 
     def _stage_mems(self, name: str) -> tuple[list[DeviceMem], list[DeviceMem]]:
-        """The device memory the compiler gave a net's inputs and outputs (stage 0): for io_alone
-        nets it is theirs alone and keeps its content between launches."""
+        """The device memory the compiler gave a net's inputs and outputs (its largest stage's): for
+        io_alone nets it is theirs alone and keeps its content between launches."""
         info = self.bmrt.bmrt_get_network_info(self.p, name.encode()).contents
-        stage = info.stages[0]
+        stage = info.stages[_largest_stage(info)]
         return ([DeviceMem.from_buffer_copy(stage.input_mems[i]) for i in range(info.input_num)],
                 [DeviceMem.from_buffer_copy(stage.output_mems[i]) for i in range(info.output_num)])
 
@@ -332,6 +339,20 @@ class Runtime:
     def _check(self, status: int, what: str) -> None:
         if status != 0:
             raise ToolchainError(f"the BM runtime could not {what} (bm_status {status}; its log: {self.log})")
+
+
+def _dims(shape: Shape) -> list[int]:
+    return [shape.dims[d] for d in range(shape.num_dims)]
+
+
+def _largest_stage(info: NetInfo) -> int:
+    """The stage with the most input elements (stage 0 as this project and llm_convert combine them)."""
+    return max(range(info.stage_num),
+               key=lambda s: sum(int(np.prod(_dims(info.stages[s].input_shapes[i]))) for i in range(info.input_num)))
+
+
+def _addresses(info: NetInfo, stage: int) -> list[int]:
+    return [info.stages[stage].input_mems[i].address for i in range(info.input_num)]
 
 
 def _shape(dims) -> Shape:

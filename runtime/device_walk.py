@@ -8,9 +8,11 @@ it (FACTS.md section 6; Sophgo's LLM-TPU runtime does the same in C++):
   - hidden states go from net to net in device memory; only the last prompt row goes to the head;
   - per step only the token, the position and the mask go in, written once and shared by every
     layer; one wait for the device per step, when the head's answer is read.
-Per generated token that is 4 + 4 + 4 + 2*(SEQ+1) bytes in (the token, also into the sample head's
-window; the position; the bf16 mask) and the head's answer out, whatever the layer count and the
-K/V size. Every byte is counted by the runtime (bmrt.Runtime.traffic)."""
+Decode attends over the shortest stage that holds the cache, where the bmodel has decode stages
+(chunk=C): their history inputs are the same memory, read from its first slots.
+Per generated token that is 4 + 4 + 4 + 2*(K+1) bytes in (the token, also into the sample head's
+window; the position; the bf16 mask over the stage's K slots, K = SEQ without stages) and the
+head's answer out, whatever the layer count and the K/V size. Every byte is counted by the runtime (bmrt.Runtime.traffic)."""
 import functools
 import warnings
 
@@ -18,7 +20,7 @@ import numpy as np
 
 from .bmrt import DTYPES, Runtime, from_device_type, to_device_type
 from .native_output import output_to
-from .engine import decode_mask, pad_ids, penalty_window, prefill_plan
+from .engine import decode_mask, decode_stage, pad_ids, penalty_window, prefill_plan
 from .toolchain import ToolchainError
 
 
@@ -186,7 +188,9 @@ class DeviceWalk:
 
     @_quiet
     def decode(self, token: int, pos: int) -> None:
-        rt, first = self.rt, "block_cache_0"
+        """One token at `pos`, through the shortest decode stage that holds the cache (every stage
+        reads the cache's first slots in the one memory)."""
+        rt, first, stage = self.rt, "block_cache_0", decode_stage(self.info, pos)
         embed_in = rt.mems["embedding_cache"][0][0]
         hidden = rt.mems[first][0][0]  # embedding_cache writes straight into block_cache_0's input
         rt.h2d(embed_in, np.array([[token]], np.int32), self._device("embedding_cache", 0), "input_ids")
@@ -197,8 +201,9 @@ class DeviceWalk:
                   [rt.tensor("embedding_cache", 0, True, hidden)])
         position, mask = self.step_inputs
         rt.h2d(position, np.array([[pos]], np.int32), self._device(first, 1), "position_ids")
-        rt.h2d(mask, to_device_type(decode_mask(pos, self.seq), self._dtype(first, 2)), self._device(first, 2),
+        rt.h2d(mask, to_device_type(decode_mask(pos, stage), self._dtype(first, 2)), self._device(first, 2),
                "attention_mask")
+        history = [1, stage, *rt.nets[first]["inputs"][3]["shape"][2:]]
         for i in range(self.layers):
             net = f"block_cache_{i}"
             k, v, device, size = self.cache[i]
@@ -210,8 +215,8 @@ class DeviceWalk:
             else:
                 k_in, v_in = k, v
             rt.launch(net, [rt.tensor(net, 0, False, hidden), rt.tensor(net, 1, False, position),
-                            rt.tensor(net, 2, False, mask), rt.tensor(net, 3, False, k_in),
-                            rt.tensor(net, 4, False, v_in)],
+                            rt.tensor(net, 2, False, mask, [1, 1, 1, stage + 1]),
+                            rt.tensor(net, 3, False, k_in, history), rt.tensor(net, 4, False, v_in, history)],
                       [rt.tensor(net, 0, True, outputs[0]),
                        rt.tensor(net, 1, True, rt.at(k, pos * self.kv_bytes, self.kv_bytes)),
                        rt.tensor(net, 2, True, rt.at(v, pos * self.kv_bytes, self.kv_bytes))])

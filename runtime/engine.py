@@ -7,7 +7,8 @@ The engine keeps the conversation's length and asks a walk over the nets for eac
     build's pyruntime_bm and verify's comparing backend) is walked by HostWalk, with the cache in
     host arrays.
 Every user of a model (the chat, the server, `doit verify`, the benchmarks) goes through Engine.
-The cache holds SEQ slots per layer; the decode mask covers them plus the current token at index SEQ.
+The cache holds SEQ slots per layer; the decode mask covers them plus the current token at index SEQ
+(a decode stage, built with chunk=C, attends over the first K slots only: decode_stage).
 
 The engine remembers which tokens the cache holds: a prompt that extends them (a chat's next turn,
 a server request that continues a conversation) prefills only what is new, with the history
@@ -37,7 +38,8 @@ def prefill_mask(n: int, seq: int) -> np.ndarray:
 
 
 def decode_mask(pos: int, seq: int) -> np.ndarray:
-    """[1,1,1,SEQ+1]: the `pos` filled cache slots and the current token (index SEQ)."""
+    """[1,1,1,SEQ+1]: the `pos` filled cache slots and the current token (index SEQ); for a decode
+    stage, SEQ is its cache length."""
     mask = np.full((1, 1, 1, seq + 1), MASK_VALUE, np.float32)
     mask[..., :pos] = 0.0
     mask[..., seq] = 0.0
@@ -97,6 +99,12 @@ def prefill_plan(info: dict, start: int, n: int) -> list[Chunk]:
     return runs
 
 
+def decode_stage(info: dict, pos: int) -> int:
+    """The cache length a step at `pos` attends over: the shortest decode stage that holds the `pos`
+    filled slots (info["stages"], built with chunk=C: C, 2C, 4C ... and SEQ), else SEQ."""
+    return min((k for k in info.get("stages", ()) if k >= pos), default=info["seq"])
+
+
 def pad_ids(ids: list[int], seq: int) -> np.ndarray:
     padded = np.zeros((1, seq), np.int32)
     padded[0, :len(ids)] = ids
@@ -146,13 +154,14 @@ class HostWalk:
         self._head(hidden[:, c.end - c.begin - 1])
 
     def decode(self, token: int, pos: int) -> None:
-        run, mask = self.backend.run, decode_mask(pos, self.seq)
+        stage = decode_stage(self.info, pos)
+        run, mask = self.backend.run, decode_mask(pos, stage)
         (hidden,) = run("embedding_cache", {"input_ids": np.array([[token]], np.int32)})
         position = np.array([[pos]], np.int32)
         for i in range(self.layers):
             hidden, k, v = run(f"block_cache_{i}", {
                 "input_states": hidden, "position_ids": position, "attention_mask": mask,
-                "history_k": self.k[i], "history_v": self.v[i]})
+                "history_k": self.k[i][:, :stage], "history_v": self.v[i][:, :stage]})
             self.k[i][:, pos], self.v[i][:, pos] = k[:, 0], v[:, 0]
         self._head(hidden[:, 0])
 

@@ -15,9 +15,10 @@ MANIFEST = "model.json"
 class OnnxBackend:
     """Pieces in a folder with a model.json (dims of the net interface), as the export writes."""
 
-    def __init__(self, folder: Path, threads: int = 1, chunk: int | None = None):
+    def __init__(self, folder: Path, threads: int = 1, chunk: int | None = None, stages=None):
         """`chunk`: which history prefill pieces to use where several were exported (default: the
-        largest); none are used with 0."""
+        largest); none are used with 0. `stages`: the decode stages' cache lengths to use (default:
+        every one exported; () for none)."""
         self.folder = Path(folder)
         self.info = json.loads((self.folder / MANIFEST).read_text(encoding="utf-8"))
         self.threads = threads
@@ -27,32 +28,47 @@ class OnnxBackend:
             raise FileNotFoundError(f"{self.folder} has no history prefill pieces of chunk {chunk} "
                                     f"(block_kv_0_c{chunk}.onnx; exported: {chunks or 'none'})")
         self.info["history"] = chunk if chunk is not None else max(chunks, default=0)
+        exported = exported_stages(self.folder)
+        missing = sorted(set(stages or ()) - set(exported))
+        if missing:
+            raise FileNotFoundError(f"{self.folder} has no decode stages of cache length {missing} "
+                                    f"(block_cache_0_kv<K>.onnx; exported: {exported or 'none'})")
+        self.info["stages"] = (*sorted(exported if stages is None else stages), self.info["seq"])
 
-    def _file(self, net: str) -> Path:
+    def _file(self, net: str, feeds: dict) -> Path:
+        """The file of a net: a history prefill of the chosen chunk; a decode stage by the history
+        it is given."""
         if net.startswith("block_kv_"):
             return self.folder / f"{net}_c{self.info['history']}.onnx"
+        if net.startswith("block_cache_") and feeds["history_k"].shape[1] != self.info["seq"]:
+            return self.folder / f"{net}_kv{feeds['history_k'].shape[1]}.onnx"
         return self.folder / f"{net}.onnx"
 
-    def session(self, net: str) -> ort.InferenceSession:
-        if net not in self._sessions:
+    def session(self, file: Path) -> ort.InferenceSession:
+        if file not in self._sessions:
             options = ort.SessionOptions()
             # Dozens of sessions on 2 cores: spinning threads make a decode loop 10x slower.
             options.intra_op_num_threads = self.threads
             options.inter_op_num_threads = 1
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-            self._sessions[net] = ort.InferenceSession(str(self._file(net)), options,
-                                                       providers=["CPUExecutionProvider"])
-        return self._sessions[net]
+            self._sessions[file] = ort.InferenceSession(str(file), options, providers=["CPUExecutionProvider"])
+        return self._sessions[file]
 
     def run(self, net: str, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        return self.session(net).run(None, feeds)
+        return self.session(self._file(net, feeds)).run(None, feeds)
 
-    def close(self, net: str | None = None) -> None:
-        for name in [net] if net else list(self._sessions):
-            self._sessions.pop(name, None)
+    def close(self) -> None:
+        """Drops every session (they are made again when next run)."""
+        self._sessions = {}
 
 
 def history_chunks(folder: Path) -> list[int]:
     """The chunk lengths of the history prefill pieces exported into `folder` (`history=1 chunk=C`)."""
     return sorted(int(m[1]) for f in Path(folder).glob("block_kv_0_c*.onnx")
                   if (m := re.fullmatch(r"block_kv_0_c(\d+)\.onnx", f.name)))
+
+
+def exported_stages(folder: Path) -> list[int]:
+    """The cache lengths of the decode stages exported into `folder` (`chunk=C`: C, 2C, 4C ...)."""
+    return sorted(int(m[1]) for f in Path(folder).glob("block_cache_0_kv*.onnx")
+                  if (m := re.fullmatch(r"block_cache_0_kv(\d+)\.onnx", f.name)))

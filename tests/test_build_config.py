@@ -29,6 +29,14 @@ def test_history_prefill_is_part_of_the_bmodels_key_and_not_of_the_deployed_piec
     assert build.dist_name == "tiny-qwen2_int8_seq128_1dev_hist_c32"
     assert parse_build_config({"model": "tiny-qwen2", "history": "1", "chunk": "8"}).dist_name.endswith("_hist_c8")
     assert parse_build_config({"model": "tiny-qwen2"}).history_chunk == 0
+    assert build.stages == (32, 64)  # as llm_convert: the chunk also sets the decode stages
+
+
+def test_decode_stages_follow_the_chunk_alone():
+    build = parse_build_config({"model": "tiny-qwen2", "seq": "128", "chunk": "16"})
+    assert (build.history_chunk, build.stages) == (0, (16, 32, 64))  # C, 2C, 4C ... < SEQ
+    assert build.target == "int8_1dev_bm1684x_c16" and build.dist_name == "tiny-qwen2_int8_seq128_1dev_c16"
+    assert parse_build_config({"model": "tiny-qwen2", "seq": "128"}).stages == ()
 
 
 @pytest.mark.parametrize("variables, message", [
@@ -50,7 +58,8 @@ def test_history_prefill_is_part_of_the_bmodels_key_and_not_of_the_deployed_piec
     ({"history": "2"}, "history='2' is not allowed; use one of: 0, 1"),
     ({"history": "1", "chunk": "17"}, "chunk=17 is not allowed with seq=32: use 1 to 16 (default seq/4)"),
     ({"history": "1", "chunk": "0"}, "chunk=0 is not allowed"),
-    ({"chunk": "8"}, "chunk= is the history prefill's chunk length: give it with history=1"),
+    ({"chunk": "17"}, "chunk=17 is not allowed with seq=32: use 0 to 16 (default 0: no decode stages)"),
+    ({"chunk": "-1"}, "chunk=-1 is not allowed"),
 ])
 def test_bad_variables_name_variable_value_and_choices(variables, message):
     with pytest.raises(PipelineError) as err:

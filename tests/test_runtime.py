@@ -221,7 +221,8 @@ def test_any_64_bit_seed_samples_reproducibly_and_extremes_never_give_nan():
 
 @pytest.fixture(scope="module")
 def tiny_onnx(tmp_path_factory):
-    """tiny-qwen3 at seq 128, with the history prefill pieces (16 tokens a run)."""
+    """tiny-qwen3 at seq 128, with the history prefill pieces (16 tokens a run) and the decode
+    stages (cache lengths 16, 32, 64)."""
     build_dir = tmp_path_factory.mktemp("runtime")
     result = run_doit(build_dir, [onnx_verify_task("tiny-qwen3", 128) + "/hist_c16"], model="tiny-qwen3", seq=128,
                       history=1, chunk=16)
@@ -247,6 +248,25 @@ def test_a_chat_on_onnxruntime_prefills_each_turn_once_and_answers_as_a_fresh_pr
     kept.prefill(users[0])
     kept.prefill(conversation)
     assert kept.reused == len(users[0]) and np.allclose(kept.logits(), plain.logits(), atol=1e-4)
+
+
+def test_decode_attends_over_the_shortest_stage_that_holds_the_cache_and_answers_as_the_whole_cache(tiny_onnx):
+    """chunk=16 at seq 128 exports block_cache_i at cache lengths 16, 32 and 64 too: each step runs
+    the shortest that holds the filled slots, and the logits are the whole cache's."""
+    staged, whole = OnnxBackend(tiny_onnx), OnnxBackend(tiny_onnx, stages=())
+    assert (staged.info["stages"], whole.info["stages"]) == ((16, 32, 64, 128), (128,))
+    seen = []
+    run = staged.run
+    staged.run = lambda net, feeds: seen.append(feeds["history_k"].shape[1]) or run(net, feeds) \
+        if net == "block_cache_0" else run(net, feeds)
+    prompt = list(range(100, 105))
+    got, expected = Engine(staged).logits_along(prompt, 80), Engine(whole).logits_along(prompt, 80)
+    assert [int(np.argmax(g)) for g in got] == [int(np.argmax(e)) for e in expected]
+    assert all(np.allclose(g, e, atol=1e-4) for g, e in zip(got, expected))
+    positions = range(len(prompt), len(prompt) + 79)  # each step's position: the slots the cache holds
+    assert seen == [16 if p <= 16 else 32 if p <= 32 else 64 if p <= 64 else 128 for p in positions]
+    with pytest.raises(FileNotFoundError, match=r"no decode stages of cache length \[8\]"):
+        OnnxBackend(tiny_onnx, stages=(8,))
 
 
 def test_the_prefill_plan_follows_the_nets_there_are():

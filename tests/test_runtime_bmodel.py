@@ -130,10 +130,11 @@ def test_history_nets_make_a_chat_prefill_each_turn_once_on_the_device(built):
     build_dir, _, _, _ = built
     result = run_doit(build_dir, ["verify"], model=MODEL, mode="bf16", history="1", chunk="8", sim_tokens="4")
     assert result.code == 0, result.output
-    new = sorted(t.split("/")[-1] for t in result.ran if t.split(":")[0] in ("export", "transform", "deploy"))
-    assert new == sorted(f"block_kv_{i}_c8" for i in range(LAYERS) for _ in range(3)), new
+    new = [t.split("/")[-1] for t in result.ran if t.split(":")[0] in ("export", "transform", "deploy")]
+    kv, stages = {f"block_kv_{i}_c8" for i in range(LAYERS)}, {f"block_cache_{i}_kv{k}" for i in range(LAYERS) for k in (8, 16)}
+    assert sorted(p for p in new if p in kv) == sorted([*kv] * 3) and set(new) <= kv | stages, new  # (stages: chunk=8's)
     report = json.loads((build_dir / MODEL / "seq32" / "verify" / "bf16_1dev_bm1684x_hist_c8" / "report.json").read_text())
-    assert {f"block_kv_{i}" for i in range(LAYERS)} <= set(report["pieces"])
+    assert kv | stages <= set(report["pieces"])
     bmodel = build_dir / "dist" / f"{MODEL}_bf16_seq32_1dev_hist_c8.bmodel"
     assert "history" in bmodel.with_suffix(".md").read_text()
     tokenizer = load_tokenizer(build_dir / "dist" / f"{MODEL}-tokenizer")
@@ -147,6 +148,33 @@ def test_history_nets_make_a_chat_prefill_each_turn_once_on_the_device(built):
         assert turns[1].cached_tokens == 8
         assert turns[1].prefill_traffic.h2d == 2 * (SEQ * 4 + 8 * 4 + 8 * (SEQ + 8) * BF16) + SEQ * 4
         assert turns[1].prefill_traffic.d2d == LAYERS * 2 * 10 * KV_HEADS * HEAD_DIM * BF16  # the new K/V only
+
+
+def test_decode_stages_on_the_device_read_the_one_cache_and_answer_as_the_whole_cache(built):
+    """chunk=8 adds block_cache_i stages over the first 8 and 16 cache slots, deployed onto the io_alone
+    addresses of the whole-cache net (nothing else is made again): each step on the device runs the
+    shortest that holds the cache, sends a mask of that length, and answers as the bmodel without stages."""
+    build_dir, _, whole, ids = built
+    result = run_doit(build_dir, ["verify"], model=MODEL, mode="bf16", chunk="8", sim_tokens="4")
+    assert result.code == 0, result.output
+    stages = {f"block_cache_{i}_kv{k}" for i in range(LAYERS) for k in (8, 16)}
+    assert {t.split("/")[-1] for t in result.ran if t.split(":")[0] in ("export", "transform", "deploy")} <= stages
+    report = json.loads((build_dir / MODEL / "seq32" / "verify" / "bf16_1dev_bm1684x_c8" / "report.json").read_text())
+    assert stages <= set(report["pieces"]) and all(r["ok"] for out in report["pieces"].values() for r in out.values())
+    staged = build_dir / "dist" / f"{MODEL}_bf16_seq32_1dev_c8.bmodel"
+    assert "decode stages over the first 8, 16 cache slots" in staged.with_suffix(".md").read_text()
+    prompt, logits, tokens = ids[:5], {}, None
+    for bmodel in (whole, staged):
+        with IsolatedBmodelBackend(bmodel) as backend:
+            engine = Engine(backend)
+            logits[bmodel] = engine.logits_along(prompt, 24, tokens)
+            tokens = tokens or [int(np.argmax(lg)) for lg in logits[bmodel]]
+            sent = (backend.info["stages"], engine.decode_traffic.h2d)
+    assert sent[0] == (8, 16, 32)
+    positions = range(len(prompt), len(prompt) + 23)
+    assert sent[1] == sum(STEP_IN + ((8 if p <= 8 else 16 if p <= 16 else 32) + 1) * BF16 for p in positions)
+    for a, b in zip(logits[whole], logits[staged]):
+        assert np.argmax(a) == np.argmax(b) and np.allclose(a, b, atol=0.05), np.abs(a - b).max()
 
 
 SAMPLINGS = [(1.3, 0.8, 20, 0.9), (1.0, 1.0, 49, 1.0), (2.0, 0.5, 5, 0.5), (1.1, 1.5, 1, 1.0)]
@@ -234,7 +262,8 @@ def test_llm_convert_bmodel_runs_in_our_runtime(built, tmp_path, options):
     its block_i run at the prompt's length, with the causal mask inside (no mask input); with
     --use_history_kv (which turns --dynamic on) block_i takes seq/4 tokens and block_kv_i, without a mask
     input, attends to the cache wrongly on the simulator: our runtime does not use them, runs prompts
-    that block_i holds, and refuses longer ones, saying why."""
+    that block_i holds, and refuses longer ones, saying why; its decode stages it uses (the decode
+    below crosses them)."""
     build_dir, onnx, _, ids = built
     if shutil.which("parallel") is None:
         pytest.fail("llm_convert.py needs GNU parallel (apt-get install parallel; .ci/run installs it)")
@@ -253,6 +282,8 @@ def test_llm_convert_bmodel_runs_in_our_runtime(built, tmp_path, options):
     assert len(backend.nets["block_0"]["inputs"]) == (2 if backend.info["dynamic"] else 3)
     assert (backend.info["history"], backend.info["prefill_rows"]) == ((0, 8) if history else (0, 32))
     assert ("block_kv_0" in backend.nets) == history and bool(backend.info["history_unusable"]) == history
+    # its decode stages (the chunk, seq/4 with --use_history_kv, sets them) share the cache: they are used
+    assert backend.info["stages"] == ((8, 16, 32) if history else (32,))
     if history:  # the prompts block_i holds
         with backend, pytest.raises(ToolchainError, match="take no attention mask"):
             Engine(backend).prefill(ids[:9])
