@@ -25,6 +25,16 @@ def build_bmodel(variables: dict[str, str]) -> tuple[Path, str]:
     return built.dist_dir / f"{built.dist_name}.bmodel", out.stdout + out.stderr
 
 
+def export_onnx(variables: dict[str, str]) -> Path:
+    """`doit export` with these build variables: the folder of the ONNX pieces."""
+    from pipeline.build_config import parse_build_config
+
+    doit = Path(sys.executable).parent / "doit"
+    subprocess.run([str(doit), "export", *(f"{k}={v}" for k, v in variables.items())], cwd=ROOT, check=True,
+                   capture_output=True, text=True)
+    return parse_build_config(variables).seq_dir / "onnx"
+
+
 def model_options(parser, layers: int = 2, seq: int = 512) -> None:
     """The options of a benchmark that builds a generated model for the simulator."""
     parser.add_argument("--model", default="bench-qwen2-medium")

@@ -180,8 +180,9 @@ def next_turn_tokens(prompt: int, dims: Dims) -> int:
 
 def check_pieces(config: dict, source: Path, mapping: dict, onnx_dir: Path, ids: list[int], progress,
                  chunk: int = 0, stages: tuple[int, ...] = ()) -> dict:
-    """Each ONNX piece in onnxruntime against its torch module, fed the torch pipeline's activations."""
-    torch_pieces, onnx = _Pieces(config, source, mapping), OnnxBackend(onnx_dir, chunk=chunk)
+    """Each ONNX piece in onnxruntime against its torch module, fed the torch pipeline's activations.
+    The files as exported (what the TPU compiler gets), not the runtime's exact-length rewrite."""
+    torch_pieces, onnx = _Pieces(config, source, mapping), OnnxBackend(onnx_dir, chunk=chunk, exact=False)
 
     def candidate(piece, feeds):
         outputs = onnx.run(piece.name, feeds)

@@ -1,7 +1,12 @@
 """The onnxruntime backend: runs the exported pieces on the CPU, one session per piece. The engine
 walks it with HostWalk: on the CPU, onnxruntime reads numpy inputs in place and hands its outputs
 over without copying them, so binding the cache and activations (I/O binding, as the device walk
-does on a TPU) saved nothing measurable (benchmarks/onnx_walk.py; README, "On the device")."""
+does on a TPU) saved nothing measurable (benchmarks/onnx_walk.py; README, "On the device").
+
+The prefill pieces are exported static (the TPU compiler gets them so); the backend loads them
+rewritten in memory to run at the rows they are given (onnx_exact.exact_rows), so a 16-token prompt
+on a seq-128 export runs 16 rows, not 128. The files on disk stay as exported."""
+import importlib.util
 import json
 import re
 from pathlib import Path
@@ -15,13 +20,15 @@ MANIFEST = "model.json"
 class OnnxBackend:
     """Pieces in a folder with a model.json (dims of the net interface), as the export writes."""
 
-    def __init__(self, folder: Path, threads: int = 1, chunk: int | None = None, stages=None):
+    def __init__(self, folder: Path, threads: int = 1, chunk: int | None = None, stages=None, exact: bool = True):
         """`chunk`: which history prefill pieces to use where several were exported (default: the
         largest); none are used with 0. `stages`: the decode stages' cache lengths to use (default:
-        every one exported; () for none)."""
+        every one exported; () for none). `exact`: the prefill pieces run at the prompt's length and
+        the cache's filled slots (else at their exported length, padded, as a static bmodel runs)."""
         self.folder = Path(folder)
         self.info = json.loads((self.folder / MANIFEST).read_text(encoding="utf-8"))
         self.threads = threads
+        self.info["dynamic"] = self.info["history_dynamic"] = self.exact = exact and _has_onnx()
         self._sessions = {}
         chunks = history_chunks(self.folder)
         if chunk and chunk not in chunks:
@@ -51,7 +58,15 @@ class OnnxBackend:
             options.intra_op_num_threads = self.threads
             options.inter_op_num_threads = 1
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-            self._sessions[file] = ort.InferenceSession(str(file), options, providers=["CPUExecutionProvider"])
+            model = str(file)
+            if self.exact and PREFILL.fullmatch(file.stem):
+                from .onnx_exact import exact_rows, load_graph
+
+                model = exact_rows(load_graph(model)).SerializeToString()
+                # weights over the external-data size stay in their .data file beside the graph
+                options.add_session_config_entry("session.model_external_initializers_file_folder_path",
+                                                 str(file.parent))
+            self._sessions[file] = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
         return self._sessions[file]
 
     def run(self, net: str, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
@@ -72,3 +87,12 @@ def exported_stages(folder: Path) -> list[int]:
     """The cache lengths of the decode stages exported into `folder` (`chunk=C`: C, 2C, 4C ...)."""
     return sorted(int(m[1]) for f in Path(folder).glob("block_cache_0_kv*.onnx")
                   if (m := re.fullmatch(r"block_cache_0_kv(\d+)\.onnx", f.name)))
+
+
+PREFILL = re.compile(r"block_\d+|block_kv_\d+_c\d+")  # the files exact_rows frees: block_i, block_kv_i
+
+
+def _has_onnx() -> bool:
+    """exact_rows edits the graph with the onnx package: a build dependency, not the runtime's (on a
+    board without it, the prefill pieces run padded)."""
+    return importlib.util.find_spec("onnx") is not None

@@ -24,6 +24,7 @@ from runtime.chat_format import (
 from runtime.engine import Chunk, Engine, prefill_plan
 from runtime.generate import Result, generate
 from runtime.onnx_backend import OnnxBackend
+from runtime.onnx_exact import free_dim
 from runtime.sampling import Sampler, SamplingParams, sampling_problem
 from runtime.tokenizer import load_tokenizer
 
@@ -289,6 +290,23 @@ def test_the_prefill_plan_follows_the_nets_there_are():
                                 [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0],  # padding rows: only themselves
                                 [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1]]
     assert Chunk("block_kv", 120, 125, 16, 128).positions(128).tolist() == [[*range(120, 128), *[127] * 8]]
+
+
+def test_onnxruntime_prefills_at_the_prompts_length_as_it_would_padded(tiny_onnx):
+    """The prefill pieces run rewritten in memory (exact_rows): block_i at the prompt's tokens,
+    block_kv_i at the new ones against the cache's filled slots; the answers are the padded runs'."""
+    exact, padded = Engine(OnnxBackend(tiny_onnx)), Engine(OnnxBackend(tiny_onnx, exact=False))
+    assert prefill_plan(exact.walk.info, 0, 5) == [Chunk("block", 0, 5, 5, 0)]
+    assert prefill_plan(exact.walk.info, 5, 26) == [Chunk("block_kv", 5, 21, 16, 5), Chunk("block_kv", 21, 26, 5, 21)]
+    ids = list(range(100, 141))
+    for n in (1, 5, 26, 41):  # from position 0, then each a next turn against the cache
+        exact.prefill(ids[:n])
+        padded.prefill(ids[:n])
+        assert exact.reused == padded.reused and np.allclose(exact.logits(), padded.logits(), atol=1e-4)
+    assert exact.greedy(ids, 8) == padded.greedy(ids, 8)
+    # a reshape's -1 goes where its varying dim goes, also where another dim has the same size
+    # (repeat_kv's [1,KVH,2,S,D] -> [1,H,S,D] with head_dim D = S = 16)
+    assert free_dim([1, 2, 2, 16, 16], 3, [1, 4, 16, 16]) == 2
 
 
 def test_generation_stops_and_streams(tiny_onnx):

@@ -1,0 +1,146 @@
+"""A static prefill piece made to run at the rows it is given, in memory (onnxruntime only).
+
+The prefill pieces are exported static: the TPU compiler gets them so, and a dynamic bmodel is
+compiled from the same file. onnxruntime would then run a 16-token prompt at 128 rows on a seq-128
+export; OnnxBackend loads block_i and block_kv_i through exact_rows instead, and the files on disk
+stay as exported (the checks of the pieces run those)."""
+import math
+
+import numpy as np
+
+
+def load_graph(path: str):
+    """The graph and its small constants; the weights stay in their file until the session reads them."""
+    import onnx
+
+    return onnx.load(path, load_external_data=False)
+
+
+def exact_rows(model):
+    """A prefill piece (block_i, block_kv_i), made in place to run at the rows it is given: the
+    prompt's tokens L, and block_kv's history H. The static export folds every shape into the
+    graph, so what holds a length is freed:
+      - an Expand target (repeat_kv's [1,KVH,n_rep,S,D], S = the keys) keeps only the dims it
+        broadcasts: a 1 takes the input's dim, whatever its length;
+      - dim 1 of each input and output (the tokens; history_k/v's slots) and the mask's rows and
+        keys become symbolic;
+      - a Reshape target gets its -1 at the dim that takes its input's varying one (the export
+        wrote -1 at dim 1 of [1,L,...] only; repeat_kv's [1,H,S,D] has the keys at dim 2).
+    Raises ValueError where ONNX's shape inference sees an output keep the exported length (a
+    length held by another constant; what it cannot see, onnxruntime refuses at run time)."""
+    graph, shapes = model.graph, _shapes(model)
+    for node in graph.node:
+        if node.op_type == "Expand":
+            source, target = shapes[node.input[0]], _constant(model, node.input[1])
+            source = [1] * (len(target) - len(source)) + source
+            node.input[1] = _initializer(graph, node.output[0] + "_free_shape",
+                                         [b if a == 1 else 1 for a, b in zip(source, target)])
+    static = _shapes(model)
+    del graph.value_info[:]  # the export's lengths, if any were recorded
+    for value in [*graph.input, *graph.output]:
+        dims = value.type.tensor_type.shape.dim
+        for axis in (1, 2, 3) if value.name == "attention_mask" else (1,):
+            dims[axis].dim_param = f"{value.name}_{axis}"
+    while _free_reshapes(model, static):
+        pass  # a freed Reshape's output varies now: a Reshape after it may need freeing too
+    shapes = _shapes(model)
+    pinned = [o.name for o in graph.output if shapes[o.name][1] is not None]
+    if pinned:
+        raise ValueError(f"{pinned} keep the exported length: a constant other than a Reshape or "
+                         "Expand target holds it")
+    _drop_unused(graph)
+    return model
+
+
+def _drop_unused(graph) -> None:
+    """The replaced targets, and the nodes that computed them (onnxruntime warns of each left)."""
+    used = {o.name for o in graph.output}
+    for i in reversed(range(len(graph.node))):  # the nodes are in topological order
+        if used.isdisjoint(graph.node[i].output):
+            del graph.node[i]
+        else:
+            used.update(graph.node[i].input)
+    for i in reversed([i for i, t in enumerate(graph.initializer) if t.name not in used]):
+        del graph.initializer[i]
+
+
+def _free_reshapes(model, static: dict) -> bool:
+    """Each Reshape whose input varies gets its -1 where that dim goes; True if one changed."""
+    graph, shapes, changed = model.graph, _shapes(model), False
+    for node in graph.node:
+        varying = [k for k, d in enumerate(shapes[node.input[0]]) if d is None] if node.op_type == "Reshape" else []
+        if len(varying) > 1:
+            raise ValueError(f"reshape {node.name}: its input varies in more than one dim")
+        if varying:
+            target = list(static[node.output[0]])
+            target[free_dim(static[node.input[0]], varying[0], target)] = -1
+            if _constant(model, node.input[1]) != target:
+                node.input[1], changed = _initializer(graph, node.output[0] + "_free_shape", target), True
+    return changed
+
+
+def free_dim(source: list[int], k: int, target: list[int]) -> int:
+    """The dim of a Reshape's target that takes dim k of its source, in row-major order: the dims
+    before it hold some of the source's dims before k, those after it some of those after k. Only
+    one can (with a length of 2 or more); a length at any other dim of the target would have had to
+    be split."""
+    before, after = math.prod(source[:k]), math.prod(source[k + 1:])
+    for j, dim in enumerate(target):
+        head, tail = math.prod(target[:j]), math.prod(target[j + 1:])
+        if before % head == 0 and after % tail == 0 and dim == before // head * source[k] * (after // tail):
+            return j
+    raise ValueError(f"a reshape of {source} to {target} splits the varying dim {k}")
+
+
+def _shapes(model) -> dict[str, list[int | None]]:
+    """Every tensor's dims by ONNX's shape inference (None: symbolic or unknown), inferred on a copy
+    without the weights (only their shapes matter) and without the outputs' declared shapes."""
+    from onnx import helper, shape_inference
+
+    graph = model.graph
+    weights = {t.name for t in graph.initializer if math.prod(t.dims) > 64}  # not shapes nor indices
+    skeleton = helper.make_model(helper.make_graph(
+        graph.node, graph.name,
+        [*graph.input, *(helper.make_tensor_value_info(t.name, t.data_type, t.dims)
+                         for t in graph.initializer if t.name in weights)],
+        [helper.make_tensor_value_info(o.name, o.type.tensor_type.elem_type, None) for o in graph.output],
+        [t for t in graph.initializer if t.name not in weights]), opset_imports=model.opset_import)
+    skeleton.ir_version = model.ir_version
+    inferred = shape_inference.infer_shapes(skeleton).graph
+    return {v.name: [d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim]
+            for v in [*inferred.input, *inferred.value_info, *inferred.output]}
+
+
+def _constant(model, name: str) -> list:
+    """The value of a tensor computed from constants only (the export leaves an Expand's target as
+    Where(Equal(c, -1), 1, c)), by onnx's reference evaluator on the nodes that lead to it."""
+    from onnx import helper, numpy_helper
+    from onnx.reference import ReferenceEvaluator
+
+    graph = model.graph
+    initializers = {t.name: t for t in graph.initializer}
+    if name in initializers:
+        return numpy_helper.to_array(initializers[name]).tolist()
+    producers = {out: i for i, node in enumerate(graph.node) for out in node.output}
+    needed, todo = set(), [name]
+    while todo:
+        tensor = todo.pop()
+        if tensor and tensor not in initializers:
+            if tensor not in producers:
+                raise ValueError(f"{name} is computed from the input {tensor}, not from constants")
+            needed.add(producers[tensor])
+            todo += graph.node[producers[tensor]].input
+    nodes = [graph.node[i] for i in sorted(needed)]
+    used = {tensor for node in nodes for tensor in node.input}
+    sub = helper.make_graph(nodes, "constant", [], [helper.make_empty_tensor_value_info(name)],
+                            [t for t in graph.initializer if t.name in used])
+    return ReferenceEvaluator(helper.make_model(sub, opset_imports=model.opset_import)).run(None, {})[0].tolist()
+
+
+def _initializer(graph, name: str, values: list[int]) -> str:
+    from onnx import numpy_helper
+
+    for i in reversed([i for i, t in enumerate(graph.initializer) if t.name == name]):
+        del graph.initializer[i]
+    graph.initializer.append(numpy_helper.from_array(np.array(values, np.int64), name))
+    return name
