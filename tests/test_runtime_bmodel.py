@@ -9,7 +9,7 @@ import httpx
 import numpy as np
 import pytest
 
-from pipeline.compile import combine, deploy, deploy_args
+from pipeline.compile import IO_CONFIG, combine, deploy, deploy_args
 from pipeline.pieces import model_pieces
 from pipeline.toolchain.install import ensure_toolchain
 from pipeline.verify_sim import TIE_MARGIN
@@ -321,7 +321,8 @@ def test_a_bmodel_whose_cache_nets_are_not_io_alone_runs_through_copies_with_a_w
     for piece in pieces:
         part = seq_dir / "deploy" / "bf16_1dev_bm1684x" / f"{piece.name}.bmodel"
         if piece.kind == "block_cache":
-            args = [a for a in deploy_args(piece, "bf16", 1, "bm1684x", 64) if a not in ("--addr_mode", "io_alone")]
+            args = deploy_args(piece, "bf16", 1, "bm1684x", 64)  # without io_alone (nor its addresses saved)
+            args = [a for a in args if a not in ("--addr_mode", "io_alone", "--save_io_alone_config", IO_CONFIG)]
             part = tmp_path / f"{piece.name}.bmodel"
             deploy(piece, seq_dir / "transform" / piece.name, args, part, tmp_path / f"{piece.name}.log", tmp_path)
         parts.append(part)
