@@ -5,10 +5,11 @@ the work done) and on onnxruntime (CPU) over the same pieces; and what the stage
 
     .venv/bin/python benchmarks/decode_stages.py [--model bench-qwen2-medium] [--layers 2] [--seq 512]
         [--mode int4] [--chunk 64] [--positions 20 100 200 400] [--steps 3] [--build-dir DIR]
+        [--out decode_stages.md]
 A step at position P attends over the P filled cache slots (the stage that holds them, or the whole
 cache): after a real prompt, steps are timed at each position, --steps in a row (the slots between
 the prompt and P hold zeros: their values do not change a step's work). Prints a Markdown table and
-writes it to benchmarks/results/decode_stages.md.
+writes it to benchmarks/results/<out>.
 """
 import argparse
 import os
@@ -77,6 +78,7 @@ def main():
     parser.add_argument("--chunk", type=int, default=64)
     parser.add_argument("--positions", nargs="+", type=int, default=[20, 100, 200, 400])
     parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--out", default="decode_stages.md", help="the results file in benchmarks/results/")
     args = parser.parse_args()
     args.build_dir = args.build_dir or Path(tempfile.mkdtemp(prefix="decode-stages-bench-"))
     positions = sorted(args.positions)
@@ -114,7 +116,7 @@ def main():
               f"| build wall time from the previous build (s) | {whole['spent']['wall']:.1f} (everything) | "
               f"{spent['wall']:.1f} (the stages, the combine) |",
               f"| bmodel size | {size(whole['bmodel'].stat().st_size)} | {size(staged['bmodel'].stat().st_size)} |"]
-    publish("\n".join(lines) + "\n", "decode_stages.md")
+    publish("\n".join(lines) + "\n", args.out)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ MODEL = "tiny-qwen2"
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     build_dir = tmp_path_factory.mktemp("bmodel-runtime")
-    result = run_doit(build_dir, ["build"], model=MODEL, mode="bf16")
+    result = run_doit(build_dir, ["build"], model=MODEL, mode="bf16", dynamic="0")  # static: its exact bytes below
     assert result.code == 0, result.output
     seq_dir = build_dir / MODEL / "seq32"
     ids = json.loads((seq_dir / "verify" / "report.json").read_text())["prompt_ids"]
@@ -128,7 +128,8 @@ def test_history_nets_make_a_chat_prefill_each_turn_once_on_the_device(built):
     from .turns import four_turns
 
     build_dir, _, _, _ = built
-    result = run_doit(build_dir, ["verify"], model=MODEL, mode="bf16", history="1", chunk="8", sim_tokens="4")
+    result = run_doit(build_dir, ["verify"], model=MODEL, mode="bf16", dynamic="0", history="1", chunk="8",
+                      sim_tokens="4")
     assert result.code == 0, result.output
     new = [t.split("/")[-1] for t in result.ran if t.split(":")[0] in ("export", "transform", "deploy")]
     kv, stages = {f"block_kv_{i}_c8" for i in range(LAYERS)}, {f"block_cache_{i}_kv{k}" for i in range(LAYERS) for k in (8, 16)}
@@ -155,7 +156,7 @@ def test_decode_stages_on_the_device_read_the_one_cache_and_answer_as_the_whole_
     addresses of the whole-cache net (nothing else is made again): each step on the device runs the
     shortest that holds the cache, sends a mask of that length, and answers as the bmodel without stages."""
     build_dir, _, whole, ids = built
-    result = run_doit(build_dir, ["verify"], model=MODEL, mode="bf16", chunk="8", sim_tokens="4")
+    result = run_doit(build_dir, ["verify"], model=MODEL, mode="bf16", dynamic="0", chunk="8", sim_tokens="4")
     assert result.code == 0, result.output
     stages = {f"block_cache_{i}_kv{k}" for i in range(LAYERS) for k in (8, 16)}
     assert {t.split("/")[-1] for t in result.ran if t.split(":")[0] in ("export", "transform", "deploy")} <= stages
@@ -378,7 +379,7 @@ def test_the_copy_paths_bytes_grow_with_seq_and_layers_and_the_devices_do_not(bu
     """The same model at seq 64 and 3 layers: the copy path moves every layer's whole cache in,
     every token; on the device the step's input grows with the mask alone (2 bytes per cache slot)."""
     _, onnx, small, ids = built
-    result = run_doit(tmp_path, ["build"], model=MODEL, mode="bf16", seq=64, layers=3)
+    result = run_doit(tmp_path, ["build"], model=MODEL, mode="bf16", seq=64, layers=3, dynamic="0")
     assert result.code == 0, result.output
     large = tmp_path / "dist" / f"{MODEL}-3l_bf16_seq64_1dev.bmodel"
     per_token = {}
