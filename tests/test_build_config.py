@@ -60,6 +60,7 @@ def test_decode_stages_follow_the_chunk_alone():
     ({"history": "1", "chunk": "0"}, "chunk=0 is not allowed"),
     ({"chunk": "17"}, "chunk=17 is not allowed with seq=32: use 0 to 16 (default 0: no decode stages)"),
     ({"chunk": "-1"}, "chunk=-1 is not allowed"),
+    ({"model": "tiny-qwen3", "dynamic": "1"}, "dynamic=1 with seq=32 is not supported for tiny-qwen3: a seq equal"),
 ])
 def test_bad_variables_name_variable_value_and_choices(variables, message):
     with pytest.raises(PipelineError) as err:
