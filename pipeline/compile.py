@@ -150,10 +150,10 @@ def bmodel_info(path: Path, log: Path) -> dict:
     nets, net, stage = [], None, None
     for line in text.splitlines():
         if m := re.match(r"\s*net\s*\d*:\s*\[(\S+)\]", line):  # "net 0: [x] static" / "net: [x] cascade"
-            net = {"name": m[1], "inputs": [], "outputs": [], "stages": []}
+            net, stage = {"name": m[1], "inputs": [], "outputs": [], "stages": []}, None
             nets.append(net)
         elif net is not None and re.match(r"\s*stage\s+\d+", line):
-            stage = {"inputs": [], "outputs": []}
+            stage = []  # this stage's input shapes
             net["stages"].append(stage)
         elif net is not None and (m := re.match(
                 r"\s*(input|output):\s*(?:devid\((\d+)\)\s*)?([^,]+),\s*\[([\w:,\s]*)\],\s*(\w+)", line)):
@@ -164,10 +164,10 @@ def bmodel_info(path: Path, log: Path) -> dict:
                 tensor["device"] = int(m[2])
             if len(net["stages"]) <= 1:
                 net[m[1] + "s"].append(tensor)
-            if stage is not None:
-                stage[m[1] + "s"].append(shape)
-    for net in nets:
-        net["stages"] = [s["inputs"] for s in net["stages"]] if len(net["stages"]) > 1 else []
+            if stage is not None and m[1] == "input":
+                stage.append(shape)
+    for net in nets:  # one stage is the net itself
+        net["stages"] = net["stages"] if len(net["stages"]) > 1 else []
     device = re.search(r"device num:\s*(\d+)", text)
     return {"nets": nets, "devices": int(device[1]) if device else 1, "text": text}
 

@@ -236,8 +236,9 @@ class DeployTasks(Stage):
         b = self.build
         for k, piece in enumerate(self.pieces, 1):
             args = deploy_args(piece, b.mode, b.devices, b.chip, b.group_size, b.dynamic)
-            config = self.io_config(piece)
-            saved, used = ([config], []) if config and not piece.stage else ([], [config] if config else [])
+            config = self.io_config(piece)  # saved by a cache net's whole-cache deploy, used by its stages'
+            saved = [config] if config and not piece.stage else []
+            used = [config] if config and piece.stage else []
             yield {"name": f"{b.model.name}/seq{b.seq}/{b.variant}/{piece.file}",
                    "doc": f"deploy {piece.file} ({b.mode}, {b.devices} device(s), {b.chip})",
                    "actions": [(self.action(self.run), [piece, args, k])],
