@@ -134,10 +134,7 @@ def parse_build_config(variables: dict[str, str | None]) -> BuildConfig:
     if not 0 <= sim_tokens <= SIM_TOKENS_MAX:
         raise PipelineError(f"sim_tokens={sim_tokens} is not allowed; use 0 (check the pieces only) to "
                             f"{SIM_TOKENS_MAX} (the default)")
-    dynamic = _choice("dynamic", given.get("dynamic", "0"), ("0", "1")) == "1"
-    if dynamic and seq == model.architecture.head_dim:  # README, "Prefill at the prompt's length"
-        raise PipelineError(f"dynamic=1 with seq={seq} is not supported for {model.name}: a seq equal to its head size "
-                            f"({seq}) crashes the dynamic prefill on the simulator; choose another seq or dynamic=0")
+    dynamic = _choice("dynamic", given.get("dynamic", "1"), ("0", "1")) == "1"
     history = _choice("history", given.get("history", "0"), ("0", "1")) == "1"
     # as llm_convert: the chunk sets the history prefill's run and the decode stages; history
     # needs one (seq/4 unless given), and it is at most half the window

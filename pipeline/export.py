@@ -56,7 +56,7 @@ def export_piece(piece: Piece, config: dict, source: Path, mapping: dict, out: P
         if weight_bytes > external_data_bytes:
             _to_single_external_file(tmp / out.name)
         if piece.kind in DYNAMIC_KINDS:
-            explicit_reshapes(tmp / out.name, inputs[0][1][1])  # input_states [1, L, H]
+            free_prefill_lengths(tmp / out.name)
         _publish(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -66,41 +66,20 @@ def export_piece(piece: Piece, config: dict, source: Path, mapping: dict, out: P
                        encoding="utf-8")
 
 
-def explicit_reshapes(path: Path, length: int) -> None:
-    """Every Reshape's target written as llm_convert writes its own: -1 at the length (dim 1 of
-    [1, L, ...]), every other dim in full, from ONNX's shape inference. A net compiled dynamic
-    infers each reshape's output at run time from its target: a -1 elsewhere takes up the change in
-    length (a [1,L,512] projection reshaped to [1,SEQ,-1,128] gave [1,SEQ,L/SEQ*4,128]), and a
-    length written out in full is found by its value, so another dim of that value varies with it
-    (head_dim 16 in a 16-token chunk: a slice of it then failed at 5 tokens)."""
-    import numpy as np
+def free_prefill_lengths(path: Path) -> None:
+    """The prefill piece's lengths computed from its inputs (runtime/onnx_exact.py, the rule
+    onnxruntime's exact prefill uses too): a net compiled dynamic otherwise finds the length by its
+    value in the exported targets, and takes any other dim of that value for it (at seq = head
+    size, repeat_kv's targets crashed the simulator; a head_dim-16 slice failed at 5 tokens)."""
     import onnx
-    from onnx import numpy_helper, shape_inference
+
+    from runtime.onnx_exact import free_lengths
 
     model = onnx.load(str(path), load_external_data=False)
-    inferred = shape_inference.infer_shapes(model)
-    shapes = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim]
-              for v in [*inferred.graph.value_info, *inferred.graph.output]}
-    constants = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
-    constants.update({n.output[0]: numpy_helper.to_array(n.attribute[0].t) for n in model.graph.node
-                      if n.op_type == "Constant" and n.attribute[0].name == "value"})
-    for node in model.graph.node:
-        if node.op_type != "Reshape":
-            continue
-        target, out = constants.get(node.input[1]), shapes.get(node.output[0])
-        if target is None or not out or 0 in out:
-            raise ValueError(f"{path.name}: reshape {node.name} has no constant target or no inferred shape")
-        if out[:2] == [1, length]:
-            out = [1, -1, *out[2:]]
-        if list(target) != out:
-            name = f"{node.output[0]}_shape"
-            model.graph.initializer.append(numpy_helper.from_array(np.array(out, np.int64), name))
-            node.input[1] = name
-    used = {name for node in model.graph.node for name in node.input} | {o.name for o in model.graph.output}
-    for unused in [t for t in model.graph.initializer if t.name not in used]:  # the replaced targets
-        model.graph.initializer.remove(unused)
-    for unused in [n for n in model.graph.node if n.op_type == "Constant" and n.output[0] not in used]:
-        model.graph.node.remove(unused)
+    try:
+        free_lengths(model)
+    except ValueError as e:
+        raise ValueError(f"{path.name}: {e}") from None
     onnx.save_model(model, str(path))
 
 

@@ -27,7 +27,7 @@ Masks are additive: 0 attends, runtime.engine.MASK_VALUE masks (see its mask bui
 from dataclasses import dataclass, replace
 
 # the kinds compiled dynamic with `dynamic=1` (llm_convert --dynamic): the prefill, run at the
-# prompt's length; the export writes their reshapes out in full (export.explicit_reshapes)
+# prompt's length; the export frees their lengths (export.free_prefill_lengths)
 DYNAMIC_KINDS = ("block", "block_kv")
 TOP_K_MAX = 50  # the sample head's top-k (llm_convert's too); it returns one candidate more, to see a tie at the cut
 

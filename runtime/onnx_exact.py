@@ -1,9 +1,11 @@
-"""A static prefill piece made to run at the rows it is given, in memory (onnxruntime only).
+"""A prefill piece whose lengths follow its inputs: one rule for the export and for onnxruntime.
 
-The prefill pieces are exported static: the TPU compiler gets them so, and a dynamic bmodel is
-compiled from the same file. onnxruntime would then run a 16-token prompt at 128 rows on a seq-128
-export; OnnxBackend loads block_i and block_kv_i through exact_rows instead, and the files on disk
-stay as exported (the checks of the pieces run those)."""
+torch's static export folds every shape into the graph: repeat_kv's Expand and Reshape targets
+hold the prompt's length as a number. The export frees them (free_lengths) and keeps the declared
+shapes static: the TPU compiler gets a static piece, and a dynamic bmodel compiled from it finds
+the length by the inputs, not by value (a value equal to the head size was taken for both). On
+onnxruntime, OnnxBackend loads block_i and block_kv_i through exact_rows, which also makes the
+declared lengths symbolic, so a 16-token prompt runs at 16 rows on a seq-128 export."""
 import math
 
 import numpy as np
@@ -16,10 +18,22 @@ def load_graph(path: str):
     return onnx.load(path, load_external_data=False)
 
 
+def free_lengths(model):
+    """A prefill piece (block_i, block_kv_i) made in place to compute every length from its inputs,
+    its declared input and output shapes unchanged (the rewrite of exact_rows, then the declared
+    lengths put back)."""
+    declared = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim]
+                for v in [*model.graph.input, *model.graph.output]}
+    exact_rows(model)
+    for value in [*model.graph.input, *model.graph.output]:
+        for dim, length in zip(value.type.tensor_type.shape.dim, declared[value.name]):
+            dim.dim_value = length
+    return model
+
+
 def exact_rows(model):
     """A prefill piece (block_i, block_kv_i), made in place to run at the rows it is given: the
-    prompt's tokens L, and block_kv's history H. The static export folds every shape into the
-    graph, so what holds a length is freed:
+    prompt's tokens L, and block_kv's history H. What holds a length is freed:
       - an Expand target (repeat_kv's [1,KVH,n_rep,S,D], S = the keys) keeps only the dims it
         broadcasts: a 1 takes the input's dim, whatever its length;
       - dim 1 of each input and output (the tokens; history_k/v's slots) and the mask's rows and

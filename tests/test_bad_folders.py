@@ -62,7 +62,7 @@ def test_read_only_dist_dir(tmp_path):
 def test_full_dist_disk_names_free_and_needed_space(tmp_path):
     with mounted(tmp_path / "small", "-t", "tmpfs", "-o", "size=3m", "tmpfs") as small:
         result = run_cli(["build", f"build_dir={tmp_path / 'build'}", f"dist_dir={small}"])
-        _refused(result, f"no space left for the combined tiny-qwen2_int8_seq32_1dev.bmodel in {small}",
+        _refused(result, f"no space left for the combined tiny-qwen2_int8_seq32_1dev_dyn.bmodel in {small}",
                  "3.0 MiB free", "needed")
         assert list(small.iterdir()) == []  # nothing half-written
 
@@ -74,4 +74,4 @@ def test_a_folder_that_turns_read_only_mid_build_is_named(tmp_path):
     deploy = tmp_path / "build" / "tiny-qwen2" / "seq32" / "deploy"
     with read_only(deploy):  # e.g. a disk remounted read-only after an error
         why = "Read-only file system" if os.geteuid() == 0 else "Permission denied"
-        _refused(run_cli(["build", *common]), f"{deploy}/int8_1dev_bm1684x", why)
+        _refused(run_cli(["build", *common]), f"{deploy}/int8_1dev_bm1684x_dyn", why)

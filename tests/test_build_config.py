@@ -13,17 +13,20 @@ def test_defaults():
     assert (build.mode, build.devices, build.seq, build.chip, build.group_size) == ("int8", 1, 32, "bm1684x", 64)
     assert build.sim_tokens == 16 and parse_build_config({"model": "tiny-qwen2", "sim_tokens": "0"}).sim_tokens == 0
     assert parse_build_config({"model": "qwen-14b"}).seq == 512
-    assert not build.dynamic and build.dist_name == "tiny-qwen2_int8_seq32_1dev"
+    assert build.dynamic and build.dist_name == "tiny-qwen2_int8_seq32_1dev_dyn"  # the prefill at the prompt's length
 
 
 def test_dynamic_prefill_is_part_of_the_variant_and_the_file_name():
-    build = parse_build_config({"model": "tiny-qwen2", "dynamic": "1"})
+    build = parse_build_config({"model": "tiny-qwen2"})
     assert build.dynamic and build.variant == "int8_1dev_bm1684x_dyn"
     assert build.dist_name == "tiny-qwen2_int8_seq32_1dev_dyn"
+    static = parse_build_config({"model": "tiny-qwen2", "dynamic": "0"})
+    assert not static.dynamic and static.variant == "int8_1dev_bm1684x"
+    assert static.dist_name == "tiny-qwen2_int8_seq32_1dev"
 
 
 def test_history_prefill_is_part_of_the_bmodels_key_and_not_of_the_deployed_pieces():
-    build = parse_build_config({"model": "tiny-qwen2", "seq": "128", "history": "1"})
+    build = parse_build_config({"model": "tiny-qwen2", "seq": "128", "history": "1", "dynamic": "0"})
     assert (build.history, build.chunk, build.history_chunk) == (True, 32, 32)  # llm_convert's default: seq/4
     assert build.variant == "int8_1dev_bm1684x" and build.target == "int8_1dev_bm1684x_hist_c32"
     assert build.dist_name == "tiny-qwen2_int8_seq128_1dev_hist_c32"
@@ -33,7 +36,7 @@ def test_history_prefill_is_part_of_the_bmodels_key_and_not_of_the_deployed_piec
 
 
 def test_decode_stages_follow_the_chunk_alone():
-    build = parse_build_config({"model": "tiny-qwen2", "seq": "128", "chunk": "16"})
+    build = parse_build_config({"model": "tiny-qwen2", "seq": "128", "chunk": "16", "dynamic": "0"})
     assert (build.history_chunk, build.stages) == (0, (16, 32, 64))  # C, 2C, 4C ... < SEQ
     assert build.target == "int8_1dev_bm1684x_c16" and build.dist_name == "tiny-qwen2_int8_seq128_1dev_c16"
     assert parse_build_config({"model": "tiny-qwen2", "seq": "128"}).stages == ()
@@ -60,7 +63,6 @@ def test_decode_stages_follow_the_chunk_alone():
     ({"history": "1", "chunk": "0"}, "chunk=0 is not allowed"),
     ({"chunk": "17"}, "chunk=17 is not allowed with seq=32: use 0 to 16 (default 0: no decode stages)"),
     ({"chunk": "-1"}, "chunk=-1 is not allowed"),
-    ({"model": "tiny-qwen3", "dynamic": "1"}, "dynamic=1 with seq=32 is not supported for tiny-qwen3: a seq equal"),
 ])
 def test_bad_variables_name_variable_value_and_choices(variables, message):
     with pytest.raises(PipelineError) as err:

@@ -15,7 +15,7 @@ def test_build_verify_and_doits_own_commands(tmp_path):
         assert f"[{stage} 3/9] block_0 done in" in built.stderr
     report = tmp_path / "tiny-qwen3" / "seq32" / "verify" / "report.md"
     assert "**Result: PASS**" in report.read_text()
-    assert (tmp_path / "dist" / "tiny-qwen3_int8_seq32_1dev.bmodel").stat().st_size > 1_000_000
+    assert (tmp_path / "dist" / "tiny-qwen3_int8_seq32_1dev_dyn.bmodel").stat().st_size > 1_000_000
 
     noop = run_cli(["build", *common])
     assert noop.returncode == 0 and "\n.  " not in "\n" + noop.stdout, noop.stdout
@@ -23,7 +23,7 @@ def test_build_verify_and_doits_own_commands(tmp_path):
     verify = run_cli(["verify", *common])
     assert verify.returncode == 0, verify.stdout + verify.stderr
     assert "-- verify:tiny-qwen3/seq32\n" in verify.stdout  # the ONNX checks were done by build
-    assert ".  verify:tiny-qwen3/seq32/int8_1dev_bm1684x" in verify.stdout  # the simulator's are new
+    assert ".  verify:tiny-qwen3/seq32/int8_1dev_bm1684x_dyn" in verify.stdout  # the simulator's are new
     assert "[verify int8 on the simulator] PASS" in verify.stderr
 
     listing = run_cli(["list", "--all", *common])

@@ -61,7 +61,7 @@ def test_onnx_answers_equal_transformers(verified):
 @pytest.mark.compiler
 def test_simulator_answers_share_transformers_tokens(verified):
     _, seq_dir = verified
-    report = json.loads((seq_dir / "verify" / "bf16_1dev_bm1684x" / "report.json").read_text())
+    report = json.loads((seq_dir / "verify" / "bf16_1dev_bm1684x_dyn" / "report.json").read_text())
     assert report["simulated"] and not report["decode"]["run"]  # the answers replace the generic decode
     for a in report["answers"]:
         assert not a["decisive_disagreements"], a  # bf16 must agree wherever fp32 is not near a tie
@@ -73,7 +73,7 @@ def test_simulator_answers_share_transformers_tokens(verified):
 @pytest.mark.parametrize("backend", ["onnx", "bmodel"])
 def test_chat_cli_answers_a_factual_question(verified, backend):
     build_dir, seq_dir = verified
-    model = seq_dir / "onnx" if backend == "onnx" else build_dir / "dist" / f"{MODEL}_bf16_seq{SEQ}_1dev.bmodel"
+    model = seq_dir / "onnx" if backend == "onnx" else build_dir / "dist" / f"{MODEL}_bf16_seq{SEQ}_1dev_dyn.bmodel"
     out = subprocess.run([sys.executable, "-m", "runtime.chat", "--model", str(model), "--system", "",
                           "--max-new-tokens", "12", "--prompt", "What is the capital of France?"],
                          cwd=ROOT, capture_output=True, text=True, timeout=1200)

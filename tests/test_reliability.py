@@ -17,7 +17,7 @@ from pipeline.code_keys import source_files
 from .conftest import ROOT
 
 DOIT = Path(sys.executable).parent / "doit"
-MODEL, VARIANT, DIST = "tiny-qwen2", "int8_1dev_bm1684x", "tiny-qwen2_int8_seq32_1dev"
+MODEL, VARIANT, DIST = "tiny-qwen2", "int8_1dev_bm1684x_dyn", "tiny-qwen2_int8_seq32_1dev_dyn"
 
 
 def ran(output: str) -> list[str]:
@@ -163,9 +163,9 @@ def test_ctrl_c_stops_the_build_as_interrupted_not_failed(tmp_path):
     output = "".join(lines) + process.stdout.read()
     process.wait()
     assert process.returncode == 130, output
-    assert "[interrupted] deploy:tiny-qwen3/seq32/int8_1dev_bm1684x/block_0 stopped by Ctrl-C" in output
+    assert "[interrupted] deploy:tiny-qwen3/seq32/int8_1dev_bm1684x_dyn/block_0 stopped by Ctrl-C" in output
     assert "Traceback" not in output and "failed" not in output, output
     resumed = doit(args)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
-    assert "deploy:tiny-qwen3/seq32/int8_1dev_bm1684x/block_0" in ran(resumed.stdout)
+    assert "deploy:tiny-qwen3/seq32/int8_1dev_bm1684x_dyn/block_0" in ran(resumed.stdout)
     assert not [t for t in ran(resumed.stdout) if t.split(":")[0] in ("export", "transform")]
