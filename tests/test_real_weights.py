@@ -7,6 +7,7 @@ import sys
 import pytest
 
 from pipeline.errors import PipelineError
+from pipeline.verify_sim import TIE_MARGIN
 from pipeline.model_config import load_model_config
 from pipeline.package_weights import locate_gguf
 
@@ -65,8 +66,10 @@ def test_simulator_answers_share_transformers_tokens(verified):
     assert report["simulated"] and not report["decode"]["run"]  # the answers replace the generic decode
     for a in report["answers"]:
         assert not a["decisive_disagreements"], a  # bf16 must agree wherever fp32 is not near a tie
-    france = next(a for a in report["answers"] if "France" in a["prompt"])
-    assert "Paris" in france["shared_text"], france
+    # France's first choice is a near-tie after SmolLM2's default system prompt ("The" 0.08 ahead
+    # of "L"): the dynamic bf16 prefill takes "L" there, an allowed difference. Germany's is decisive.
+    germany = next(a for a in report["answers"] if "Germany" in a["prompt"])
+    assert germany["margins"][0] >= TIE_MARGIN and "Berlin" in germany["shared_text"], germany
 
 
 @pytest.mark.compiler
@@ -74,8 +77,11 @@ def test_simulator_answers_share_transformers_tokens(verified):
 def test_chat_cli_answers_a_factual_question(verified, backend):
     build_dir, seq_dir = verified
     model = seq_dir / "onnx" if backend == "onnx" else build_dir / "dist" / f"{MODEL}_bf16_seq{SEQ}_1dev_dyn.bmodel"
-    out = subprocess.run([sys.executable, "-m", "runtime.chat", "--model", str(model), "--system", "",
-                          "--max-new-tokens", "12", "--prompt", "What is the capital of France?"],
+    # the README's first question, after the chat's default system prompt: no choice of its answer
+    # is a near-tie (after SmolLM2's own system prompt, `--system ""`, "What is the capital of
+    # France?" starts with one: "The" 0.08 ahead of "L", which bf16 may take either way)
+    out = subprocess.run([sys.executable, "-m", "runtime.chat", "--model", str(model),
+                          "--max-new-tokens", "12", "--prompt", "Name the capital of France."],
                          cwd=ROOT, capture_output=True, text=True, timeout=1200)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "Paris" in out.stdout, out.stdout
