@@ -26,8 +26,9 @@ def options(chunk: int) -> list[tuple[str, dict]]:
     """The builds, in order: each a row of the table."""
     return [("static (`dynamic=0`), from nothing", {"dynamic": "0"}),
             ("`dynamic=1` (the default)", {"dynamic": "1"}),
-            (f"`dynamic=1 history=1 chunk={chunk}`", {"dynamic": "1", "history": "1", "chunk": str(chunk)}),
-            (f"`dynamic=1 chunk={chunk}` (decode stages only)", {"dynamic": "1", "chunk": str(chunk)})]
+            (f"`dynamic=1 chunk={chunk}` (decode stages)", {"dynamic": "1", "chunk": str(chunk)}),
+            (f"`dynamic=1 history=1 chunk={chunk}` (and history prefill)",
+             {"dynamic": "1", "history": "1", "chunk": str(chunk)})]
 
 
 def build(args, extra: dict) -> dict:
