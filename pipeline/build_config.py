@@ -37,7 +37,7 @@ class BuildConfig:
     build_dir: Path
     dist_dir: Path
     sim_tokens: int = SIM_TOKENS_MAX
-    dynamic: bool = False  # prefill nets compiled dynamic: run at the prompt's length (llm_convert --dynamic)
+    dynamic: bool = True  # prefill nets compiled dynamic: run at the prompt's length (llm_convert --dynamic)
     history: bool = False  # block_kv nets: prefill against the cache (llm_convert --use_history_kv)
     chunk: int = 0         # block_kv's tokens per run and the first decode stage (llm_convert --chunk_length)
 
