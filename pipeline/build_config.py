@@ -8,6 +8,7 @@ from doit import get_var
 
 from . import PROJECT_ROOT
 from .errors import PipelineError
+from .local_model import local_model
 from .model_config import ModelConfig, load_model_config
 from .modes import MODES
 from .pieces import decode_stages
@@ -17,8 +18,8 @@ DEVICE_COUNTS = (1, 2, 4, 8)
 CHIPS = ("bm1684x", "bm1688", "cv186x")
 SEQ_MULTIPLE = 8
 SEQ_MIN = 16
-VARIABLES = ("model", "mode", "devices", "seq", "chip", "path", "group_size", "build_dir", "dist_dir", "layers",
-             "sim_tokens", "dynamic", "history", "chunk")
+VARIABLES = ("model", "mode", "devices", "seq", "chip", "path", "name", "group_size", "build_dir", "dist_dir",
+             "layers", "sim_tokens", "dynamic", "history", "chunk")
 # greedy steps of the whole-bmodel decode in `doit verify` on the simulator: as many as the ONNX
 # check's (verify.NEW_TOKENS, at most), or fewer (0: the pieces only), since a full-width block takes
 # minutes a step there
@@ -103,13 +104,28 @@ def _choice(name: str, value: str, allowed) -> str:
     return value
 
 
+def _folder(given: str) -> Path:
+    path = Path(given).expanduser().resolve()
+    if not path.is_dir():
+        raise PipelineError(f"path={given!r} is not a folder; pass the folder of a local checkpoint")
+    return path
+
+
 def parse_build_config(variables: dict[str, str | None]) -> BuildConfig:
     """Validate every variable; errors name the variable, the value given and what is allowed."""
     given = {k: v for k, v in variables.items() if v is not None}
     unknown = sorted(set(given) - set(VARIABLES))
     if unknown:
         raise PipelineError(f"unknown variable {', '.join(unknown)}; known variables: {', '.join(VARIABLES)}")
-    model = load_model_config(given.get("model", DEFAULT_MODEL))
+    path = _folder(given["path"]) if "path" in given else None
+    if "name" in given and "model" in given:
+        raise PipelineError(f"name= names a checkpoint given by path= alone; model={given['model']} has its name")
+    if path and "model" not in given:  # any checkpoint by its folder: family and numbers from its config
+        model = local_model(path, given.get("name"))
+    elif "name" in given:
+        raise PipelineError("name= names a checkpoint given by its folder: use it with path=DIR (and no model=)")
+    else:
+        model = load_model_config(given.get("model", DEFAULT_MODEL))
     if "layers" in given:
         layers = _int("layers", given["layers"])
         if not model.generated or "path" in given:
@@ -142,11 +158,6 @@ def parse_build_config(variables: dict[str, str | None]) -> BuildConfig:
     if not (1 if history else 0) <= chunk <= seq // 2:
         raise PipelineError(f"chunk={chunk} is not allowed with seq={seq}: use {1 if history else 0} to {seq // 2} "
                             f"(default {'seq/4' if history else '0: no decode stages'})")
-    path = None
-    if "path" in given:
-        path = Path(given["path"]).expanduser().resolve()
-        if not path.is_dir():
-            raise PipelineError(f"path={given['path']!r} is not a folder; pass the folder of a local checkpoint")
     build_dir = Path(given.get("build_dir") or os.environ.get("QWEN_TPU_BUILD_DIR") or PROJECT_ROOT / "build")
     dist_dir = Path(given.get("dist_dir") or os.environ.get("QWEN_TPU_DIST_DIR") or PROJECT_ROOT / "dist")
     return BuildConfig(model, mode, devices, seq, chip, path, group_size, build_dir.expanduser().resolve(),

@@ -76,7 +76,8 @@ def check(build: BuildConfig, folder: Path) -> list:
     ckpt = Checkpoint(folder)
     ckpt.validate()
     config = canonical_config(ckpt.config, build.model.family, origin=str(folder / "config.json"))
-    check_against_model_config(config, build.model, folder)
+    if not build.model.local:  # a folder given alone: its numbers are the config's own
+        check_against_model_config(config, build.model, folder)
     check_tokenizer(folder, config["vocab_size"])
     return ckpt.stat_signature()
 

@@ -1,14 +1,16 @@
 """Random-weight test checkpoints, written by the project itself (deterministic from a seed).
 
 They are real Hugging Face checkpoint folders (config.json, sharded safetensors with an index,
-tokenizer.json), in the layout of their family: Qwen v1 tensors for `qwen`, transformers' own
-layout for `qwen2` / `qwen3`. Weights are spread wide (initializer_range ~0.2) so greedy choices
-are not near-ties, and every bias and norm is random, so no mapping is tested against zeros.
+tokenizer.json), in the layout of their family (its Family.test_checkpoint: Qwen v1 tensors for
+`qwen`, transformers' own layout for the others). Weights are spread wide (initializer_range ~0.2)
+so greedy choices are not near-ties, and every bias and norm is random, so no mapping is tested
+against zeros.
 """
 import json
 import zlib
 from pathlib import Path
 
+from .families import get_family
 from .fsutil import atomic_dir
 from .model_config import ModelConfig
 
@@ -29,15 +31,11 @@ def generate_checkpoint(model: ModelConfig, folder: Path) -> None:
     """Write the model's random checkpoint to `folder` (atomically: whole or not at all).
     Each tensor has its own seed (from its name), so shards are made and written one at a time
     and memory stays at one shard, whatever the model's size."""
-    arch = model.architecture
-    if model.family == "qwen":
-        config, shapes = _qwen_v1(model, arch)
-    else:
-        config, shapes = _canonical(model, arch)
+    config, shapes = get_family(model.family).test_checkpoint(model)
     with atomic_dir(folder) as tmp:
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
         _write_shards(model.source.generate, shapes, tmp)
-        _write_tokenizer(tmp, arch.vocab_size)
+        _write_tokenizer(tmp, model.architecture.vocab_size)
 
 
 def _random_tensor(spec, name: str, shape: tuple):
@@ -50,55 +48,6 @@ def _random_tensor(spec, name: str, shape: tuple):
     else:
         values = torch.randn(shape, generator=gen) * spec.initializer_range
     return values.to(getattr(torch, spec.dtype))
-
-
-def _qwen_v1(model: ModelConfig, a):
-    """Qwen v1 names and shapes (FACTS.md section 5), written without the mapping under test."""
-    h, f, v = a.hidden_size, a.intermediate_size, a.vocab_size
-    assert a.num_kv_heads == a.num_heads and a.head_dim * a.num_heads == h, "Qwen v1 has no GQA"
-    shapes = {"transformer.wte.weight": (v, h), "transformer.ln_f.weight": (h,), "lm_head.weight": (v, h)}
-    for i in range(a.num_layers):
-        p = f"transformer.h.{i}."
-        shapes.update({p + "ln_1.weight": (h,), p + "attn.c_attn.weight": (3 * h, h), p + "attn.c_attn.bias": (3 * h,),
-                       p + "attn.c_proj.weight": (h, h), p + "ln_2.weight": (h,), p + "mlp.w1.weight": (f, h),
-                       p + "mlp.w2.weight": (f, h), p + "mlp.c_proj.weight": (h, f)})
-    config = {
-        "architectures": ["QWenLMHeadModel"],
-        "auto_map": {"AutoConfig": "configuration_qwen.QWenConfig",
-                     "AutoModelForCausalLM": "modeling_qwen.QWenLMHeadModel"},
-        "model_type": "qwen", "hidden_size": h, "intermediate_size": 2 * f,
-        "num_attention_heads": a.num_heads, "num_hidden_layers": a.num_layers, "kv_channels": a.head_dim,
-        "layer_norm_epsilon": a.rms_norm_eps, "rotary_emb_base": a.rope_theta, "rotary_pct": 1.0,
-        "seq_length": a.max_position_embeddings, "max_position_embeddings": a.max_position_embeddings,
-        "vocab_size": v, "no_bias": True, "use_dynamic_ntk": True, "use_logn_attn": True,
-        "bf16": False, "fp16": False, "fp32": False, "tie_word_embeddings": False,
-        "initializer_range": model.source.generate.initializer_range,
-    }
-    return config, shapes
-
-
-def _canonical(model: ModelConfig, a):
-    """transformers' own layout: names and shapes from the real model class (on the meta device)."""
-    import torch
-
-    from .families import family_classes
-
-    classes = family_classes(model.family)
-    config = classes.config(
-        hidden_size=a.hidden_size, intermediate_size=a.intermediate_size, num_hidden_layers=a.num_layers,
-        num_attention_heads=a.num_heads, num_key_value_heads=a.num_kv_heads, head_dim=a.head_dim,
-        vocab_size=a.vocab_size, tie_word_embeddings=a.tie_word_embeddings, rms_norm_eps=a.rms_norm_eps,
-        rope_parameters={"rope_type": "default", "rope_theta": a.rope_theta},
-        max_position_embeddings=a.max_position_embeddings,
-        initializer_range=model.source.generate.initializer_range,
-        bos_token_id=None, eos_token_id=2, pad_token_id=0)
-    with torch.device("meta"):
-        shapes = {k: tuple(v.shape) for k, v in classes.causal_lm(config).state_dict().items()}
-    if a.tie_word_embeddings:
-        shapes.pop("lm_head.weight", None)
-    config_dict = config.to_dict()
-    config_dict["architectures"] = [classes.causal_lm.__name__]
-    return config_dict, shapes
 
 
 def _write_shards(spec, shapes: dict, folder: Path) -> None:

@@ -4,13 +4,13 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
 from . import PROJECT_ROOT
 from .errors import PipelineError
+from .families import FAMILIES
 
 MODEL_CONFIG_DIR = PROJECT_ROOT / "model_configs"
-FAMILIES = ("qwen", "qwen2", "qwen3", "llama")
 
 
 class _Strict(BaseModel):
@@ -44,6 +44,11 @@ class PackageSpec(_Strict):
 
 class PackageSource(_Strict):
     package: PackageSpec
+
+
+class LocalSource(_Strict):
+    """A checkpoint given by its folder alone (`path=` without `model=`): no YAML describes it."""
+    folder: str
 
 
 class Architecture(_Strict):
@@ -82,8 +87,8 @@ class SeqSpec(_Strict):
 class ModelConfig(_Strict):
     name: str
     display_name: str
-    family: Literal["qwen", "qwen2", "qwen3", "llama"]
-    source: HubSource | GeneratedSource | PackageSource
+    family: str  # a name in pipeline/families (FAMILIES)
+    source: HubSource | GeneratedSource | PackageSource | LocalSource
     architecture: Architecture
     seq: SeqSpec
     # Questions with known answers: `doit verify` compares the whole answers (real weights only)
@@ -96,6 +101,13 @@ class ModelConfig(_Strict):
         arch = self.architecture.model_copy(update={"num_layers": layers})
         return self.model_copy(update={"architecture": arch, "name": f"{self.name}-{layers}l", "variant_of": self.name})
 
+    @field_validator("family")
+    @classmethod
+    def _known_family(cls, family: str) -> str:
+        if family not in FAMILIES:
+            raise ValueError(f"unknown family {family!r}; supported: {', '.join(FAMILIES)}")
+        return family
+
     @property
     def generated(self) -> bool:
         return isinstance(self.source, GeneratedSource)
@@ -105,8 +117,13 @@ class ModelConfig(_Strict):
         return isinstance(self.source, PackageSource)
 
     @property
-    def yaml_path(self) -> Path:
-        return MODEL_CONFIG_DIR / f"{self.variant_of or self.name}.yaml"
+    def local(self) -> bool:
+        return isinstance(self.source, LocalSource)
+
+    @property
+    def yaml_path(self) -> Path | None:
+        """The model's YAML in model_configs/; None for a checkpoint given by its folder alone."""
+        return None if self.local else MODEL_CONFIG_DIR / f"{self.variant_of or self.name}.yaml"
 
 
 def known_models() -> list[str]:

@@ -12,15 +12,15 @@ from pathlib import Path
 
 import yaml
 
-from . import PROJECT_ROOT
 from .checkpoint import TOKENIZER_FILES, Checkpoint
 from .errors import PipelineError
+from .families import get_family
+from .families.base import PATCH_DIR
 from .fsutil import atomic_path, read_json, write_json, write_json_if_changed
 from .model_config import ModelConfig
 from .pieces import Dims
 from .progress import say
 
-PATCH_DIR = PROJECT_ROOT / "patches"
 # canonical config key -> Architecture field: what a checkpoint must agree on with its YAML
 CHECKED_KEYS = {
     "num_hidden_layers": "num_layers",
@@ -34,14 +34,10 @@ CHECKED_KEYS = {
 REQUIRED_KEYS = (*CHECKED_KEYS, "rms_norm_eps")
 
 
-def patch_rules(family: str) -> dict:
-    return yaml.safe_load((PATCH_DIR / f"{family}.yaml").read_text(encoding="utf-8"))
-
-
 def canonical_config(source: dict, family: str, origin: str = "the checkpoint's config.json") -> dict:
     """The checkpoint's config.json expressed in the canonical (transformers) layout. `origin`
     names the file in messages."""
-    rules = patch_rules(family)
+    rules = get_family(family).patch_rules()
     if "model_type" not in source:
         raise PipelineError(f"{origin} has no model_type; family {family} expects {rules['source_model_type']!r}: "
                             "is it a Hugging Face model config? download it again")
@@ -87,7 +83,7 @@ def check_against_model_config(config: dict, model: ModelConfig, folder: Path) -
 
 def tensor_map(ckpt: Checkpoint, config: dict, family: str) -> dict:
     """canonical name -> {"name": source tensor, "rows": [start, stop] or None}."""
-    rules = patch_rules(family)
+    rules = get_family(family).patch_rules()
     if "tensors" in rules:
         specs = dict(rules["tensors"])
         for i in range(config["num_hidden_layers"]):
@@ -118,10 +114,10 @@ def _check_complete(mapping: dict, config: dict, ckpt: Checkpoint) -> None:
     """The map must give exactly what transformers' model expects (checked on the meta device)."""
     import torch
 
-    from .families import family_classes, load_hf_config
+    from .families import canonical_classes, hf_config
 
     with torch.device("meta"):
-        model = family_classes(config["model_type"]).causal_lm(load_hf_config(config))
+        model = canonical_classes(config["model_type"]).causal_lm(hf_config(config))
     expected = set(model.state_dict())
     if config.get("tie_word_embeddings"):
         expected.discard("lm_head.weight")

@@ -17,6 +17,7 @@ from doit.tools import config_changed
 from . import PROJECT_ROOT
 from .build_config import BuildConfig
 from .code_keys import source_files
+from .families import get_family
 from .fsutil import ensure_writable_dir, read_json
 from .pieces import model_pieces
 from .progress import say
@@ -94,7 +95,8 @@ class CheckpointTasks(Stage):
         from .download import source_spec
 
         spec = source_spec(self.build)
-        file_dep = [portable(self.build.model.yaml_path), *CODE["checkpoint"]]
+        yaml = self.build.model.yaml_path
+        file_dep = [*([portable(yaml)] if yaml else []), *CODE["checkpoint"]]
         yield {"name": self.build.model.name,
                "doc": "find (download, generate or take path=) and check the checkpoint",
                "actions": [self.action(self.run)], "file_dep": file_dep, "targets": [self.paths.source],
@@ -125,7 +127,7 @@ class PatchTasks(Stage):
     def tasks(self):
         """canonical config, tensor map, weight fingerprints, export config"""
         name = self.build.model.name
-        family_rules = Path("patches") / f"{self.build.model.family}.yaml"
+        family_rules = get_family(self.build.model.family).patch_file.relative_to(PROJECT_ROOT)
         yield {"name": f"{name}/weights",
                "doc": "map the checkpoint onto the canonical layout; fingerprint each weight group",
                "actions": [self.action(self.patch_weights)],

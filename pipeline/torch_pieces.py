@@ -6,7 +6,7 @@ the memory of that piece only. Modules are built on the meta device and filled w
 import torch
 from torch import nn
 
-from .families import family_classes, load_hf_config
+from .families import canonical_classes, hf_config
 from .pieces import TOP_K_MAX
 
 
@@ -111,8 +111,8 @@ def build_piece(kind: str, layer: int | None, config: dict, load) -> nn.Module:
         return GreedyHeadNet().eval()
     if kind == "sample_head":
         return SampleHeadNet(config["vocab_size"]).eval()
-    hf_config = load_hf_config(config)
-    classes = family_classes(config["model_type"])
+    hf = hf_config(config)
+    classes = canonical_classes(config["model_type"])
     if kind in ("embedding", "embedding_cache"):
         with torch.device("meta"):
             embed = nn.Embedding(config["vocab_size"], config["hidden_size"])
@@ -125,10 +125,10 @@ def build_piece(kind: str, layer: int | None, config: dict, load) -> nn.Module:
         return LmHeadNet(_filled(norm, {"weight": load("model.norm.weight")}),
                          _filled(head, {"weight": load(head_name)}))
     with torch.device("meta"):
-        decoder = classes.decoder_layer(hf_config, layer)
+        decoder = classes.decoder_layer(hf, layer)
     prefix = f"model.layers.{layer}."
     decoder = _filled(decoder, {k: load(prefix + k) for k in decoder.state_dict()})
-    rotary = classes.rotary_embedding(hf_config)
+    rotary = classes.rotary_embedding(hf)
     positions = torch.arange(config["seq_length"])[None]
     cos, sin = rotary(torch.zeros(1), positions)
     return BlockNet(decoder, cos[0], sin[0]).eval()

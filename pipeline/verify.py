@@ -15,6 +15,7 @@ from runtime.tokenizer import load_tokenizer
 
 from .checkpoint import Checkpoint
 from .errors import PipelineError
+from .families import get_family
 from .fsutil import read_json, write_json, write_text
 from .patch import load_tensor
 from .pieces import Dims, io_spec
@@ -195,27 +196,8 @@ def check_pieces(config: dict, source: Path, mapping: dict, onnx_dir: Path, ids:
 
 
 def reference_model(config: dict, source: Path, mapping: dict, family: str):
-    """transformers' own model: from_pretrained for canonical checkpoints; for Qwen v1 (remote
-    code only), transformers' Qwen2 model filled through the mapping."""
-    import torch
-
-    from .families import family_classes, load_hf_config
-
-    if family == "qwen":
-        ckpt = Checkpoint(source)
-        with torch.device("meta"):
-            model = family_classes(config["model_type"]).causal_lm(load_hf_config(config))
-        weights = {name: load_tensor(ckpt, mapping, name).to(torch.float32) for name in mapping}
-        missing = model.load_state_dict(weights, strict=False, assign=True).missing_keys
-        if set(missing) - {"lm_head.weight"}:
-            raise PipelineError(f"the mapped weights lack {sorted(missing)[:3]}")
-        model.tie_weights()
-        model.model.rotary_emb = type(model.model.rotary_emb)(model.config)  # meta buffers -> real
-    else:
-        from transformers import AutoModelForCausalLM
-
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, attn_implementation="eager")
-    return model.eval()
+    """transformers' own model of the checkpoint: what the verification compares against."""
+    return get_family(family).reference_model(config, source, mapping)
 
 
 def reference_generate(config: dict, source: Path, mapping: dict, family: str, ids: list[int], new_tokens: int):

@@ -19,6 +19,7 @@ from runtime.isolated_backend import IsolatedBmodelBackend
 from runtime.onnx_backend import OnnxBackend
 
 from .errors import PipelineError
+from .families import get_family
 from .fsutil import atomic_path, read_json, write_json, write_text
 from .pieces import DYNAMIC_KINDS, Dims
 from .progress import say
@@ -29,16 +30,6 @@ from .verify import compare, next_turn_tokens, piece_failures, pieces_table, wal
 
 LABELS = {"reference": "onnxruntime", "candidate": "simulator"}  # what compare() saw on each side, here
 
-# Per mode: minimum cosine and max abs error relative to max(1, |reference|), for every output of
-# every piece. Measured on the tiny models (README): bf16 >= 0.99989, int8 >= 0.9998, int4 0.938
-# (tiny-llama's block_0) to 0.97 (random weights quantize badly to 4 bits, and a 64-wide model puts
-# a whole row in one group). Measured broken builds: another layer's weights give cosine < 0.1, no
-# causal mask 0.54, no RoPE 0.73; all far below every threshold.
-THRESHOLDS = {
-    "f16": (0.9995, 0.03), "bf16": (0.999, 0.05),
-    "int8f16": (0.998, 0.06), "int8": (0.998, 0.08),
-    "int4f16": (0.92, 0.5), "int4": (0.92, 0.5),
-}
 EXACT_TOKENS_MODES = ("bf16", "f16")  # a float build must choose the same token as fp32 ...
 TIE_MARGIN = 0.1  # ... wherever the fp32 top-2 logits are at least this far apart
 
@@ -87,12 +78,12 @@ class Simulator:
         self.close()
 
 
-def check_pieces(mode: str, dims: Dims, onnx_dir: Path, deploy_dir: Path, ids: list[int], sim: Simulator,
-                 progress, dynamic: bool = False) -> dict:
+def check_pieces(thresholds: tuple[float, float], dims: Dims, onnx_dir: Path, deploy_dir: Path, ids: list[int],
+                 sim: Simulator, progress, dynamic: bool = False) -> dict:
     """Every deployed piece on the verify prompt's activations; a dynamic build's prefill pieces
     also at shorter lengths (`<net> at length <m>`): one token, half the prompt, the prompt."""
     onnx, at_lengths = OnnxBackend(onnx_dir, chunk=dims.chunk, stages=dims.stages, exact=False), {}  # the files
-    min_cosine, max_rel = THRESHOLDS[mode]
+    min_cosine, max_rel = thresholds
 
     def judge(kind, ref, got):
         return compare(ref, got, min_cosine, max_rel)
@@ -201,7 +192,7 @@ def summarize(report: dict) -> list[str]:
 
 
 def markdown(report: dict) -> str:
-    min_cosine, max_rel = THRESHOLDS[report["mode"]]
+    min_cosine, max_rel = report["thresholds"]
     lines = [f"# Simulator verification of {report['bmodel']}", "",
              f"Mode {report['mode']}; each one-piece bmodel on the BM1684X cmodel against onnxruntime on the "
              f"same inputs. Thresholds: cosine >= {min_cosine}, max abs <= {max_rel} x max(1, |reference|).", "",
@@ -280,11 +271,12 @@ def run(build, paths, pieces, report_path: Path, tools: dict) -> None:
         say(f"[verify {build.mode} on the simulator {len(done)}/{len(pieces)}] {net} {seconds:.1f} s")
 
     ids = read_json(paths.report)["prompt_ids"]
+    thresholds = get_family(build.model.family).thresholds[build.mode]
     report = {"model": build.model.name, "seq": build.seq, "mode": build.mode, "variant": build.variant,
-              "bmodel": paths.dist.name, "prompt_ids": ids, "tools": tools}
+              "bmodel": paths.dist.name, "prompt_ids": ids, "tools": tools, "thresholds": thresholds}
     dims = Dims.from_config(read_json(paths.export_config), build.history_chunk, build.stages)
     with Simulator(paths.logs, build.devices) as sim:
-        report["pieces"] = check_pieces(build.mode, dims, paths.onnx, paths.deploy, ids, sim, progress, build.dynamic)
+        report["pieces"] = check_pieces(thresholds, dims, paths.onnx, paths.deploy, ids, sim, progress, build.dynamic)
         report["decode"] = _whole_bmodel(build, paths, report, ids, sim)
     report["simulated"] = True
     write_json(report_path, report)

@@ -15,6 +15,7 @@ from doit.cmd_base import ModuleTaskLoader
 from doit.doit_cmd import DoitMain
 
 from pipeline.build_config import parse_build_config
+from pipeline.families import FAMILIES
 from pipeline.tasks import doit_config, make_tasks
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -60,7 +61,7 @@ def tree_digest(folder: Path) -> dict:
             for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-TINY_MODELS = ("tiny-qwen-v1", "tiny-qwen2", "tiny-qwen3", "tiny-llama")
+TINY_MODELS = tuple(family.test_model for family in FAMILIES.values())  # one generated model per family
 
 
 def onnx_verify_task(model: str, seq: int = 32) -> str:

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from pipeline import verify, verify_sim
+from pipeline.families.base import THRESHOLDS
 
 pytestmark = pytest.mark.fast
 FINE = np.linspace(-2.0, 2.0, 8, dtype=np.float32)
@@ -25,7 +26,7 @@ def test_nan_on_both_sides_gives_counts_not_a_cosine():
 
 
 def test_simulator_failures_name_their_own_sides():
-    r = verify.compare(FINE, _with([np.inf], at=7), *verify_sim.THRESHOLDS["int8"])
+    r = verify.compare(FINE, _with([np.inf], at=7), *THRESHOLDS["int8"])
     report = {"pieces": {"lm_head": {"logits": r}}, "decode": {"run": False}}
     assert verify_sim.summarize(report) == [
         "lm_head.logits: NaN or inf: none in the reference (onnxruntime), 1 of 8 values in the candidate (simulator)"]

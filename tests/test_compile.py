@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 
 from pipeline.pieces import model_pieces
 from pipeline.model_config import load_model_config
-from pipeline.verify_sim import THRESHOLDS
+from pipeline.families import get_family
 
 from .conftest import ROOT, TINY_MODELS, DoitResult, idle_cpu_seconds, run_cli, run_doit
 
@@ -49,7 +49,7 @@ def test_family_compiles_and_passes_the_simulator(compiled, model, mode):
 
     variant = f"{mode}{'_g64' if mode == 'int4' else ''}_1dev_bm1684x_dyn"
     report = json.loads((build_dir / model / "seq32" / "verify" / variant / "report.json").read_text())
-    min_cosine, _ = THRESHOLDS[mode]
+    min_cosine, _ = get_family(load_model_config(model).family).thresholds[mode]
     assert sorted(p for p in report["pieces"] if " at length " not in p) == sorted(pieces)
     for net, outputs in report["pieces"].items():
         for name, r in outputs.items():

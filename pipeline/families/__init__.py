@@ -1,0 +1,51 @@
+"""The model families the project builds, one module each, registered here and nowhere else.
+
+Adding a family: a module here with its Family (a subclass where its checkpoint or reference
+differ), patches/<name>.yaml (how its config and tensors map onto the canonical layout), its entry
+in FAMILIES, and a generated test model, model_configs/<test_model>.yaml."""
+from ..errors import PipelineError
+from .base import Family, FamilyClasses
+from .llama import LLAMA
+from .qwen import QWEN
+from .qwen2 import QWEN2
+from .qwen3 import QWEN3
+
+FAMILIES: dict[str, Family] = {f.name: f for f in (QWEN, QWEN2, QWEN3, LLAMA)}
+
+__all__ = ["FAMILIES", "Family", "FamilyClasses", "get_family", "family_of_config", "canonical_classes", "hf_config"]
+
+
+def get_family(name: str) -> Family:
+    if name not in FAMILIES:
+        raise PipelineError(f"unknown family {name!r}; supported: {', '.join(FAMILIES)}")
+    return FAMILIES[name]
+
+
+def family_of_config(config: dict, origin: str = "config.json") -> Family:
+    """The family of a checkpoint, by its config.json's model_type."""
+    model_type = config.get("model_type")
+    if model_type is None:
+        raise PipelineError(f"{origin} has no model_type: is it a Hugging Face model config?")
+    for family in FAMILIES.values():
+        if family.model_type == model_type:
+            return family
+    supported = ", ".join(f.model_type for f in FAMILIES.values())
+    raise PipelineError(f"{origin}: model_type {model_type!r} is not supported; supported: {supported}")
+
+
+def canonical_classes(model_type: str) -> FamilyClasses:
+    """transformers' classes that run a canonical config (its model_type names the transformers model)."""
+    for family in FAMILIES.values():
+        if family.canonical == model_type:
+            return family.classes()
+    raise PipelineError(f"no family runs the canonical model_type {model_type!r}")
+
+
+def hf_config(canonical: dict, attn: str = "eager"):
+    """A transformers config object from a canonical config.json dict, with eager attention
+    (plain MatMul/Add/Softmax in the exported graph)."""
+    classes = canonical_classes(canonical["model_type"])
+    fields = {k: v for k, v in canonical.items() if k not in ("model_type", "transformers_version")}
+    config = classes.config(**fields)
+    config._attn_implementation = attn
+    return config
