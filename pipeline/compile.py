@@ -32,17 +32,19 @@ from .toolchain.tools import run_binary, run_python_tool
 # MLIR and weights, checked on every family), but it holds several copies of the weights: a
 # Qwen-7B-wide embedding (2.3 GiB) grew past 23 GiB with it and takes 10 GiB without it, and a
 # 7B block's transform takes a fraction of the time. (The flag is `type=bool`: only "" is false.)
+# A family may need it for some pieces (Family.onnx_sim: Qwen3.5's linear-attention prefill).
 TRANSFORM_FLAGS = ["--do_onnx_sim="]
 # what model_transform.py leaves beside the mlir and its weights: an intermediate mlir, and for a
 # model with external data a second copy of the weights (`<name>_external_data`)
 LEFTOVERS = ("*_origin.mlir", "*_external_data")
 
 
-def transform(piece: Piece, onnx: Path, out_dir: Path, log: Path, log_dir: Path) -> None:
+def transform(piece: Piece, onnx: Path, out_dir: Path, log: Path, log_dir: Path, onnx_sim: bool = False) -> None:
     """model_transform.py into `out_dir` (<piece>.mlir + its weight file), atomically."""
     with atomic_dir(out_dir) as tmp:
         run_python_tool("model_transform", ["--model_name", piece.name, "--model_def", str(onnx.resolve()),
-                                            "--mlir", f"{piece.name}.mlir", *TRANSFORM_FLAGS], tmp, log, log_dir)
+                                            "--mlir", f"{piece.name}.mlir", *([] if onnx_sim else TRANSFORM_FLAGS)],
+                        tmp, log, log_dir)
         for pattern in LEFTOVERS:
             for leftover in tmp.glob(pattern):
                 leftover.unlink()
@@ -71,6 +73,8 @@ def deploy_args(piece: Piece, mode: str, devices: int, chip: str, group_size: in
         if piece.kind == "block_cache":  # K/V stay in the net's own input buffers, shared by its stages
             args += ["--addr_mode", "io_alone",
                      "--use_io_alone_config" if piece.stage else "--save_io_alone_config", IO_CONFIG]
+        if piece.kind == "linear_cache":  # inputs and outputs of its own, as every decode net's
+            args += ["--addr_mode", "io_alone"]
         if dynamic and piece.kind in DYNAMIC_KINDS:  # the prefill runs at the prompt's length
             args.append("--dynamic")
     args += ["--chip", chip, "--high_precision", "--disable_gdma_check"]

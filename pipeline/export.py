@@ -4,6 +4,7 @@ Each piece reads only its own tensors. Pieces whose weights exceed what a protob
 (2 GB) keep their weights in `<piece>.onnx.data` beside the graph (ONNX external data).
 """
 import contextlib
+import functools
 import io
 import os
 import shutil
@@ -12,6 +13,7 @@ import warnings
 from pathlib import Path
 
 from .checkpoint import Checkpoint
+from .families import canonical_family
 from .fsutil import UMASK, require_space
 from .patch import load_tensor
 from .pieces import DYNAMIC_KINDS, Dims, Piece, io_spec
@@ -34,7 +36,7 @@ def export_piece(piece: Piece, config: dict, source: Path, mapping: dict, out: P
 
     from .torch_pieces import build_piece
 
-    ckpt = Checkpoint(source)
+    ckpt, family = Checkpoint(source), canonical_family(config["model_type"])
     module = build_piece(piece.kind, piece.layer, config,
                          lambda name: load_tensor(ckpt, mapping, name).to(torch.float32))
     dims = Dims.from_config(config, piece.chunk).of(piece)
@@ -47,16 +49,21 @@ def export_piece(piece: Piece, config: dict, source: Path, mapping: dict, out: P
     captured, caught = io.StringIO(), []
     try:
         with warnings.catch_warnings(record=True) as caught, contextlib.redirect_stdout(captured), \
-                contextlib.redirect_stderr(captured), torch.no_grad():
+                contextlib.redirect_stderr(captured), torch.no_grad(), family.export_context(piece.kind):
             warnings.simplefilter("always")
-            torch.onnx.export(module, example_inputs(piece.kind, dims), str(tmp / out.name),
+            example = example_inputs(piece.kind, dims)
+            torch.onnx.export(module, example, str(tmp / out.name),
                               input_names=[n for n, _, _ in inputs], output_names=outputs,
                               opset_version=OPSET, dynamo=False, do_constant_folding=True)
+            fixes = family.onnx_fixes(piece.kind)
+            if fixes:  # a graph torch could not infer all shapes of: its outputs' are declared too
+                fixes.append(functools.partial(_declare_outputs, shapes=[list(t.shape) for t in module(*example)]))
         del module
         if weight_bytes > external_data_bytes:
             _to_single_external_file(tmp / out.name)
         if piece.kind in DYNAMIC_KINDS:
             free_prefill_lengths(tmp / out.name)
+        fix_graph(tmp / out.name, fixes)
         _publish(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -81,6 +88,26 @@ def free_prefill_lengths(path: Path) -> None:
     except ValueError as e:
         raise ValueError(f"{path.name}: {e}") from None
     onnx.save_model(model, str(path))
+
+
+def fix_graph(path: Path, fixes: list) -> None:
+    """Each of `fixes` edits the graph in place (a family's rewrites for the TPU compiler)."""
+    if not fixes:
+        return
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    for fix in fixes:
+        fix(model)
+    onnx.save_model(model, str(path))
+
+
+def _declare_outputs(model, shapes: list[list[int]]) -> None:
+    for output, shape in zip(model.graph.output, shapes, strict=True):
+        dims = output.type.tensor_type.shape.dim
+        del dims[:]
+        for length in shape:
+            dims.add().dim_value = length
 
 
 def _to_single_external_file(path: Path) -> None:

@@ -51,6 +51,21 @@ class LocalSource(_Strict):
     folder: str
 
 
+class LinearAttention(_Strict):
+    """Qwen3.5's Gated DeltaNet layers: every `full_attention_interval`-th layer is full attention
+    (transformers' layer_types), the others linear attention with these numbers."""
+    num_key_heads: int
+    num_value_heads: int
+    key_head_dim: int
+    value_head_dim: int
+    conv_kernel: int
+    full_attention_interval: int
+
+    def layer_types(self, num_layers: int) -> list[str]:
+        return ["full_attention" if (i + 1) % self.full_attention_interval == 0 else "linear_attention"
+                for i in range(num_layers)]
+
+
 class Architecture(_Strict):
     """Canonical (Qwen2-layout) numbers. For Qwen v1, intermediate_size is the real MLP width,
     half of what the v1 config.json declares."""
@@ -65,6 +80,15 @@ class Architecture(_Strict):
     rope_theta: float
     rms_norm_eps: float
     max_position_embeddings: int
+    partial_rotary_factor: float = 1.0  # the share of each head RoPE rotates (Qwen3.5: 0.25)
+    linear_attention: LinearAttention | None = None
+
+    @property
+    def linear_layers(self) -> tuple[int, ...]:
+        if self.linear_attention is None:
+            return ()
+        types = self.linear_attention.layer_types(self.num_layers)
+        return tuple(i for i, t in enumerate(types) if t == "linear_attention")
 
     @model_validator(mode="after")
     def _heads_divide(self):

@@ -45,7 +45,14 @@ def canonical_config(source: dict, family: str, origin: str = "the checkpoint's 
         raise PipelineError(
             f"{origin} has model_type {source['model_type']!r}, but family "
             f"{family} expects {rules['source_model_type']!r}: is it the checkpoint of another model?")
-    config = dict(source) if "config" not in rules else _mapped_config(source, family, rules, origin)
+    if "config_from" in rules:  # a multimodal checkpoint: the text model's config is nested
+        nested = source.get(rules["config_from"])
+        if not isinstance(nested, dict):
+            raise PipelineError(f"{origin} has no '{rules['config_from']}' object, which a {family} config has: "
+                                "is it complete? download it again")
+        config = {"tie_word_embeddings": source.get("tie_word_embeddings", False), **nested}
+    else:
+        config = dict(source) if "config" not in rules else _mapped_config(source, family, rules, origin)
     missing = [key for key in REQUIRED_KEYS if key not in config]
     if missing:
         raise PipelineError(f"{origin} lacks {', '.join(missing)}, which a {family} config has: "
@@ -73,10 +80,24 @@ def _mapped_config(source: dict, family: str, rules: dict, origin: str) -> dict:
     return config
 
 
+# canonical config key -> LinearAttention field (Qwen3.5's linear-attention layers)
+CHECKED_LINEAR_KEYS = {
+    "linear_num_key_heads": "num_key_heads",
+    "linear_num_value_heads": "num_value_heads",
+    "linear_key_head_dim": "key_head_dim",
+    "linear_value_head_dim": "value_head_dim",
+    "linear_conv_kernel_dim": "conv_kernel",
+}
+
+
 def check_against_model_config(config: dict, model: ModelConfig, folder: Path) -> None:
     arch = model.architecture
-    wrong = [f"{key} is {config.get(key)!r} in the checkpoint but {getattr(arch, field)} in {model.yaml_path.name}"
-             for key, field in CHECKED_KEYS.items() if config.get(key) != getattr(arch, field)]
+    checks = [(key, getattr(arch, field)) for key, field in CHECKED_KEYS.items()]
+    if arch.linear_attention:
+        checks += [(key, getattr(arch.linear_attention, field)) for key, field in CHECKED_LINEAR_KEYS.items()]
+        checks.append(("layer_types", arch.linear_attention.layer_types(arch.num_layers)))
+    wrong = [f"{key} is {config.get(key)!r} in the checkpoint but {want} in {model.yaml_path.name}"
+             for key, want in checks if config.get(key) != want]
     if wrong:
         raise PipelineError(f"checkpoint {folder} does not match model {model.name}: " + "; ".join(wrong))
 
@@ -84,7 +105,9 @@ def check_against_model_config(config: dict, model: ModelConfig, folder: Path) -
 def tensor_map(ckpt: Checkpoint, config: dict, family: str) -> dict:
     """canonical name -> {"name": source tensor, "rows": [start, stop] or None}."""
     rules = get_family(family).patch_rules()
-    if "tensors" in rules:
+    if "tensor_prefixes" in rules:
+        specs = {_renamed(name, rules["tensor_prefixes"]): name for name in ckpt.tensor_index}
+    elif "tensors" in rules:
         specs = dict(rules["tensors"])
         for i in range(config["num_hidden_layers"]):
             specs.update({k.format(i=i): _format(v, i) for k, v in rules["layer_tensors"].items()})
@@ -104,6 +127,13 @@ def tensor_map(ckpt: Checkpoint, config: dict, family: str) -> dict:
             mapping[canonical] = {"name": spec["name"], "rows": [spec["part"] * step, (spec["part"] + 1) * step]}
     _check_complete(mapping, config, ckpt)
     return mapping
+
+
+def _renamed(name: str, prefixes: dict) -> str:
+    for source, canonical in prefixes.items():
+        if name.startswith(source):
+            return canonical + name[len(source):]
+    return name
 
 
 def _format(spec, i):
@@ -233,7 +263,4 @@ def patch_seq(model_name: str, seq: int, paths) -> None:
     config = export_config(read_json(paths.canonical_config), seq)
     write_json(paths.export_config, config)
     copy_tokenizer(Path(read_json(paths.source)["folder"]), paths.onnx)
-    dims = Dims.from_config(config)
-    write_json(paths.onnx / "model.json", {
-        "model": model_name, "seq": dims.seq, "num_layers": dims.num_layers, "hidden_size": dims.hidden,
-        "kv_heads": dims.kv_heads, "head_dim": dims.head_dim, "vocab_size": dims.vocab})
+    write_json(paths.onnx / "model.json", {"model": model_name, **Dims.from_config(config).runtime_info()})

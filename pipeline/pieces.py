@@ -23,19 +23,32 @@ Decode stages (`chunk=C`, llm_convert --chunk_length): block_cache_i also at cac
 4C ... < SEQ (history [1,K,KVH,D], mask [1,1,1,K+1]), combined as stages of the one net and
 sharing its io_alone memory: a step attends over the shortest stage that holds the cache.
 Masks are additive: 0 attends, runtime.engine.MASK_VALUE masks (see its mask builders).
+
+A linear-attention layer (Qwen3.5's Gated DeltaNet, `layer_types`) carries a state of fixed size
+instead of a K/V cache: a convolution state CS = [1, CONV, K] (the last K input columns of its
+short convolution) and a recurrent state RS = [1, VH, DK, DV]. Its nets take and return both:
+  block_i          input_states [1,W,H], conv_state CS, recurrent_state RS
+                                                                   -> hidden_states, next_conv_state, next_recurrent_state
+  block_cache_i    input_states [1,1,H], conv_state CS, recurrent_state RS -> the same, for one token
+block_i runs W = LINEAR_WINDOW tokens at a time (static: transformers' chunked rule unrolls its
+chunks at export, so no length can vary); the runtime runs a prompt's whole windows through it and
+the rest through block_cache_i, token by token, the state carried from one run to the next. A
+linear layer has no history prefill net and no decode stages: its state is the whole history.
 """
 from dataclasses import dataclass, replace
 
 # the kinds compiled dynamic with `dynamic=1` (llm_convert --dynamic): the prefill, run at the
 # prompt's length; the export frees their lengths (export.free_prefill_lengths)
 DYNAMIC_KINDS = ("block", "block_kv")
+LINEAR_WINDOW = 16  # a linear-attention prefill net's tokens: one chunk of transformers' rule (export binds 16)
 TOP_K_MAX = 50  # the sample head's top-k (llm_convert's too); it returns one candidate more, to see a tie at the cut
 
 
 @dataclass(frozen=True)
 class Piece:
     name: str
-    kind: str            # embedding | embedding_cache | block | block_cache | lm_head
+    kind: str            # embedding | embedding_cache | block | block_cache | block_kv | linear_block |
+    #                      linear_cache | lm_head | greedy_head | sample_head
     group: str           # the weight group it reads (see patch.weight_groups)
     layer: int | None = None
     chunk: int = 0       # block_kv: the new tokens per run
@@ -59,12 +72,17 @@ def decode_stages(seq: int, chunk: int) -> tuple[int, ...]:
     return tuple(stages)
 
 
-def model_pieces(num_layers: int, history: int = 0, stages: tuple[int, ...] = ()) -> list[Piece]:
+def model_pieces(num_layers: int, history: int = 0, stages: tuple[int, ...] = (),
+                 linear_layers: tuple[int, ...] = ()) -> list[Piece]:
     """The pieces of a model; `history` = C adds the block_kv_i that prefill C tokens against the
     cache, `stages` the block_cache_i that attend over a shorter cache (each after its SEQ one:
-    the combined net's stage 0 is the whole cache)."""
+    the combined net's stage 0 is the whole cache). `linear_layers` have their own two nets."""
     pieces = [Piece("embedding", "embedding", "embed"), Piece("embedding_cache", "embedding_cache", "embed")]
     for i in range(num_layers):
+        if i in linear_layers:
+            pieces += [Piece(f"block_{i}", "linear_block", f"layer_{i}", i),
+                       Piece(f"block_cache_{i}", "linear_cache", f"layer_{i}", i)]
+            continue
         pieces.append(Piece(f"block_{i}", "block", f"layer_{i}", i))
         pieces.append(Piece(f"block_cache_{i}", "block_cache", f"layer_{i}", i))
         pieces += [Piece(f"block_cache_{i}", "block_cache", f"layer_{i}", i, stage=k) for k in stages]
@@ -73,6 +91,27 @@ def model_pieces(num_layers: int, history: int = 0, stages: tuple[int, ...] = ()
     pieces.append(Piece("lm_head", "lm_head", "head"))
     pieces += [Piece("greedy_head", "greedy_head", "head"), Piece("sample_head", "sample_head", "head")]
     return pieces
+
+
+@dataclass(frozen=True)
+class LinearDims:
+    """A linear-attention layer's state: conv [1, conv_dim, kernel], recurrent [1, v_heads, k_dim, v_dim]."""
+    conv_dim: int
+    kernel: int
+    v_heads: int
+    k_dim: int
+    v_dim: int
+
+    @classmethod
+    def from_config(cls, config: dict) -> "LinearDims":
+        k_heads, v_heads = config["linear_num_key_heads"], config["linear_num_value_heads"]
+        k_dim, v_dim = config["linear_key_head_dim"], config["linear_value_head_dim"]
+        return cls(2 * k_heads * k_dim + v_heads * v_dim, config["linear_conv_kernel_dim"], v_heads, k_dim, v_dim)
+
+
+def linear_layers_of(config: dict) -> tuple[int, ...]:
+    """The layers a config makes linear attention (transformers' `layer_types`)."""
+    return tuple(i for i, t in enumerate(config.get("layer_types") or ()) if t == "linear_attention")
 
 
 @dataclass(frozen=True)
@@ -85,15 +124,35 @@ class Dims:
     vocab: int
     chunk: int = 0  # block_kv's new tokens (not in the config: a build variable)
     stages: tuple[int, ...] = ()  # the decode stages' cache lengths below SEQ (a build variable too)
+    linear_layers: tuple[int, ...] = ()  # the linear-attention layers (Qwen3.5), with their state's dims
+    linear: LinearDims | None = None
 
     @classmethod
     def from_config(cls, config: dict, chunk: int = 0, stages: tuple[int, ...] = ()) -> "Dims":
         head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+        linear = linear_layers_of(config)
         return cls(config["seq_length"], config["num_hidden_layers"], config["hidden_size"],
-                   config["num_key_value_heads"], head_dim, config["vocab_size"], chunk, tuple(stages))
+                   config["num_key_value_heads"], head_dim, config["vocab_size"], chunk, tuple(stages),
+                   linear, LinearDims.from_config(config) if linear else None)
 
     def pieces(self) -> list[Piece]:
-        return model_pieces(self.num_layers, self.chunk, self.stages)
+        return model_pieces(self.num_layers, self.chunk, self.stages, self.linear_layers)
+
+    def runtime_info(self) -> dict:
+        """What the runtime's engine reads about the net interface (the ONNX folder's model.json):
+        runtime/bmodel_backend.py reads the same from a bmodel's nets."""
+        info = {"seq": self.seq, "num_layers": self.num_layers, "hidden_size": self.hidden,
+                "kv_heads": self.kv_heads, "head_dim": self.head_dim, "vocab_size": self.vocab}
+        if self.linear_layers:
+            lin = self.linear
+            info.update(linear_layers=list(self.linear_layers), window=LINEAR_WINDOW,
+                        conv_state=[1, lin.conv_dim, lin.kernel], recurrent_state=[1, lin.v_heads, lin.k_dim, lin.v_dim])
+        return info
+
+    @property
+    def first_attention(self) -> int:
+        """The first layer with a K/V cache (the runtime reads the cache's dims from its nets)."""
+        return next(i for i in range(self.num_layers) if i not in self.linear_layers)
 
     def of(self, piece: Piece) -> "Dims":
         """The dims a piece's shapes follow: a decode stage's cache is shorter than SEQ."""
@@ -104,6 +163,12 @@ def io_spec(kind: str, d: Dims) -> tuple[list[tuple[str, tuple, str]], list[str]
     """(inputs as (name, shape, dtype), output names) of a piece kind."""
     kv = (1, d.seq, d.kv_heads, d.head_dim)
     block_out = ["hidden_states", "past_k", "past_v"]
+    if kind in ("linear_block", "linear_cache"):
+        rows, lin = LINEAR_WINDOW if kind == "linear_block" else 1, d.linear
+        return ([("input_states", (1, rows, d.hidden), "float32"),
+                 ("conv_state", (1, lin.conv_dim, lin.kernel), "float32"),
+                 ("recurrent_state", (1, lin.v_heads, lin.k_dim, lin.v_dim), "float32")],
+                ["hidden_states", "next_conv_state", "next_recurrent_state"])
     return {
         "embedding": ([("input_ids", (1, d.seq), "int32")], ["hidden_states"]),
         "embedding_cache": ([("input_ids", (1, 1), "int32")], ["hidden_states"]),

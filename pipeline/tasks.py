@@ -157,7 +157,8 @@ class ExportTasks(Stage):
 
     def __init__(self, build: BuildConfig, paths: Paths):
         self.build, self.paths = build, paths
-        self.pieces = model_pieces(build.model.architecture.num_layers, build.history_chunk, build.stages)
+        self.pieces = model_pieces(build.model.architecture.num_layers, build.history_chunk, build.stages,
+                                   build.model.architecture.linear_layers)
 
     def target(self, piece) -> Path:
         return self.paths.onnx / f"{piece.file}.onnx"
@@ -210,7 +211,8 @@ class TransformTasks(Stage):
         start, total = time.perf_counter(), len(self.export.pieces)
         log = self.paths.logs / "transform" / f"{piece.file}.log"
         say(f"[transform {index}/{total}] {piece.file} ...")
-        transform(piece, self.export.target(piece), self.mlir(piece).parent, log, self.paths.logs)
+        transform(piece, self.export.target(piece), self.mlir(piece).parent, log, self.paths.logs,
+                  onnx_sim=get_family(self.build.model.family).onnx_sim(piece.kind))
         say(f"[transform {index}/{total}] {piece.file} done in {time.perf_counter() - start:.1f} s (log {log})")
 
 

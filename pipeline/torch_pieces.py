@@ -24,6 +24,47 @@ class _RecordingCache:
         return torch.cat([self.history_k, key], dim=2), torch.cat([self.history_v, value], dim=2)
 
 
+class _StateCache:
+    """Stands in for transformers' cache for one linear-attention layer: gives it the conv and
+    recurrent states of the net's inputs and keeps what it writes back. It answers that it records
+    the past, so transformers takes its out-of-place path (cat, then convolve) for one token too."""
+
+    def __init__(self, conv_state, recurrent_state):
+        self.conv_state, self.recurrent_state = conv_state, recurrent_state
+
+    def get_conv_state(self, layer_idx, state_idx=0):
+        return self.conv_state
+
+    def get_recurrent_state(self, layer_idx, state_idx=0):
+        return self.recurrent_state
+
+    def is_recording_past(self, layer_idx):
+        return True
+
+    def update_conv_state(self, new_columns, layer_idx, state_idx=0, conv_kernel_size=None, **kwargs):
+        full = torch.cat([self.conv_state, new_columns], dim=-1)
+        self.next_conv_state = full[..., -self.conv_state.shape[-1]:]  # the last K columns, as transformers keeps
+        return full
+
+    def update_recurrent_state(self, recurrent_state, layer_idx, state_idx=0, **kwargs):
+        self.next_recurrent_state = recurrent_state
+        return recurrent_state
+
+
+class LinearBlockNet(nn.Module):
+    """block_i and block_cache_i of a linear-attention layer (Qwen3.5's Gated DeltaNet): one
+    transformers decoder layer over the given tokens, from the given states to the next ones."""
+
+    def __init__(self, layer: nn.Module):
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, input_states, conv_state, recurrent_state):
+        cache = _StateCache(conv_state, recurrent_state)
+        hidden = self.layer(input_states, position_embeddings=None, attention_mask=None, past_key_values=cache)
+        return hidden, cache.next_conv_state, cache.next_recurrent_state
+
+
 class EmbeddingNet(nn.Module):
     def __init__(self, embed: nn.Embedding):
         super().__init__()
@@ -128,6 +169,8 @@ def build_piece(kind: str, layer: int | None, config: dict, load) -> nn.Module:
         decoder = classes.decoder_layer(hf, layer)
     prefix = f"model.layers.{layer}."
     decoder = _filled(decoder, {k: load(prefix + k) for k in decoder.state_dict()})
+    if kind in ("linear_block", "linear_cache"):
+        return LinearBlockNet(decoder).eval()
     rotary = classes.rotary_embedding(hf)
     positions = torch.arange(config["seq_length"])[None]
     cos, sin = rotary(torch.zeros(1), positions)

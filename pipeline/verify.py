@@ -119,14 +119,13 @@ class _Compared:
     whole-cache net by the length of the history it is given."""
 
     def __init__(self, dims: Dims, reference, candidate, judge, progress):
-        self.info = {"seq": dims.seq, "num_layers": dims.num_layers, "kv_heads": dims.kv_heads,
-                     "head_dim": dims.head_dim}
+        self.info = dims.runtime_info()
         self.dims, self.pieces = dims, {(p.name, p.stage): p for p in dims.pieces()}
         self.reference, self.candidate, self.judge, self.progress = reference, candidate, judge, progress
         self.results = {}
 
     def piece(self, net: str, feeds: dict):
-        stage = feeds["history_k"].shape[1] if net.startswith("block_cache_") else 0
+        stage = feeds["history_k"].shape[1] if "history_k" in feeds and net.startswith("block_cache_") else 0
         return self.pieces[net, 0 if stage == self.dims.seq else stage]
 
     def run(self, net: str, feeds: dict) -> list[np.ndarray]:

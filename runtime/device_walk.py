@@ -10,6 +10,9 @@ it (FACTS.md section 6; Sophgo's LLM-TPU runtime does the same in C++):
     layer; one wait for the device per step, when the head's answer is read.
 Decode attends over the shortest stage that holds the cache, where the bmodel has decode stages
 (chunk=C): their history inputs are the same memory, read from its first slots.
+A linear-attention layer (Qwen3.5) keeps its conv and recurrent states in two pairs of device
+buffers: each run reads one pair and writes the other (ping-pong, nothing copied), from the
+prompt's first window to the last generated token.
 Per generated token that is 4 + 4 + 4 + 2*(K+1) bytes in (the token, also into the sample head's
 window; the position; the bf16 mask over the stage's K slots, K = SEQ without stages) and the
 head's answer out, whatever the layer count and the K/V size. Every byte is counted by the runtime (bmrt.Runtime.traffic)."""
@@ -48,29 +51,37 @@ class DeviceWalk:
     def __init__(self, runtime: Runtime, info: dict):
         self.rt, self.info, self.own = runtime, info, []
         self.seq, self.layers = info["seq"], info["num_layers"]
-        nets = runtime.nets
-        self.kv_bytes = self._size("block_cache_0", 1, output=True)  # one token's K (or V) of one layer
-        self.row_bytes = self._size("block_cache_0", 0, output=True)  # one token's hidden state
-        self.copied = [i for i in range(self.layers) if not nets[f"block_cache_{i}"]["io_alone"]]
-        self.cache = [self._cache(i) for i in range(self.layers)]
+        nets, self.linear = runtime.nets, info.get("linear_layers", [])
+        attn = info.get("first_attention", 0)  # the nets whose shapes every attention layer shares
+        self.attn_cache, self.attn_block = f"block_cache_{attn}", f"block_{attn}"
+        self.kv_bytes = self._size(self.attn_cache, 1, output=True)  # one token's K (or V) of one layer
+        self.row_bytes = self._size(self.attn_cache, 0, output=True)  # one token's hidden state
+        attention = [i for i in range(self.layers) if i not in self.linear]
+        self.copied = [i for i in attention if not nets[f"block_cache_{i}"]["io_alone"]]
+        self.cache = [self._cache(i) if i in attention else None for i in range(self.layers)]
+        # per linear layer: [conv, recurrent] buffers twice, and which pair holds the state now
+        self.states = {i: [[self._alloc(self._size(f"block_cache_{i}", k), self._device(f"block_cache_{i}", k))
+                            for k in (1, 2)] for _ in range(2)] for i in self.linear}
+        self.current = dict.fromkeys(self.linear, 0)
         if self.copied:
             warnings.warn(f"{info['bmodel']}: its block_cache nets were not compiled with --addr_mode io_alone, so "
                           "their inputs do not keep the K/V cache between launches: every token copies each "
                           "layer's whole cache into its net on the device (slower; rebuild with this project to "
                           "avoid it)", SlowCacheWarning, stacklevel=3)
-        hidden = self._size("block_0", 0, output=True)
-        self.hidden = [self._alloc(hidden, self._device("block_0", 0)) for _ in range(2)]  # ping-pong
+        hidden = self._size(self.attn_block, 0, output=True)
+        self.hidden = [self._alloc(hidden, self._device(self.attn_block, 0)) for _ in range(2)]  # ping-pong
         # the prefill's positions and mask, written once per run and read by every layer; sized for
         # block_i and block_kv_i, whichever is larger
-        prefill_nets = ["block_0"] + (["block_kv_0"] if info.get("history") else [])
-        self.positions = self._alloc(max(self._size(n, 1) for n in prefill_nets), self._device("block_0", 1))
+        prefill_nets = [self.attn_block] + ([f"block_kv_{attn}"] if info.get("history") else [])
+        self.positions = self._alloc(max(self._size(n, 1) for n in prefill_nets), self._device(self.attn_block, 1))
         masks = [n for n in prefill_nets if self._has_mask(n)]
         self.mask = self._alloc(max(self._size(n, 2) for n in masks), self._device(masks[0], 2)) if masks else None
         # block_kv's new K/V land here first, then their real rows go into the cache
-        self.kv_scratch = ([self._alloc(self._size("block_kv_0", k, output=True), self._device("block_kv_0", k, True))
+        kv_net = f"block_kv_{attn}"
+        self.kv_scratch = ([self._alloc(self._size(kv_net, k, output=True), self._device(kv_net, k, True))
                             for k in (1, 2)] if info.get("history") else None)
         # decode's position and mask: written once per step, read by every layer
-        self.step_inputs = (self._kept_input("block_cache_0", 1), self._kept_input("block_cache_0", 2))
+        self.step_inputs = (self._kept_input(self.attn_cache, 1), self._kept_input(self.attn_cache, 2))
         self.stepped, self.sample_params = False, None
         # the head's answer goes to memory of our own: in the neuron memory the nets share, the
         # next net (a greedy or sample head reading it) could overwrite it
@@ -133,19 +144,26 @@ class DeviceWalk:
         """Tokens ids[start:], the cache holding the first `start`: runs of block_i and block_kv_i
         (engine.prefill_plan), each layer's K/V written into the cache on the device."""
         rt = self.rt
+        if start == 0:  # a linear layer's state starts from zeros
+            for i, pairs in self.states.items():
+                for mem in pairs[self.current[i]]:
+                    rt.zero(mem, self._device(f"block_cache_{i}", 1))
         for c in prefill_plan(self.info, start, len(ids)):
             embed_in = rt.mems["embedding"][0][0]  # (the embedding is static: it pads, and costs little)
             rt.h2d(embed_in, pad_ids(ids[c.begin:c.end], self.info.get("embed_rows", self.seq)),
                    self._device("embedding", 0), "input_ids")
             rt.launch("embedding", [rt.tensor("embedding", 0, False, embed_in)],
                       [rt.tensor("embedding", 0, True, self.hidden[0])])
-            first = f"{c.net}_0"
+            first = f"{c.net}_{self.info.get('first_attention', 0)}"
             rt.h2d(self.positions, c.positions(self.seq), self._device(first, 1), "position_ids")
             if self._has_mask(first):
                 rt.h2d(self.mask, to_device_type(c.mask(), self._dtype(first, 2)), self._device(first, 2),
                        "attention_mask")
             for i in range(self.layers):
-                (self._block if c.net == "block" else self._block_kv)(i, c)
+                if i in self.states:
+                    self._linear(i, c)
+                else:
+                    (self._block if c.net == "block" else self._block_kv)(i, c)
         last = self.hidden[self.layers % 2]
         self._head(rt.at(last, (c.end - c.begin - 1) * self.row_bytes, self.row_bytes))
         if self.sample_inputs:  # the repetition penalty's window: the prompt, then one token per step
@@ -169,6 +187,30 @@ class DeviceWalk:
                    rt.tensor(net, 1, True, k, self._rows(net, 1, c.rows, True)),
                    rt.tensor(net, 2, True, v, self._rows(net, 2, c.rows, True))])
 
+    def _linear(self, i: int, c) -> None:
+        """A linear-attention layer over the run's tokens, from one hidden buffer to the other:
+        whole windows through block_i, the rest token by token through block_cache_i; rows past
+        the tokens (a static prefill's padding) are copied over as they are."""
+        window, n, row = self.info["window"], c.end - c.begin, self.row_bytes
+        src, dst, t = self.hidden[i % 2], self.hidden[(i + 1) % 2], 0
+        while t + window <= n:
+            self._linear_run(i, f"block_{i}", self.rt.at(src, t * row, window * row), self.rt.at(dst, t * row, window * row))
+            t += window
+        for t in range(t, n):
+            self._linear_run(i, f"block_cache_{i}", self.rt.at(src, t * row, row), self.rt.at(dst, t * row, row))
+        if c.rows > n:
+            self.rt.d2d(dst, n * row, src, n * row, (c.rows - n) * row, self._device(f"block_{i}", 0))
+
+    def _linear_run(self, i: int, net: str, hidden_in, hidden_out) -> None:
+        """One run of a linear layer's net: the state from the current pair of buffers into the other."""
+        rt, now = self.rt, self.current[i]
+        (conv, recurrent), (next_conv, next_recurrent) = self.states[i][now], self.states[i][1 - now]
+        rt.launch(net, [rt.tensor(net, 0, False, hidden_in), rt.tensor(net, 1, False, conv),
+                        rt.tensor(net, 2, False, recurrent)],
+                  [rt.tensor(net, 0, True, hidden_out), rt.tensor(net, 1, True, next_conv),
+                   rt.tensor(net, 2, True, next_recurrent)])
+        self.current[i] = 1 - now
+
     def _block_kv(self, i: int, c) -> None:
         """block_kv_i: the run's tokens against the first `c.history` cache slots; the new K/V of
         its real rows then go into the cache at their positions (padding rows never reach it)."""
@@ -190,9 +232,9 @@ class DeviceWalk:
     def decode(self, token: int, pos: int) -> None:
         """One token at `pos`, through the shortest decode stage that holds the cache (every stage
         reads the cache's first slots in the one memory)."""
-        rt, first, stage = self.rt, "block_cache_0", decode_stage(self.info, pos)
+        rt, first, stage = self.rt, self.attn_cache, decode_stage(self.info, pos)
         embed_in = rt.mems["embedding_cache"][0][0]
-        hidden = rt.mems[first][0][0]  # embedding_cache writes straight into block_cache_0's input
+        hidden = rt.mems["block_cache_0"][0][0]  # embedding_cache writes straight into block_cache_0's input
         rt.h2d(embed_in, np.array([[token]], np.int32), self._device("embedding_cache", 0), "input_ids")
         if self.sample_inputs:
             rt.h2d(rt.at(self.sample_inputs[1], pos * 4, 4), np.array([token], np.int32),
@@ -206,8 +248,12 @@ class DeviceWalk:
         history = [1, stage, *rt.nets[first]["inputs"][3]["shape"][2:]]
         for i in range(self.layers):
             net = f"block_cache_{i}"
-            k, v, device, size = self.cache[i]
             inputs, outputs = rt.mems[net]
+            if i in self.states:
+                self._linear_run(i, net, hidden, outputs[0])
+                hidden = outputs[0]
+                continue
+            k, v, device, size = self.cache[i]
             if i in self.copied:  # the net reads its history where the compiler put it, among shared memory
                 rt.d2d(inputs[3], 0, k, 0, size, device)
                 rt.d2d(inputs[4], 0, v, 0, size, device)

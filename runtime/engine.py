@@ -126,9 +126,11 @@ class HostWalk:
         self.backend = backend
         self.info = {**backend.info, "greedy_head": False, "sample_head": 0}  # the host chooses
         self.seq, self.layers = self.info["seq"], self.info["num_layers"]
+        self.linear = set(self.info.get("linear_layers", ()))
         shape = (1, self.seq, self.info["kv_heads"], self.info["head_dim"])
-        self.k = [np.zeros(shape, np.float32) for _ in range(self.layers)]
-        self.v = [np.zeros(shape, np.float32) for _ in range(self.layers)]
+        self.k = [None if i in self.linear else np.zeros(shape, np.float32) for i in range(self.layers)]
+        self.v = [None if i in self.linear else np.zeros(shape, np.float32) for i in range(self.layers)]
+        self.states = {}  # a linear-attention layer's (conv, recurrent) state
         self._logits = None
 
     @property
@@ -138,11 +140,16 @@ class HostWalk:
     def prefill(self, ids: list[int], start: int = 0) -> None:
         """Tokens ids[start:] at their positions, the cache holding the first `start` (prefill_plan)."""
         run, embed_rows = self.backend.run, self.info.get("embed_rows", self.seq)
+        if start == 0:
+            self.states = {i: (np.zeros(self.info["conv_state"], np.float32),
+                               np.zeros(self.info["recurrent_state"], np.float32)) for i in self.linear}
         for c in prefill_plan(self.info, start, len(ids)):
             (hidden,) = run("embedding", {"input_ids": pad_ids(ids[c.begin:c.end], embed_rows)})
             hidden, feeds = hidden[:, :c.rows], {"position_ids": c.positions(self.seq), "attention_mask": c.mask()}
             for i in range(self.layers):
-                if c.net == "block":
+                if i in self.linear:
+                    hidden = self._linear(i, hidden, c.end - c.begin)
+                elif c.net == "block":
                     hidden, k, v = run(f"block_{i}", {"input_states": hidden, **feeds})
                     self.k[i][:, :c.rows], self.v[i][:, :c.rows] = k, v
                 else:
@@ -159,11 +166,32 @@ class HostWalk:
         (hidden,) = run("embedding_cache", {"input_ids": np.array([[token]], np.int32)})
         position = np.array([[pos]], np.int32)
         for i in range(self.layers):
+            if i in self.linear:
+                hidden = self._linear_step(i, hidden)
+                continue
             hidden, k, v = run(f"block_cache_{i}", {
                 "input_states": hidden, "position_ids": position, "attention_mask": mask,
                 "history_k": self.k[i][:, :stage], "history_v": self.v[i][:, :stage]})
             self.k[i][:, pos], self.v[i][:, pos] = k[:, 0], v[:, 0]
         self._head(hidden[:, 0])
+
+    def _linear(self, i: int, hidden: np.ndarray, n: int) -> np.ndarray:
+        """A linear-attention layer over the first n rows: whole windows through block_i, the rest
+        through block_cache_i token by token, its state carried along (padding rows pass as they are)."""
+        out, window, t = hidden.copy(), self.info["window"], 0
+        while t + window <= n:
+            out[:, t:t + window] = self._linear_step(i, hidden[:, t:t + window], f"block_{i}")
+            t += window
+        for t in range(t, n):
+            out[:, t:t + 1] = self._linear_step(i, hidden[:, t:t + 1])
+        return out
+
+    def _linear_step(self, i: int, hidden: np.ndarray, net: str = "") -> np.ndarray:
+        conv, recurrent = self.states[i]
+        hidden, conv, recurrent = self.backend.run(net or f"block_cache_{i}", {
+            "input_states": np.ascontiguousarray(hidden), "conv_state": conv, "recurrent_state": recurrent})
+        self.states[i] = (conv, recurrent)
+        return hidden
 
     def _head(self, hidden: np.ndarray) -> None:
         self._hidden, self._logits = np.ascontiguousarray(hidden), None  # lm_head runs when asked for
@@ -218,6 +246,8 @@ class Engine:
             if a != b:
                 break
             same += 1
+        if same < len(self.tokens) and self.walk.info.get("linear_layers"):
+            same = 0  # a linear-attention state holds every token so far: it cannot go back to fewer
         self.missed = 0 if self.walk.info.get("history") else same  # a model without history nets runs them again
         return same - self.missed
 

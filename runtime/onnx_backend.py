@@ -47,7 +47,7 @@ class OnnxBackend:
         it is given."""
         if net.startswith("block_kv_"):
             return self.folder / f"{net}_c{self.info['history']}.onnx"
-        if net.startswith("block_cache_") and feeds["history_k"].shape[1] != self.info["seq"]:
+        if net.startswith("block_cache_") and "history_k" in feeds and feeds["history_k"].shape[1] != self.info["seq"]:
             return self.folder / f"{net}_kv{feeds['history_k'].shape[1]}.onnx"
         return self.folder / f"{net}.onnx"
 
@@ -59,7 +59,7 @@ class OnnxBackend:
             options.inter_op_num_threads = 1
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
             model = str(file)
-            if self.exact and PREFILL.fullmatch(file.stem):
+            if self.exact and PREFILL.fullmatch(file.stem) and not self._linear(file.stem):
                 from .onnx_exact import exact_rows, load_graph
 
                 model = exact_rows(load_graph(model)).SerializeToString()
@@ -68,6 +68,11 @@ class OnnxBackend:
                                                  str(file.parent))
             self._sessions[file] = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
         return self._sessions[file]
+
+    def _linear(self, net: str) -> bool:
+        """A linear-attention layer's block_i: static, its window of tokens (pipeline/pieces.py)."""
+        m = re.fullmatch(r"block_(\d+)", net)
+        return bool(m) and int(m[1]) in self.info.get("linear_layers", ())
 
     def run(self, net: str, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         return self.session(self._file(net, feeds)).run(None, feeds)
@@ -79,14 +84,14 @@ class OnnxBackend:
 
 def history_chunks(folder: Path) -> list[int]:
     """The chunk lengths of the history prefill pieces exported into `folder` (`history=1 chunk=C`)."""
-    return sorted(int(m[1]) for f in Path(folder).glob("block_kv_0_c*.onnx")
-                  if (m := re.fullmatch(r"block_kv_0_c(\d+)\.onnx", f.name)))
+    return sorted({int(m[1]) for f in Path(folder).glob("block_kv_*_c*.onnx")  # (a linear layer has none)
+                   if (m := re.fullmatch(r"block_kv_\d+_c(\d+)\.onnx", f.name))})
 
 
 def exported_stages(folder: Path) -> list[int]:
     """The cache lengths of the decode stages exported into `folder` (`chunk=C`: C, 2C, 4C ...)."""
-    return sorted(int(m[1]) for f in Path(folder).glob("block_cache_0_kv*.onnx")
-                  if (m := re.fullmatch(r"block_cache_0_kv(\d+)\.onnx", f.name)))
+    return sorted({int(m[1]) for f in Path(folder).glob("block_cache_*_kv*.onnx")
+                   if (m := re.fullmatch(r"block_cache_\d+_kv(\d+)\.onnx", f.name))})
 
 
 PREFILL = re.compile(r"block_\d+|block_kv_\d+_c\d+")  # the files exact_rows frees: block_i, block_kv_i

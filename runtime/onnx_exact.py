@@ -39,7 +39,9 @@ def exact_rows(model):
       - dim 1 of each input and output (the tokens; history_k/v's slots) and the mask's rows and
         keys become symbolic;
       - a Reshape target gets its -1 at the dim that takes its input's varying one (the export
-        wrote -1 at dim 1 of [1,L,...] only; repeat_kv's [1,H,S,D] has the keys at dim 2).
+        wrote -1 at dim 1 of [1,L,...] only; repeat_kv's [1,H,S,D] has the keys at dim 2);
+      - a Slice along dims that do not vary gets its bounds as constants (torch.chunk's are
+        computed from the shape: Qwen3.5 splits its query from its gate so).
     Raises ValueError where ONNX's shape inference sees an output keep the exported length (a
     length held by another constant; what it cannot see, onnxruntime refuses at run time)."""
     graph, shapes = model.graph, _shapes(model)
@@ -49,14 +51,15 @@ def exact_rows(model):
             source = [1] * (len(target) - len(source)) + source
             node.input[1] = _initializer(graph, node.output[0] + "_free_shape",
                                          [b if a == 1 else 1 for a, b in zip(source, target)])
-    static = _shapes(model)
+    exported = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim] for v in graph.input}
     del graph.value_info[:]  # the export's lengths, if any were recorded
     for value in [*graph.input, *graph.output]:
         dims = value.type.tensor_type.shape.dim
         for axis in (1, 2, 3) if value.name == "attention_mask" else (1,):
             dims[axis].dim_param = f"{value.name}_{axis}"
-    while _free_reshapes(model, static):
-        pass  # a freed Reshape's output varies now: a Reshape after it may need freeing too
+    # a freed Reshape's output varies now: a Reshape or Slice after it may need freeing too
+    while _fix_slices(model, _shapes(model, exported)) or _free_reshapes(model, _shapes(model, exported)):
+        pass
     shapes = _shapes(model)
     pinned = [o.name for o in graph.output if shapes[o.name][1] is not None]
     if pinned:
@@ -93,6 +96,28 @@ def _free_reshapes(model, static: dict) -> bool:
     return changed
 
 
+def _fix_slices(model, static: dict) -> bool:
+    """Each Slice whose bounds are computed (from shapes) along dims that do not vary gets them
+    as constants, their values at the exported shapes; True if one changed."""
+    graph, shapes, initializers, changed = model.graph, None, {t.name for t in model.graph.initializer}, False
+    for node in graph.node:
+        params = node.input[1:]
+        if node.op_type != "Slice" or all(not p or p in initializers for p in params):
+            continue
+        shapes = shapes or _shapes(model)
+        source = shapes.get(node.input[0])
+        if not source:
+            continue
+        axes = _constant(model, params[2], static) if len(params) > 2 and params[2] else range(len(source))
+        if any(source[a] is None for a in axes):
+            continue  # along a varying dim the bounds may follow the length: left as they are
+        for k, param in enumerate(params):
+            if param and param not in initializers:
+                node.input[k + 1] = _initializer(graph, f"{node.name}_fixed_{k}", _constant(model, param, static))
+                changed = True
+    return changed
+
+
 def free_dim(source: list[int], k: int, target: list[int]) -> int:
     """The dim of a Reshape's target that takes dim k of its source, in row-major order: the dims
     before it hold some of the source's dims before k, those after it some of those after k. Only
@@ -106,16 +131,19 @@ def free_dim(source: list[int], k: int, target: list[int]) -> int:
     raise ValueError(f"a reshape of {source} to {target} splits the varying dim {k}")
 
 
-def _shapes(model) -> dict[str, list[int | None]]:
+def _shapes(model, inputs: dict | None = None) -> dict[str, list[int | None]]:
     """Every tensor's dims by ONNX's shape inference (None: symbolic or unknown), inferred on a copy
-    without the weights (only their shapes matter) and without the outputs' declared shapes."""
+    without the weights (only their shapes matter) and without the outputs' declared shapes; the
+    inputs at their declared shapes, or at `inputs` (name -> dims)."""
     from onnx import helper, shape_inference
 
     graph = model.graph
     weights = {t.name for t in graph.initializer if math.prod(t.dims) > 64}  # not shapes nor indices
+    given = [helper.make_tensor_value_info(v.name, v.type.tensor_type.elem_type, inputs[v.name]) if inputs else v
+             for v in graph.input]
     skeleton = helper.make_model(helper.make_graph(
         graph.node, graph.name,
-        [*graph.input, *(helper.make_tensor_value_info(t.name, t.data_type, t.dims)
+        [*given, *(helper.make_tensor_value_info(t.name, t.data_type, t.dims)
                          for t in graph.initializer if t.name in weights)],
         [helper.make_tensor_value_info(o.name, o.type.tensor_type.elem_type, None) for o in graph.output],
         [t for t in graph.initializer if t.name not in weights]), opset_imports=model.opset_import)
@@ -125,9 +153,10 @@ def _shapes(model) -> dict[str, list[int | None]]:
             for v in [*inferred.input, *inferred.value_info, *inferred.output]}
 
 
-def _constant(model, name: str) -> list:
+def _constant(model, name: str, static: dict | None = None) -> list:
     """The value of a tensor computed from constants only (the export leaves an Expand's target as
-    Where(Equal(c, -1), 1, c)), by onnx's reference evaluator on the nodes that lead to it."""
+    Where(Equal(c, -1), 1, c)), by onnx's reference evaluator on the nodes that lead to it. With
+    `static` (every tensor's exported shape), a Shape is a constant too: its value at export."""
     from onnx import helper, numpy_helper
     from onnx.reference import ReferenceEvaluator
 
@@ -136,18 +165,23 @@ def _constant(model, name: str) -> list:
     if name in initializers:
         return numpy_helper.to_array(initializers[name]).tolist()
     producers = {out: i for i, node in enumerate(graph.node) for out in node.output}
-    needed, todo = set(), [name]
+    needed, todo, shapes = set(), [name], {}
     while todo:
         tensor = todo.pop()
-        if tensor and tensor not in initializers:
+        if tensor and tensor not in initializers and tensor not in shapes:
             if tensor not in producers:
                 raise ValueError(f"{name} is computed from the input {tensor}, not from constants")
+            node = graph.node[producers[tensor]]
+            exported = static.get(node.input[0]) if static is not None and node.op_type == "Shape" else None
+            if exported and None not in exported and not node.attribute:
+                shapes[tensor] = numpy_helper.from_array(np.array(exported, np.int64), tensor)
+                continue
             needed.add(producers[tensor])
-            todo += graph.node[producers[tensor]].input
+            todo += node.input
     nodes = [graph.node[i] for i in sorted(needed)]
     used = {tensor for node in nodes for tensor in node.input}
     sub = helper.make_graph(nodes, "constant", [], [helper.make_empty_tensor_value_info(name)],
-                            [t for t in graph.initializer if t.name in used])
+                            [t for t in graph.initializer if t.name in used] + list(shapes.values()))
     return ReferenceEvaluator(helper.make_model(sub, opset_imports=model.opset_import)).run(None, {})[0].tolist()
 
 

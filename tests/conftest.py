@@ -62,6 +62,9 @@ def tree_digest(folder: Path) -> dict:
 
 
 TINY_MODELS = tuple(family.test_model for family in FAMILIES.values())  # one generated model per family
+# the simulator checks of the default run: tiny-qwen3.5's are in tests/test_qwen3_5.py, marked
+# qwen35_sim (README, "Qwen3.5": slow on the simulator, and its bf16 check not yet passing)
+SIMULATED_MODELS = tuple(m for m in TINY_MODELS if m != "tiny-qwen3.5")
 
 
 def onnx_verify_task(model: str, seq: int = 32) -> str:

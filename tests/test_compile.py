@@ -12,7 +12,7 @@ from pipeline.pieces import model_pieces
 from pipeline.model_config import load_model_config
 from pipeline.families import get_family
 
-from .conftest import ROOT, TINY_MODELS, DoitResult, idle_cpu_seconds, run_cli, run_doit
+from .conftest import ROOT, SIMULATED_MODELS, DoitResult, idle_cpu_seconds, run_cli, run_doit
 
 pytestmark = pytest.mark.compiler
 MODES = ("int8", "int4", "bf16")
@@ -22,7 +22,7 @@ MODES = ("int8", "int4", "bf16")
 def compiled(tmp_path_factory):
     """Each tiny family built and verified (simulator included) in int8, int4 and bf16."""
     build_dir = tmp_path_factory.mktemp("compiled")
-    results = {(m, mode): run_doit(build_dir, ["verify"], model=m, mode=mode) for m in TINY_MODELS for mode in MODES}
+    results = {(m, mode): run_doit(build_dir, ["verify"], model=m, mode=mode) for m in SIMULATED_MODELS for mode in MODES}
     return build_dir, results, idle_cpu_seconds()
 
 
@@ -32,18 +32,20 @@ def test_finished_checks_leave_no_simulator_running(compiled):
     assert compiled[2] < 0.5, f"{compiled[2]:.1f} CPU seconds used in 3 idle seconds"
 
 
-@pytest.mark.parametrize("model", TINY_MODELS)
+@pytest.mark.parametrize("model", SIMULATED_MODELS)
 @pytest.mark.parametrize("mode", MODES)
 def test_family_compiles_and_passes_the_simulator(compiled, model, mode):
     build_dir, results, _ = compiled
     result = results[(model, mode)]
     assert result.code == 0, result.output
-    pieces = [p.name for p in model_pieces(load_model_config(model).architecture.num_layers)]
+    arch = load_model_config(model).architecture
+    pieces = [p.name for p in model_pieces(arch.num_layers, linear_layers=arch.linear_layers)]
     dist = build_dir / "dist" / f"{model}_{mode}_seq32_1dev_dyn.bmodel"
     description = json.loads(dist.with_suffix(".json").read_text())
     assert sorted(n["name"] for n in description["nets"]) == sorted(pieces)
     assert description["mode"] == mode and description["devices"] == 1 and description["tools"]["tpu-mlir"]
-    block = next(n for n in description["nets"] if n["name"] == "block_cache_0")
+    attention = next(i for i in range(arch.num_layers) if i not in arch.linear_layers)
+    block = next(n for n in description["nets"] if n["name"] == f"block_cache_{attention}")
     assert [t["name"] for t in block["inputs"]] == ["input_states", "position_ids", "attention_mask",
                                                     "history_k", "history_v"]
 

@@ -6,10 +6,17 @@ import pytest
 
 from pipeline.export import OPSET
 from pipeline.model_config import load_model_config
-from pipeline.pieces import TOP_K_MAX, Dims, io_spec, model_pieces
+from pipeline.pieces import LINEAR_WINDOW, TOP_K_MAX, Dims, io_spec, model_pieces
+
+from .conftest import TINY_MODELS
 
 pytestmark = pytest.mark.fast
-MODELS = ("tiny-qwen-v1", "tiny-qwen2", "tiny-qwen3")
+MODELS = TINY_MODELS
+
+
+def pieces_of(model: str):
+    arch = load_model_config(model).architecture
+    return model_pieces(arch.num_layers, linear_layers=arch.linear_layers)
 ONNX_TYPES = {"float32": onnx.TensorProto.FLOAT, "int32": onnx.TensorProto.INT32}
 
 
@@ -18,7 +25,7 @@ def test_build_passes_verification_with_exact_tokens(tiny_builds, model):
     build_dir, results = tiny_builds
     assert results[model].code == 0, results[model].output
     report = json.loads((build_dir / model / "seq32" / "verify" / "report.json").read_text())
-    pieces = [p.name for p in model_pieces(load_model_config(model).architecture.num_layers)]
+    pieces = [p.name for p in pieces_of(model)]
     assert sorted(report["pieces"]) == sorted(pieces)
     for net, outputs in report["pieces"].items():
         for name, r in outputs.items():
@@ -50,7 +57,7 @@ def test_onnx_pieces_follow_the_net_interface(tiny_builds, model):
     arch = load_model_config(model).architecture
     assert (dims.hidden, dims.kv_heads, dims.head_dim, dims.seq) == (arch.hidden_size, arch.num_kv_heads,
                                                                      arch.head_dim, 32)
-    for piece in model_pieces(arch.num_layers):
+    for piece in pieces_of(model):
         graph = onnx.load(str(seq_dir / "onnx" / f"{piece.name}.onnx"))
         assert graph.opset_import[0].version == OPSET
         inputs, outputs = io_spec(piece.kind, dims)
@@ -64,6 +71,11 @@ def test_onnx_pieces_follow_the_net_interface(tiny_builds, model):
                     "block": [(1, dims.seq, dims.hidden), kv_new, kv_new],
                     "block_cache": [(1, 1, dims.hidden), kv_new, kv_new], "lm_head": [(1, dims.vocab)],
                     "greedy_head": [(1, 1)], "sample_head": [(1, TOP_K_MAX + 1)] * 2}
+        if dims.linear:  # a linear-attention layer returns its states where the others return K/V
+            states = [(1, dims.linear.conv_dim, dims.linear.kernel),
+                      (1, dims.linear.v_heads, dims.linear.k_dim, dims.linear.v_dim)]
+            expected.update(linear_block=[(1, LINEAR_WINDOW, dims.hidden), *states],
+                            linear_cache=[(1, 1, dims.hidden), *states])
         assert out_shapes == expected[piece.kind], piece.name
 
 

@@ -9,10 +9,11 @@ from .llama import LLAMA
 from .qwen import QWEN
 from .qwen2 import QWEN2
 from .qwen3 import QWEN3
+from .qwen3_5 import QWEN3_5
 
-FAMILIES: dict[str, Family] = {f.name: f for f in (QWEN, QWEN2, QWEN3, LLAMA)}
+FAMILIES: dict[str, Family] = {f.name: f for f in (QWEN, QWEN2, QWEN3, QWEN3_5, LLAMA)}
 
-__all__ = ["FAMILIES", "Family", "FamilyClasses", "get_family", "family_of_config", "canonical_classes", "hf_config"]
+__all__ = ["FAMILIES", "Family", "FamilyClasses", "get_family", "family_of_config", "canonical_family", "canonical_classes", "hf_config"]
 
 
 def get_family(name: str) -> Family:
@@ -33,12 +34,18 @@ def family_of_config(config: dict, origin: str = "config.json") -> Family:
     raise PipelineError(f"{origin}: model_type {model_type!r} is not supported; supported: {supported}")
 
 
+def canonical_family(model_type: str) -> Family:
+    """The family whose pieces a canonical config (the export's) is built with. Families that share
+    a canonical layout (qwen and qwen2) share everything the pieces need."""
+    for family in FAMILIES.values():
+        if family.canonical_model_type == model_type:
+            return family
+    raise PipelineError(f"no family runs the canonical model_type {model_type!r}")
+
+
 def canonical_classes(model_type: str) -> FamilyClasses:
     """transformers' classes that run a canonical config (its model_type names the transformers model)."""
-    for family in FAMILIES.values():
-        if family.canonical == model_type:
-            return family.classes()
-    raise PipelineError(f"no family runs the canonical model_type {model_type!r}")
+    return canonical_family(model_type).canonical_classes()
 
 
 def hf_config(canonical: dict, attn: str = "eager"):

@@ -38,6 +38,11 @@ class Family:
     prefix: str      # that model's class-name prefix: Qwen2 -> Qwen2DecoderLayer
     test_model: str  # the generated test checkpoint of this family (model_configs/<test_model>.yaml)
     own_head_dim: bool = False  # head_dim is its own number, not hidden_size / num_heads (Qwen3)
+    canonical_type: str = ""    # the canonical config's model_type, where it is not `canonical` (qwen3_5_text)
+
+    @property
+    def canonical_model_type(self) -> str:
+        return self.canonical_type or self.canonical
 
     @property
     def thresholds(self) -> dict[str, tuple[float, float]]:
@@ -51,17 +56,22 @@ class Family:
     def patch_rules(self) -> dict:
         return yaml.safe_load(self.patch_file.read_text(encoding="utf-8"))
 
-    def classes(self) -> FamilyClasses:
-        """transformers' own classes for the canonical layout (imported lazily: torch is heavy)."""
+    def classes(self, text: str = "") -> FamilyClasses:
+        """transformers' own classes for the canonical layout (imported lazily: torch is heavy).
+        `text`: the infix of a multimodal model's text classes (Qwen3_5TextConfig)."""
         modeling = importlib.import_module(f"transformers.models.{self.canonical}.modeling_{self.canonical}")
         configuration = importlib.import_module(f"transformers.models.{self.canonical}.configuration_{self.canonical}")
         return FamilyClasses(
-            config=getattr(configuration, f"{self.prefix}Config"),
+            config=getattr(configuration, f"{self.prefix}{text}Config"),
             decoder_layer=getattr(modeling, f"{self.prefix}DecoderLayer"),
-            rotary_embedding=getattr(modeling, f"{self.prefix}RotaryEmbedding"),
+            rotary_embedding=getattr(modeling, f"{self.prefix}{text}RotaryEmbedding"),
             rms_norm=getattr(modeling, f"{self.prefix}RMSNorm"),
             causal_lm=getattr(modeling, f"{self.prefix}ForCausalLM"),
         )
+
+    def canonical_classes(self) -> FamilyClasses:
+        """The classes that run the canonical config (a multimodal family's text classes)."""
+        return self.classes()
 
     def architecture(self, canonical: dict) -> dict:
         """The model's numbers (model_config.Architecture's fields) from its canonical config: what a
@@ -77,15 +87,13 @@ class Family:
             "rope_theta": float(canonical.get("rope_theta") or rope.get("rope_theta") or 10000.0),
             "rms_norm_eps": canonical["rms_norm_eps"],
             "max_position_embeddings": canonical["max_position_embeddings"],
+            "partial_rotary_factor": float(rope.get("partial_rotary_factor", 1.0)),
         }
 
-    def test_checkpoint(self, model) -> tuple[dict, dict]:
-        """The config.json and the tensor shapes of `model`'s generated checkpoint, in transformers'
-        own layout: names and shapes from the real model class (on the meta device)."""
-        import torch
-
-        a, classes = model.architecture, self.classes()
-        config = classes.config(
+    def test_config_fields(self, model) -> dict:
+        """The transformers config fields of `model`'s generated checkpoint."""
+        a = model.architecture
+        return dict(
             hidden_size=a.hidden_size, intermediate_size=a.intermediate_size, num_hidden_layers=a.num_layers,
             num_attention_heads=a.num_heads, num_key_value_heads=a.num_kv_heads, head_dim=a.head_dim,
             vocab_size=a.vocab_size, tie_word_embeddings=a.tie_word_embeddings, rms_norm_eps=a.rms_norm_eps,
@@ -93,6 +101,14 @@ class Family:
             max_position_embeddings=a.max_position_embeddings,
             initializer_range=model.source.generate.initializer_range,
             bos_token_id=None, eos_token_id=2, pad_token_id=0)
+
+    def test_checkpoint(self, model) -> tuple[dict, dict]:
+        """The config.json and the tensor shapes of `model`'s generated checkpoint, in transformers'
+        own layout: names and shapes from the real model class (on the meta device)."""
+        import torch
+
+        a, classes = model.architecture, self.classes()
+        config = classes.config(**self.test_config_fields(model))
         with torch.device("meta"):
             shapes = {k: tuple(v.shape) for k, v in classes.causal_lm(config).state_dict().items()}
         if a.tie_word_embeddings:
@@ -108,3 +124,18 @@ class Family:
         from transformers import AutoModelForCausalLM
 
         return AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, attn_implementation="eager").eval()
+
+    def export_context(self, kind: str):
+        """What the export of a piece kind needs around torch.onnx.export (nothing, by default)."""
+        import contextlib
+
+        return contextlib.nullcontext()
+
+    def onnx_fixes(self, kind: str) -> list:
+        """Rewrites of an exported piece's graph that the TPU compiler needs, each `fix(model)`
+        editing it in place (none, by default)."""
+        return []
+
+    def onnx_sim(self, kind: str) -> bool:
+        """Whether model_transform.py simplifies the piece's graph (pipeline/compile.py: off by default)."""
+        return False

@@ -65,6 +65,9 @@ def load_model(path, devid=0):
             ctypes.CDLL(os.path.join(os.environ["TPUC_ROOT"], "lib", "libcmodel.so"), mode=ctypes.RTLD_GLOBAL)
             import pyruntime_bm
             bind_cmodel_so(chip)
+        # one loaded at a time: the simulated device's memory then holds only this bmodel's (with
+        # several loaded, a sample head after Qwen3.5's nets read a misaligned address and aborted)
+        MODELS.clear()
         MODELS[(path, devid)] = pyruntime_bm.Model(path, devid, "")
     return MODELS[(path, devid)]
 

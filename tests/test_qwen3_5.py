@@ -1,0 +1,133 @@
+"""Qwen3.5: the published checkpoint layout, the registry's sizes, and the linear-attention layers'
+state carried through windows, single tokens and decode (onnxruntime against transformers)."""
+import json
+
+import numpy as np
+import pytest
+
+from pipeline.families import get_family
+from pipeline.model_config import known_models, load_model_config
+from pipeline.patch import canonical_config, tensor_map
+from pipeline.checkpoint import Checkpoint
+from pipeline.pieces import LINEAR_WINDOW
+from runtime.engine import Engine
+from runtime.onnx_backend import OnnxBackend
+
+MODEL = "tiny-qwen3.5"
+
+
+@pytest.mark.fast
+def test_published_layout_maps_onto_the_text_model(tiny_builds):
+    """config under text_config, tensors under model.language_model.; the vision tower is left out."""
+    build_dir, _ = tiny_builds
+    ckpt = Checkpoint(build_dir / MODEL / "checkpoint")
+    assert ckpt.config["model_type"] == "qwen3_5" and "text_config" in ckpt.config
+    assert any(name.startswith("model.visual.") for name in ckpt.tensor_index)
+    config = canonical_config(ckpt.config, "qwen3_5")
+    assert config["model_type"] == "qwen3_5_text" and config["layer_types"][:4] == ["linear_attention"] * 3 + [
+        "full_attention"]
+    mapping = tensor_map(ckpt, config, "qwen3_5")
+    assert mapping["model.layers.0.linear_attn.A_log"]["name"] == "model.language_model.layers.0.linear_attn.A_log"
+    assert mapping["model.layers.3.self_attn.q_norm.weight"]["name"] == \
+        "model.language_model.layers.3.self_attn.q_norm.weight"
+    assert not any("visual" in m["name"] for m in mapping.values())
+
+
+@pytest.mark.fast
+@pytest.mark.parametrize("name", [m for m in known_models() if m.startswith("qwen3.5-")])
+def test_registered_sizes_round_trip_through_a_checkpoint_config(name):
+    """Each registered size's numbers written as its published config.json would hold them
+    (the family's own test config) and read back by the family: the same architecture."""
+    model = load_model_config(name)
+    family = get_family(model.family)
+    text = family.test_config_fields(model.model_copy(update={"source": load_model_config(MODEL).source}))
+    source = {"model_type": "qwen3_5", "tie_word_embeddings": model.architecture.tie_word_embeddings,
+              "text_config": {**text, "model_type": "qwen3_5_text"}}
+    again = family.architecture(canonical_config(source, "qwen3_5"))
+    assert {k: again[k] for k in again} == {k: v for k, v in model.architecture.model_dump().items() if k in again}
+    assert len(model.architecture.linear_layers) == model.architecture.num_layers * 3 // 4
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_builds):
+    build_dir, results = tiny_builds
+    assert results[MODEL].code == 0, results[MODEL].output
+    seq_dir = build_dir / MODEL / "seq32"
+    config = json.loads((seq_dir / "config.json").read_text())
+    mapping = json.loads((build_dir / MODEL / "patched" / "tensor_map.json").read_text())
+    model = get_family("qwen3_5").reference_model(config, build_dir / MODEL / "checkpoint", mapping)
+    return model, seq_dir / "onnx"
+
+
+def _last_logits(model, ids):
+    import torch
+
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0, -1].numpy()
+
+
+@pytest.mark.fast
+@pytest.mark.parametrize("length", [3, LINEAR_WINDOW, LINEAR_WINDOW + 5, 31])
+def test_prefill_by_windows_and_single_tokens_matches_transformers(reference, length):
+    """A prompt of any length: whole windows, then single tokens, then a decoded token."""
+    model, onnx_dir = reference
+    ids = [int(x) for x in np.random.default_rng(length).integers(3, 500, length)]
+    engine = Engine(OnnxBackend(onnx_dir))
+    engine.prefill(ids[:-1] if length == 31 else ids)
+    if length == 31:  # the last one as a decode step
+        engine.decode(ids[-1])
+    np.testing.assert_allclose(engine.logits(), _last_logits(model, ids), atol=2e-4, rtol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def history_build(tiny_builds, tmp_path_factory):
+    """tiny-qwen3.5 with history nets (block_kv_i for its attention layer), exported and verified
+    (the verify walk checks a next turn: the attention layer from its cache, the linear layers from
+    their states)."""
+    from .conftest import onnx_verify_task, run_doit
+
+    build_dir = tmp_path_factory.mktemp("qwen35-history")
+    result = run_doit(build_dir, [onnx_verify_task(MODEL) + "/hist_c8"], model=MODEL, history=1, chunk=8)
+    assert result.code == 0, result.output
+    return build_dir / MODEL / "seq32" / "onnx"
+
+
+@pytest.mark.fast
+def test_next_turn_continues_the_states_and_the_cache(reference, history_build):
+    """A conversation that extends what the engine holds runs only its new tokens: the linear
+    layers continue from their states, the attention layer reads its cache (block_kv)."""
+    model, _ = reference
+    engine = Engine(OnnxBackend(history_build))
+    first = [int(x) for x in np.random.default_rng(3).integers(3, 500, 12)]
+    answer = engine.greedy(first, 4)
+    conversation = first + answer + [int(x) for x in np.random.default_rng(4).integers(3, 500, 9)]
+    engine.prefill(conversation)
+    assert engine.reused == len(first) + len(answer) - 1  # the answer's last token was never fed
+    np.testing.assert_allclose(engine.logits(), _last_logits(model, conversation), atol=2e-4, rtol=1e-4)
+
+
+@pytest.mark.fast
+def test_a_shorter_prompt_starts_over_the_states_hold_every_token(reference, history_build):
+    """A linear layer's state cannot step back: after a longer prompt, a prompt that shares only
+    its start is prefilled from the beginning, and answers as transformers does."""
+    model, _ = reference
+    engine = Engine(OnnxBackend(history_build))
+    long = [int(x) for x in np.random.default_rng(7).integers(3, 500, 20)]
+    engine.prefill(long)
+    engine.decode(11)
+    short = long[:9] + [42]
+    assert engine.reusable(short) == 0
+    engine.prefill(short)
+    np.testing.assert_allclose(engine.logits(), _last_logits(model, short), atol=2e-4, rtol=1e-4)
+
+
+@pytest.mark.compiler
+@pytest.mark.qwen35_sim
+@pytest.mark.parametrize("mode", ["bf16", "int8", "int4"])
+def test_tiny_qwen3_5_passes_the_simulator(tmp_path_factory, mode):
+    """Built and verified like every family (README, Qwen3.5: the last results of this target)."""
+    from .conftest import run_doit
+
+    build_dir = tmp_path_factory.mktemp(f"qwen35-sim-{mode}")
+    result = run_doit(build_dir, ["verify"], model=MODEL, mode=mode)
+    assert result.code == 0, result.output
