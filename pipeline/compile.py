@@ -39,12 +39,16 @@ TRANSFORM_FLAGS = ["--do_onnx_sim="]
 LEFTOVERS = ("*_origin.mlir", "*_external_data")
 
 
-def transform(piece: Piece, onnx: Path, out_dir: Path, log: Path, log_dir: Path, onnx_sim: bool = False) -> None:
-    """model_transform.py into `out_dir` (<piece>.mlir + its weight file), atomically."""
+def transform(piece: Piece, onnx: Path, out_dir: Path, log: Path, log_dir: Path, onnx_sim: bool = False,
+              float32_ops=None) -> None:
+    """model_transform.py into `out_dir` (<piece>.mlir + its weight file), atomically; with
+    `float32_ops` (a predicate on op names), the quantize table that keeps those ops float32."""
     with atomic_dir(out_dir) as tmp:
         run_python_tool("model_transform", ["--model_name", piece.name, "--model_def", str(onnx.resolve()),
                                             "--mlir", f"{piece.name}.mlir", *([] if onnx_sim else TRANSFORM_FLAGS)],
                         tmp, log, log_dir)
+        if float32_ops:
+            write_quantize_table(tmp / f"{piece.name}.mlir", float32_ops, tmp / qtable_name(piece))
         for pattern in LEFTOVERS:
             for leftover in tmp.glob(pattern):
                 leftover.unlink()
@@ -53,12 +57,26 @@ def transform(piece: Piece, onnx: Path, out_dir: Path, log: Path, log_dir: Path,
             np.savez(weights)
 
 
+def qtable_name(piece: Piece) -> str:
+    return f"{piece.name}.qtable"
+
+
+def write_quantize_table(mlir: Path, keep, out: Path) -> None:
+    """model_deploy.py's --quantize_table: `<op name> F32` for each op of the mlir that `keep` names."""
+    names = sorted({m[1] for m in re.finditer(r'loc\("([^"]+)"\)', mlir.read_text(encoding="utf-8")) if keep(m[1])})
+    if not names:
+        raise PipelineError(f"{mlir.name}: none of its ops is one its family keeps in float32")
+    out.write_text("# ops kept in float32 whatever the mode (pipeline/families: float32_ops)\n"
+                   + "".join(f"{name} F32\n" for name in names), encoding="utf-8")
+
+
 def float_type(mode: str) -> str:
     """The float type of a mode: embedding and lm_head are deployed in it."""
     return "F16" if mode in ("f16", "int8f16", "int4f16") else "BF16"
 
 
-def deploy_args(piece: Piece, mode: str, devices: int, chip: str, group_size: int, dynamic: bool = False) -> list[str]:
+def deploy_args(piece: Piece, mode: str, devices: int, chip: str, group_size: int, dynamic: bool = False,
+                qtable: bool = False) -> list[str]:
     if piece.kind in ("greedy_head", "sample_head"):  # float32 as the logits; on the first device, as llm_convert
         return ["--quantize", "F32", "--addr_mode", "io_alone", "--chip", chip]
     if piece.kind in ("embedding", "embedding_cache", "lm_head"):
@@ -68,6 +86,8 @@ def deploy_args(piece: Piece, mode: str, devices: int, chip: str, group_size: in
     else:
         quantize = MODES[mode]
         args = ["--quantize", quantize, "--quant_input", "--quant_output"]
+        if piece.kind in ("linear_block", "linear_cache"):  # the hidden state in the mode's float type,
+            args += ["--quant_input_list", "1", "--quant_output_list", "1"]  # the layer's states float32
         if quantize.startswith("W4"):
             args += ["--q_group_size", str(group_size)]
         if piece.kind == "block_cache":  # K/V stay in the net's own input buffers, shared by its stages
@@ -75,6 +95,8 @@ def deploy_args(piece: Piece, mode: str, devices: int, chip: str, group_size: in
                      "--use_io_alone_config" if piece.stage else "--save_io_alone_config", IO_CONFIG]
         if piece.kind == "linear_cache":  # inputs and outputs of its own, as every decode net's
             args += ["--addr_mode", "io_alone"]
+        if qtable:  # ops its family keeps float32 (in the deploy's folder, beside the mlir)
+            args += ["--quantize_table", qtable_name(piece)]
         if dynamic and piece.kind in DYNAMIC_KINDS:  # the prefill runs at the prompt's length
             args.append("--dynamic")
     args += ["--chip", chip, "--high_precision", "--disable_gdma_check"]

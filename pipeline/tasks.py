@@ -196,13 +196,21 @@ class TransformTasks(Stage):
         """The weight file the mlir names (model_transform's convention)."""
         return self.paths.transform / piece.file / f"{piece.name}_top_f32_all_weight.npz"
 
+    def qtable(self, piece) -> list[Path]:
+        """The quantize table of a piece whose family keeps some of its ops float32 (none or one)."""
+        from .compile import qtable_name
+
+        keep = get_family(self.build.model.family).float32_ops(piece.kind)
+        return [self.paths.transform / piece.file / qtable_name(piece)] if keep else []
+
     def tasks(self):
         """model_transform.py per piece (one long-lived toolchain process for all)"""
         for k, piece in enumerate(self.export.pieces, 1):
             yield {"name": f"{self.build.model.name}/seq{self.build.seq}/{piece.file}",
                    "doc": f"transform {piece.file} to MLIR", "actions": [(self.action(self.run), [piece, k])],
                    "file_dep": [self.export.target(piece), *CODE["transform"]],
-                   "targets": [self.mlir(piece), self.weights(piece)], "meta": {"outputs": [self.mlir(piece).parent]},
+                   "targets": [self.mlir(piece), self.weights(piece), *self.qtable(piece)],
+                   "meta": {"outputs": [self.mlir(piece).parent]},
                    "uptodate": [config_changed(COMPILER)], "clean": [(_rmtree, [self.mlir(piece).parent])]}
 
     def run(self, piece, index):
@@ -211,8 +219,9 @@ class TransformTasks(Stage):
         start, total = time.perf_counter(), len(self.export.pieces)
         log = self.paths.logs / "transform" / f"{piece.file}.log"
         say(f"[transform {index}/{total}] {piece.file} ...")
+        family = get_family(self.build.model.family)
         transform(piece, self.export.target(piece), self.mlir(piece).parent, log, self.paths.logs,
-                  onnx_sim=get_family(self.build.model.family).onnx_sim(piece.kind))
+                  onnx_sim=family.onnx_sim(piece.kind), float32_ops=family.float32_ops(piece.kind))
         say(f"[transform {index}/{total}] {piece.file} done in {time.perf_counter() - start:.1f} s (log {log})")
 
 
@@ -239,14 +248,16 @@ class DeployTasks(Stage):
 
         b = self.build
         for k, piece in enumerate(self.pieces, 1):
-            args = deploy_args(piece, b.mode, b.devices, b.chip, b.group_size, b.dynamic)
+            qtable = self.transform.qtable(piece)
+            args = deploy_args(piece, b.mode, b.devices, b.chip, b.group_size, b.dynamic, bool(qtable))
             config = self.io_config(piece)  # saved by a cache net's whole-cache deploy, used by its stages'
             saved = [config] if config and not piece.stage else []
             used = [config] if config and piece.stage else []
             yield {"name": f"{b.model.name}/seq{b.seq}/{b.variant}/{piece.file}",
                    "doc": f"deploy {piece.file} ({b.mode}, {b.devices} device(s), {b.chip})",
                    "actions": [(self.action(self.run), [piece, args, k])],
-                   "file_dep": [self.transform.mlir(piece), self.transform.weights(piece), *used, *CODE["deploy"]],
+                   "file_dep": [self.transform.mlir(piece), self.transform.weights(piece), *qtable, *used,
+                                *CODE["deploy"]],
                    "targets": [self.bmodel(piece), *saved],
                    "uptodate": [config_changed({**COMPILER, "args": args})], "clean": True}
 

@@ -136,6 +136,11 @@ class Family:
         editing it in place (none, by default)."""
         return []
 
+    def float32_ops(self, kind: str):
+        """A predicate on a piece's op names (the transformed MLIR's) for the ops model_deploy keeps
+        in float32 whatever the mode (its --quantize_table); None: none."""
+        return None
+
     def onnx_sim(self, kind: str) -> bool:
         """Whether model_transform.py simplifies the piece's graph (pipeline/compile.py: off by default)."""
         return False
