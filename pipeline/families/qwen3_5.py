@@ -93,7 +93,8 @@ class Qwen3_5(Family):
 
 def _delta_rule_op(name: str) -> bool:
     """An op of the linear attention that is not one of its weight-holding projections, or one that
-    gives a state output (its op is named after the output)."""
+    gives a state output (its op is named after the output). The exporter names ops after their
+    module's path in the piece: torch_pieces.LinearBlockNet's `layer.linear_attn`."""
     return name in ("next_conv_state", "next_recurrent_state") or (
         name.startswith("/layer/linear_attn/") and not any(p in name for p in ("/in_proj_", "/out_proj")))
 
