@@ -52,7 +52,7 @@ class DeviceWalk:
         self.rt, self.info, self.own = runtime, info, []
         self.seq, self.layers = info["seq"], info["num_layers"]
         nets, self.linear = runtime.nets, info.get("linear_layers", [])
-        attn = info.get("first_attention", 0)  # the nets whose shapes every attention layer shares
+        self.attn = attn = info.get("first_attention", 0)  # its nets' shapes every attention layer shares
         self.attn_cache, self.attn_block = f"block_cache_{attn}", f"block_{attn}"
         self.kv_bytes = self._size(self.attn_cache, 1, output=True)  # one token's K (or V) of one layer
         self.row_bytes = self._size(self.attn_cache, 0, output=True)  # one token's hidden state
@@ -154,7 +154,7 @@ class DeviceWalk:
                    self._device("embedding", 0), "input_ids")
             rt.launch("embedding", [rt.tensor("embedding", 0, False, embed_in)],
                       [rt.tensor("embedding", 0, True, self.hidden[0])])
-            first = f"{c.net}_{self.info.get('first_attention', 0)}"
+            first = f"{c.net}_{self.attn}"
             rt.h2d(self.positions, c.positions(self.seq), self._device(first, 1), "position_ids")
             if self._has_mask(first):
                 rt.h2d(self.mask, to_device_type(c.mask(), self._dtype(first, 2)), self._device(first, 2),
