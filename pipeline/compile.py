@@ -75,11 +75,20 @@ def float_type(mode: str) -> str:
     return "F16" if mode in ("f16", "int8f16", "int4f16") else "BF16"
 
 
+HEADS = ("greedy_head", "sample_head")  # float32 as the logits; on the first device, as llm_convert
+FLOAT_TYPED = ("embedding", "embedding_cache", "lm_head")  # in the mode's float type
+
+
+def quantized_weights(piece: Piece, mode: str) -> bool:
+    """Whether the piece's weights are quantized in this mode (every block, in a W8/W4 mode)."""
+    return MODES[mode].startswith("W") and piece.kind not in HEADS + FLOAT_TYPED
+
+
 def deploy_args(piece: Piece, mode: str, devices: int, chip: str, group_size: int, dynamic: bool = False,
                 qtable: bool = False) -> list[str]:
-    if piece.kind in ("greedy_head", "sample_head"):  # float32 as the logits; on the first device, as llm_convert
+    if piece.kind in HEADS:
         return ["--quantize", "F32", "--addr_mode", "io_alone", "--chip", chip]
-    if piece.kind in ("embedding", "embedding_cache", "lm_head"):
+    if piece.kind in FLOAT_TYPED:
         args = ["--quantize", float_type(mode), "--quant_input"]
         if piece.kind != "lm_head":  # logits stay float32 for host-side sampling
             args.append("--quant_output")

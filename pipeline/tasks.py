@@ -45,7 +45,7 @@ STAGE_MODULES = {
     "deploy": ["pipeline.compile"],
     "combine": ["pipeline.compile"],
     "verify": ["pipeline.verify"],
-    "verify_sim": ["pipeline.verify_sim"],
+    "verify_sim": ["pipeline.verify_sim", "pipeline.quantized_weights"],
 }
 STAGE_DATA = {"patch": [Path("patches/overrides.yaml")]}
 CODE = {stage: [*source_files(*modules), *STAGE_DATA.get(stage, [])] for stage, modules in STAGE_MODULES.items()}
@@ -242,14 +242,26 @@ class DeployTasks(Stage):
 
         return io_config_of(piece, self.paths.deploy)
 
-    def tasks(self):
-        """model_deploy.py per piece for this mode, device count and chip"""
+    def args(self, piece) -> list[str]:
         from .compile import deploy_args
 
         b = self.build
+        return deploy_args(piece, b.mode, b.devices, b.chip, b.group_size, b.dynamic, bool(self.transform.qtable(piece)))
+
+    def dequantized_net(self, piece):
+        """The piece's ONNX model with the weights its bmodel holds (pipeline/quantized_weights.py)."""
+        from .quantized_weights import dequantized_onnx, lowered_weights
+
+        mlir, log = self.transform.mlir(piece), self.paths.logs / "deploy" / self.build.variant / f"{piece.file}.lowered.log"
+        weights = lowered_weights(piece.name, mlir.parent, self.args(piece), self.paths.deploy, log, self.paths.logs)
+        return dequantized_onnx(self.transform.export.target(piece), mlir, weights)
+
+    def tasks(self):
+        """model_deploy.py per piece for this mode, device count and chip"""
+        b = self.build
         for k, piece in enumerate(self.pieces, 1):
             qtable = self.transform.qtable(piece)
-            args = deploy_args(piece, b.mode, b.devices, b.chip, b.group_size, b.dynamic, bool(qtable))
+            args = self.args(piece)
             config = self.io_config(piece)  # saved by a cache net's whole-cache deploy, used by its stages'
             saved = [config] if config and not piece.stage else []
             used = [config] if config and piece.stage else []
@@ -356,7 +368,8 @@ class VerifyTasks(Stage):
     def run_simulator(self):
         from . import verify_sim
 
-        verify_sim.run(self.build, self.paths, self.export.pieces, self.sim_report, {**TOOL_VERSIONS, **COMPILER})
+        verify_sim.run(self.build, self.paths, self.export.pieces, self.sim_report, {**TOOL_VERSIONS, **COMPILER},
+                       self.deploy.dequantized_net)
 
 
 def make_tasks(build: BuildConfig) -> dict:

@@ -283,7 +283,19 @@ def piece_failures(pieces: dict, labels: dict = LABELS) -> list[str]:
     """Every output of every piece that failed its comparison, in words."""
     return [f"{net}.{out}: " + (nonfinite_words(r, labels) if "nonfinite" in r else
                                 f"cosine {r['cosine']:.6f}, max abs {r['max_abs']:.3g} (ref max {r['ref_max']:.3g})")
+            + (f"; against the weights the bmodel holds: {_quantization_words(r['quantization'])}"
+               if "quantization" in r else "")
             for net, outs in pieces.items() for out, r in outs.items() if not r["ok"]]
+
+
+def _quantization_words(q: dict) -> str:
+    """verify_sim.explain_misses' second comparison, in words."""
+    if "unavailable" in q:
+        return f"not compared: {q['unavailable']}"
+    if q["cosine"] is None:
+        return "NaN or inf"
+    return (f"cosine {q['cosine']:.6f}, max abs {q['max_abs']:.3g} (ref max {q['ref_max']:.3g}); "
+            f"those weights against fp32: cosine {q['weights_cosine']:.6f}")
 
 
 def pieces_table(pieces: dict, digits: int) -> list[str]:
@@ -296,8 +308,13 @@ def pieces_table(pieces: dict, digits: int) -> list[str]:
                 lines.append(f"| {net} | {out} | - | - | - | **NO**: NaN or inf in {n['reference']} reference and "
                              f"{n['candidate']} candidate values of {r['size']} |")
                 continue
+            verdict = "yes" if r["ok"] else "**NO**"
+            if "quantization" in r:  # below the mode's thresholds: the weights as quantized, compared
+                q = r["quantization"]
+                verdict += ("" if "unavailable" in q else ": the quantization's loss" if r["ok"] else
+                            ": the build's error") + f" (against the weights the bmodel holds: {_quantization_words(q)})"
             lines.append(f"| {net} | {out} | {r['cosine']:.{digits}f} | {r['max_abs']:.2e} | {r['ref_max']:.3g} | "
-                         f"{'yes' if r['ok'] else '**NO**'} |")
+                         f"{verdict} |")
     return lines
 
 

@@ -18,8 +18,10 @@ from runtime.engine import Engine
 from runtime.isolated_backend import IsolatedBmodelBackend
 from runtime.onnx_backend import OnnxBackend
 
+from .compile import float_type, quantized_weights
 from .errors import PipelineError
 from .families import get_family
+from .families.base import THRESHOLDS
 from .fsutil import atomic_path, read_json, write_json, write_text
 from .pieces import DYNAMIC_KINDS, Dims
 from .progress import say
@@ -79,11 +81,13 @@ class Simulator:
 
 
 def check_pieces(thresholds: tuple[float, float], dims: Dims, onnx_dir: Path, deploy_dir: Path, ids: list[int],
-                 sim: Simulator, progress, dynamic: bool = False) -> dict:
+                 sim: Simulator, progress, dynamic: bool = False) -> tuple[dict, dict]:
     """Every deployed piece on the verify prompt's activations; a dynamic build's prefill pieces
-    also at shorter lengths (`<net> at length <m>`): one token, half the prompt, the prompt."""
+    also at shorter lengths (`<net> at length <m>`): one token, half the prompt, the prompt.
+    Returns the comparisons, and what each one ran (piece, feeds, simulator outputs)."""
     onnx, at_lengths = OnnxBackend(onnx_dir, chunk=dims.chunk, stages=dims.stages, exact=False), {}  # the files
     min_cosine, max_rel = thresholds
+    runs = {}
 
     def judge(kind, ref, got):
         return compare(ref, got, min_cosine, max_rel)
@@ -95,14 +99,72 @@ def check_pieces(thresholds: tuple[float, float], dims: Dims, onnx_dir: Path, de
             # the tokens the walk gave it: the prompt, or the next turn's
             length = next_turn_tokens(len(ids), dims) if piece.kind == "block_kv" else len(ids)
             for rows in sorted({1, max(1, length // 2), length}):
-                got = backend.run(net, prefill_rows(feeds, rows))
-                at_lengths[f"{piece.file} at length {rows}"] = {
-                    name: judge(net, r[:, :rows], g) for name, r, g in zip(("hidden_states", "past_k", "past_v"),
-                                                                            reference, got, strict=True)}
-        return backend.run(net, feeds)
+                shorter = prefill_rows(feeds, rows)
+                got = backend.run(net, shorter)
+                key = f"{piece.file} at length {rows}"
+                at_lengths[key] = {name: judge(net, r[:, :rows], g) for name, r, g in zip(
+                    ("hidden_states", "past_k", "past_v"), reference, got, strict=True)}
+                runs[key] = (piece, shorter, got)
+        runs[piece.file] = (piece, feeds, backend.run(net, feeds))
+        return runs[piece.file][2]
 
     pieces = walk_pieces(dims, ids, lambda piece, feeds: onnx.run(piece.name, feeds), candidate, judge, progress)
-    return {**pieces, **at_lengths}
+    return {**pieces, **at_lengths}, runs
+
+
+def explain_misses(mode: str, results: dict, runs: dict, onnx_dir: Path, dequantized_net) -> int:
+    """In a quantized mode, each output that missed the mode's thresholds against fp32 is compared
+    again: against the same net with the weights the bmodel holds (`dequantized_net(piece)`,
+    pipeline/quantized_weights.py), within the thresholds of the mode's float type. Matching it,
+    the loss is the quantization's, not the build's: the output passes, and its entry says so
+    (`quantization`: the simulator against that net, and that net against fp32). Returns how many
+    outputs were explained so."""
+    import onnxruntime as ort
+
+    if dequantized_net is None:
+        return 0
+    float_thresholds, sessions, explained = THRESHOLDS[float_type(mode).lower()], {}, 0
+    for key, outputs in results.items():
+        missed = [name for name, r in outputs.items() if not r["ok"] and r.get("cosine") is not None]
+        if not missed or key not in runs or not quantized_weights(runs[key][0], mode):
+            continue
+        piece, feeds, got = runs[key]
+        say(f"[verify {mode} on the simulator] {key}: {', '.join(missed)} below the thresholds against fp32; "
+            "against the weights the bmodel holds ...")
+        if piece.file not in sessions:
+            sessions[piece.file] = _sessions(piece, onnx_dir, dequantized_net)
+        fp32, quantized = sessions[piece.file]
+        if not isinstance(quantized, ort.InferenceSession):  # no such net (why, or None): the miss stays the build's
+            for name in missed:
+                outputs[name]["quantization"] = {"unavailable": quantized or "none of its weights is quantized"}
+            continue
+        feed = {i.name: feeds[i.name] for i in fp32.get_inputs()}
+        named = dict(zip(outputs, zip(fp32.run(None, feed), quantized.run(None, feed), got, strict=True)))
+        for name in missed:
+            reference, weights, simulated = named[name]
+            check = compare(weights, simulated, *float_thresholds)
+            check["weights_cosine"] = compare(reference, weights)["cosine"]  # what the quantization costs
+            outputs[name]["quantization"] = check
+            outputs[name]["ok"] = check["ok"]
+            explained += check["ok"]
+    return explained
+
+
+def _sessions(piece, onnx_dir: Path, dequantized_net) -> tuple:
+    """onnxruntime on the piece's fp32 net and on it with the quantized weights; instead of the
+    second, why there is none (the lowering failed, or its weights are not the ONNX net's), or None
+    if none of its weights is quantized."""
+    import onnxruntime as ort
+
+    try:
+        model, replaced = dequantized_net(piece)
+    except PipelineError as err:
+        say(f"[verify on the simulator] {piece.file}: no comparison with its quantized weights: {err}")
+        return None, str(err)
+    if not replaced:
+        return None, None
+    return (ort.InferenceSession(str(onnx_dir / f"{piece.file}.onnx"), providers=["CPUExecutionProvider"]),
+            ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]))
 
 
 def prefill_rows(feeds: dict, rows: int) -> dict:
@@ -195,8 +257,12 @@ def markdown(report: dict) -> str:
     min_cosine, max_rel = report["thresholds"]
     lines = [f"# Simulator verification of {report['bmodel']}", "",
              f"Mode {report['mode']}; each one-piece bmodel on the BM1684X cmodel against onnxruntime on the "
-             f"same inputs. Thresholds: cosine >= {min_cosine}, max abs <= {max_rel} x max(1, |reference|).", "",
-             *pieces_table(report["pieces"], 6)]
+             f"same inputs. Thresholds: cosine >= {min_cosine}, max abs <= {max_rel} x max(1, |reference|).",
+             *([] if not report.get("quantization_explained") else [
+                 "", f"{report['quantization_explained']} output(s) below them match the same net with the weights "
+                 "the bmodel holds (TPU-MLIR's quantized weights, dequantized) within the float type's thresholds: "
+                 "their loss is the quantization's, not the build's (pipeline/quantized_weights.py)."]),
+             "", *pieces_table(report["pieces"], 6)]
     d = report["decode"]
     lines += ["", "## Greedy decode: combined bmodel on the simulator vs the ONNX pipeline", ""]
     if d.get("run"):
@@ -260,10 +326,11 @@ def plot_layers(reports: list[dict], out: Path) -> None:
     plt.close(fig)
 
 
-def run(build, paths, pieces, report_path: Path, tools: dict) -> None:
-    """The simulator stage of `doit verify`: every deployed piece against onnxruntime, then the
-    combined bmodel (its answers to the model's questions, or a greedy decode); a report, the
-    per-layer plot, and a failure naming what failed."""
+def run(build, paths, pieces, report_path: Path, tools: dict, dequantized_net=None) -> None:
+    """The simulator stage of `doit verify`: every deployed piece against onnxruntime (an output
+    that misses, also against its weights as quantized: explain_misses), then the combined bmodel
+    (its answers to the model's questions, or a greedy decode); a report, the per-layer plot, and a
+    failure naming what failed."""
     done = []
 
     def progress(net, seconds):
@@ -276,7 +343,11 @@ def run(build, paths, pieces, report_path: Path, tools: dict) -> None:
               "bmodel": paths.dist.name, "prompt_ids": ids, "tools": tools, "thresholds": thresholds}
     dims = Dims.from_config(read_json(paths.export_config), build.history_chunk, build.stages)
     with Simulator(paths.logs, build.devices) as sim:
-        report["pieces"] = check_pieces(thresholds, dims, paths.onnx, paths.deploy, ids, sim, progress, build.dynamic)
+        report["pieces"], runs = check_pieces(thresholds, dims, paths.onnx, paths.deploy, ids, sim, progress,
+                                              build.dynamic)
+        sim.close()  # the pieces' simulator process would keep both cores busy through the lowering below
+        report["quantization_explained"] = explain_misses(build.mode, report["pieces"], runs, paths.onnx,
+                                                          dequantized_net)
         report["decode"] = _whole_bmodel(build, paths, report, ids, sim)
     report["simulated"] = True
     write_json(report_path, report)
@@ -292,6 +363,9 @@ def run(build, paths, pieces, report_path: Path, tools: dict) -> None:
                if decode["run"] else "answers share " + ", ".join(
                    f"{a['shared']}/{len(a['reference'])}" for a in report["answers"]) + " tokens with transformers'"
                if report.get("answers") else f"not run: {decode['reason']}")
+    explained = report["quantization_explained"]
+    summary += (f"; {explained} output(s) below the mode's thresholds, the quantization's loss (the simulator "
+                f"matches the net with the bmodel's quantized weights)" if explained else "")
     say(f"[verify {build.mode} on the simulator] PASS; {summary}; report {report_path.with_suffix('.md')}")
 
 

@@ -63,7 +63,7 @@ def tree_digest(folder: Path) -> dict:
 
 TINY_MODELS = tuple(family.test_model for family in FAMILIES.values())  # one generated model per family
 # the families test_compile.py builds in every mode: tiny-qwen3.5's simulator checks are in
-# tests/test_qwen3_5.py (bf16 in the default run; every mode marked qwen35_sim: README, "Qwen3.5")
+# tests/test_qwen3_5.py (every mode, in one build folder: they share its export and transform)
 SIMULATED_MODELS = tuple(m for m in TINY_MODELS if m != "tiny-qwen3.5")
 
 

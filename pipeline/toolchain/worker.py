@@ -128,13 +128,15 @@ def exit_with_parent(parent: int) -> None:
 def main():
     exit_with_parent(os.getppid())
     answers = os.fdopen(os.dup(1), "w")
+    # requests on a copy of stdin: a tool's `exit()` (model_deploy.py --not_gen_bmodel) closes sys.stdin
+    requests, sys.stdin = os.fdopen(os.dup(0), "r"), open(os.devnull)
     log = os.environ.get("QWEN_TPU_WORKER_LOG", os.devnull)
     fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     os.dup2(fd, 1)  # stray prints between requests must not corrupt the answers
     os.dup2(fd, 2)
     handlers = {"tool": run_tool, "run_net": run_net, "net_info": net_info,
                 "ping": lambda r: {"code": 0, "pid": os.getpid()}}
-    for line in sys.stdin:
+    for line in requests:
         request = json.loads(line)
         try:
             answer = handlers[request["op"]](request)
