@@ -59,13 +59,15 @@ def main():
         serial, parallel = Path(tmp) / "serial", Path(tmp) / "parallel"
         doit(serial, "checkpoint", *model)  # generating the random checkpoint is not part of a build
         doit(parallel, "checkpoint", *model)
-        seconds, ran, err = doit(serial, "build", *model)
+        seconds, ran, err = doit(serial, "build", *model, "jobs=1")
         transforms, deploys = stage_seconds(err, "transform"), stage_seconds(err, "deploy")
-        rows.append(("full build, serial (`doit build`)", seconds, ran))
-        rows.append(("no-op rebuild", *doit(serial, "build", *model)[:2]))
-        rows.append(("mode switch int8 -> int4 (deploy + combine only)", *doit(serial, "build", *model, "mode=int4")[:2]))
-        rows.append(("device switch 1 -> 2", *doit(serial, "build", *model, "devices=2")[:2]))
-        rows.append(("full build, 2 processes (`doit -n 2 build`)", *doit(parallel, "-n", "2", "build", *model)[:2]))
+        rows.append(("full build, serial (`doit build jobs=1`)", seconds, ran))
+        rows.append(("no-op rebuild", *doit(serial, "build", *model, "jobs=1")[:2]))
+        rows.append(("mode switch int8 -> int4 (deploy + combine only)",
+                     *doit(serial, "build", *model, "mode=int4", "jobs=1")[:2]))
+        rows.append(("device switch 1 -> 2", *doit(serial, "build", *model, "devices=2", "jobs=1")[:2]))
+        rows.append((f"full build, the default (`doit build`: {os.cpu_count()} processes within the memory)",
+                     *doit(parallel, "build", *model)[:2]))
         fresh = fresh_transform_seconds(serial, f"{name}/seq256")
     lines = [f"`{args.model}` with {args.layers} layers (seq 256), int8 unless said; {os.cpu_count()} cores, "
              f"{time.strftime('%Y-%m-%d')}. The checkpoint is generated beforehand.", "",

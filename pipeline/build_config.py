@@ -1,4 +1,5 @@
 """The build's variables (`doit build model=X mode=Y ...`), parsed and validated in one place."""
+import math
 import os
 import sys
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ CHIPS = ("bm1684x", "bm1688", "cv186x")
 SEQ_MULTIPLE = 8
 SEQ_MIN = 16
 VARIABLES = ("model", "mode", "devices", "seq", "chip", "path", "name", "group_size", "build_dir", "dist_dir",
-             "layers", "sim_tokens", "dynamic", "history", "chunk")
+             "layers", "sim_tokens", "dynamic", "history", "chunk", "jobs", "memory", "cluster")
 # greedy steps of the whole-bmodel decode in `doit verify` on the simulator: as many as the ONNX
 # check's (verify.NEW_TOKENS, at most), or fewer (0: the pieces only), since a full-width block takes
 # minutes a step there
@@ -41,6 +42,9 @@ class BuildConfig:
     dynamic: bool = True  # prefill nets compiled dynamic: run at the prompt's length (llm_convert --dynamic)
     history: bool = False  # block_kv nets: prefill against the cache (llm_convert --use_history_kv)
     chunk: int = 0         # block_kv's tokens per run and the first decode stage (llm_convert --chunk_length)
+    jobs: int = 1          # tasks at once (doit's processes): the cores, by default
+    memory: int = 2**62    # bytes the tasks running at once may take together (pipeline/memory_budget.py)
+    cluster: str = ""      # a Dask scheduler's address: the heavy actions run on its workers (pipeline/cluster.py)
 
     @property
     def model_dir(self) -> Path:
@@ -158,10 +162,38 @@ def parse_build_config(variables: dict[str, str | None]) -> BuildConfig:
     if not (1 if history else 0) <= chunk <= seq // 2:
         raise PipelineError(f"chunk={chunk} is not allowed with seq={seq}: use {1 if history else 0} to {seq // 2} "
                             f"(default {'seq/4' if history else '0: no decode stages'})")
+    jobs, memory = _parallelism(given)
     build_dir = Path(given.get("build_dir") or os.environ.get("QWEN_TPU_BUILD_DIR") or PROJECT_ROOT / "build")
     dist_dir = Path(given.get("dist_dir") or os.environ.get("QWEN_TPU_DIST_DIR") or PROJECT_ROOT / "dist")
     return BuildConfig(model, mode, devices, seq, chip, path, group_size, build_dir.expanduser().resolve(),
-                       dist_dir.expanduser().resolve(), sim_tokens, dynamic, history, chunk)
+                       dist_dir.expanduser().resolve(), sim_tokens, dynamic, history, chunk, jobs, memory,
+                       given.get("cluster", ""))
+
+
+# with cluster=: the tasks doit hands to the cluster at once (threads that wait for them); the
+# workers' MEMORY resources decide how many of them run
+CLUSTER_JOBS = 16
+
+
+def _parallelism(given: dict) -> tuple[int, int]:
+    """jobs= (default: the cores) and memory= in GiB (default: what is available now, less a margin)."""
+    from .memory_budget import GIB, default_budget
+
+    default_jobs = CLUSTER_JOBS if given.get("cluster") else os.cpu_count() or 1
+    jobs = _int("jobs", given.get("jobs", str(default_jobs)))
+    if jobs < 1:
+        raise PipelineError(f"jobs={jobs} is not allowed; use a positive number of tasks at once (default: the "
+                            f"{os.cpu_count()} cores)")
+    if "memory" not in given:
+        return jobs, default_budget()
+    try:
+        memory = float(given["memory"])
+    except ValueError:
+        memory = 0
+    if not (math.isfinite(memory) and memory > 0):
+        raise PipelineError(f"memory={given['memory']} is not allowed; use the GiB the build may take at once, "
+                            f"e.g. memory=16 (default: what is available when the build starts)")
+    return jobs, int(memory * GIB)
 
 
 def variables_given(argv: list[str] | None = None) -> dict[str, str]:

@@ -63,6 +63,7 @@ class FileLock:
 
     def __init__(self, path: Path):
         self.path, self.fd = path, None
+        self.previous = ""  # what the last holder left written (who it was, or release's note)
 
     def acquire(self, what: str) -> bool:
         """Take the lock, waiting for another build if need be; True if it had to wait."""
@@ -76,12 +77,17 @@ class FileLock:
             say(f"[wait] {what} is being built by {holder}; waiting for it")
             fcntl.flock(self.fd, fcntl.LOCK_EX)
             waited = True
+        self.previous = os.pread(self.fd, 200, 0).decode(errors="replace").strip()
         os.ftruncate(self.fd, 0)
         os.pwrite(self.fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%H:%M:%S')}".encode(), 0)
         return waited
 
-    def release(self) -> None:
+    def release(self, note: str = "") -> None:
+        """Let go; `note` is left for the next holder to read."""
         if self.fd is not None:
+            if note:
+                os.ftruncate(self.fd, 0)
+                os.pwrite(self.fd, note.encode(), 0)
             os.close(self.fd)  # closing the file drops the flock
             self.fd = None
 

@@ -13,6 +13,10 @@
   ones of its own outputs: no live build can be writing them, since that build would hold the lock.
 """
 import os
+import re
+import socket
+import threading
+import time
 from pathlib import Path
 
 from doit.dependency import Dependency, SqliteDB
@@ -89,6 +93,42 @@ def done_by_another_build(task, manager) -> bool:
         fresh.close()
 
 
+RECORD_WAIT_SECONDS = 60
+
+
+def hand_over_note() -> str:
+    """What a `doit -n N` worker leaves in a task's lock: it finished the task, and which process
+    will record it (a moment later)."""
+    return (f"finished by pid {os.getpid()} on {socket.gethostname()}; recorded by pid {_OWNER_PID} "
+            f"at {time.time():.3f}")
+
+
+def another_build_was_here(note: str) -> bool:
+    """The lock's last holder, or the process recording its work, is another live build on this host."""
+    import psutil
+
+    if f" on {socket.gethostname()}" not in note:
+        return False
+    mine = {os.getpid(), _OWNER_PID}
+    return any(pid not in mine and psutil.pid_exists(pid) for pid in map(int, re.findall(r"pid (\d+)", note)))
+
+
+def recorded_soon(task, manager, note: str) -> bool:
+    """A worker of another build handed the task over to its doit a moment ago (hand_over_note):
+    wait for that record, while that doit lives, rather than make the task again."""
+    import psutil
+
+    m = re.fullmatch(r"finished by pid \d+ on (\S+); recorded by pid (\d+) at ([\d.]+)", note)
+    if not m or m[1] != socket.gethostname() or time.time() - float(m[3]) > RECORD_WAIT_SECONDS:
+        return False
+    deadline = time.monotonic() + RECORD_WAIT_SECONDS
+    while psutil.pid_exists(int(m[2])) and time.monotonic() < deadline:
+        if done_by_another_build(task, manager):
+            return True
+        time.sleep(0.1)
+    return False
+
+
 def _user_errors(fn, args, kwargs, task):
     """fn's result; what a user can act on (a PipelineError, a full or read-only disk, Ctrl-C) as one
     paragraph instead of a traceback."""
@@ -106,21 +146,71 @@ def _user_errors(fn, args, kwargs, task):
         raise SystemExit(130) from None
 
 
+def stop_quietly_on_ctrl_c() -> None:
+    """In doit's process, when its workers do the work (jobs=): Ctrl-C ends the build with a word
+    and exit status 130, not a traceback from doit's wait for its workers. (The workers, which get
+    the same Ctrl-C, stop their tasks as a serial build does: _user_errors.)"""
+    import signal
+
+    def interrupted(signum, frame):
+        say("[interrupted] the build stopped by Ctrl-C; nothing of its unfinished tasks was kept. The same "
+            "command goes on from there.")
+        raise SystemExit(130)
+
+    signal.signal(signal.SIGINT, interrupted)
+
+
+def _die_with_doit() -> None:
+    """In a process the doit process forked (a `doit -n N` worker): die with doit. Killed, doit
+    leaves its workers waiting for work forever on a queue they hold open themselves (Linux's
+    parent-death signal; elsewhere nothing is done). Ctrl-C is a KeyboardInterrupt there again."""
+    if _OWNER_PID is None or os.getppid() != _OWNER_PID:
+        return
+    import signal
+
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != _OWNER_PID:  # doit died before the signal was set
+        os._exit(1)
+
+
+os.register_at_fork(after_in_child=_die_with_doit)
+
+_running = threading.local()  # the task an action of this thread runs
+
+
+def current_outputs() -> list:
+    """What the task this thread runs writes (its targets, or its meta "outputs")."""
+    return list(getattr(_running, "outputs", []))
+
+
 def task_action(fn, build_dir: Path):
     """A doit python-action running `fn` under the task's lock, after removing the task's leftovers.
     A PipelineError, or a full or read-only disk, becomes a clean task failure (one paragraph, no
     traceback)."""
     def action(*args, task, **kwargs):
-        for name in list(_awaiting_commit):  # doit did not record that task (it failed to save): let go
-            _awaiting_commit.pop(name).release()
+        # doit did not record that task (it failed to save): let go. (Serial runs only: with threads
+        # (cluster=) another task may be waiting for its record right now; exit releases any left.)
+        for name in list(_awaiting_commit) if threading.current_thread() is threading.main_thread() else []:
+            lock = _awaiting_commit.pop(name, None)
+            if lock is not None:
+                lock.release()
         lock = FileLock(lock_path(build_dir, task.name))
         manager = _state_manager()
         try:
-            if lock.acquire(task.name) and manager and done_by_another_build(task, manager):
+            waited = lock.acquire(task.name)
+            if manager and (waited or another_build_was_here(lock.previous)) and (
+                    done_by_another_build(task, manager) or recorded_soon(task, manager, lock.previous)):
                 say(f"[shared] {task.name}: made by the build we waited for")
                 result = None
             else:
-                for path in leftovers((task.meta or {}).get("outputs", task.targets)):
+                _running.outputs = (task.meta or {}).get("outputs", task.targets)
+                for path in leftovers(_running.outputs):
                     remove(path)
                 result = _user_errors(fn, args, kwargs, task)
         except BaseException:
@@ -130,8 +220,8 @@ def task_action(fn, build_dir: Path):
             lock.release()
         elif os.getpid() == _OWNER_PID:  # held until doit has committed the task's state
             _awaiting_commit[task.name] = lock
-        else:  # a `doit -n N` worker: the parent records the state
-            lock.release()
+        else:  # a `doit -n N` worker: the parent records the state, a moment later
+            lock.release(note=hand_over_note())
         return result if isinstance(result, (dict, TaskFailed)) else None
     action.__name__ = fn.__name__
     return action

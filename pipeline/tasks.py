@@ -8,6 +8,8 @@ collects them. Every artifact is keyed so that:
   - a stage reruns when any project module its work imports changes (code_keys.py),
   - a killed build resumes, and two builds of one folder share the work (task_state.py).
 """
+import math
+import threading
 import time
 from importlib.metadata import version
 from pathlib import Path
@@ -21,7 +23,7 @@ from .families import get_family
 from .fsutil import ensure_writable_dir, read_json
 from .pieces import model_pieces
 from .progress import say
-from .task_state import task_action
+from .task_state import stop_quietly_on_ctrl_c, task_action
 from .toolchain.install import expected_version
 
 
@@ -56,9 +58,25 @@ COMPILER = {"tpu-mlir": expected_version()}  # part of every compiled artifact's
 class Stage:
     """A task generator: its actions run under the task's lock, leftovers of killed runs removed."""
     build: BuildConfig
+    paths: "Paths"
+    stage = ""  # the heavy ones: its name in stages() and pipeline/memory_budget.py's PEAK_FACTORS
 
     def action(self, fn):
         return task_action(fn, self.build.build_dir)
+
+    def execute(self, what: str, fp32_bytes: int, method: str, *args) -> None:
+        """`self.<method>(*args)` (a heavy action) where the memory allows: here, once its expected
+        peak fits in the build folder's budget (pipeline/memory_budget.py), or with `cluster=`, on
+        a worker of the cluster with that much free (pipeline/cluster.py)."""
+        from .memory_budget import MemoryBudget, expected_peak
+
+        need, label = expected_peak(self.stage, fp32_bytes), f"{self.stage} {what}"
+        if self.build.cluster:
+            from .cluster import run_on_cluster
+
+            return run_on_cluster(self.build, self.stage, method, args, label, need)
+        with MemoryBudget(self.build.build_dir, self.build.memory).reserve(label, need):
+            getattr(self, method)(*args)
 
 
 class Paths:
@@ -82,6 +100,25 @@ class Paths:
 
     def fingerprint(self, group: str) -> Path:
         return self.weights / f"{group}.json"
+
+    def fp32_bytes(self, groups: list[str]) -> int:
+        """The weight groups' size in fp32 (their tensors' shapes in the checkpoint): what a
+        piece's memory follows."""
+        from .checkpoint import Checkpoint
+
+        mapping, checkpoint = read_json(self.tensor_map), Checkpoint(Path(read_json(self.source)["folder"]))
+        total = 0
+        for group in groups:
+            for name in read_json(self.fingerprint(group))["tensors"]:
+                entry = mapping[name]
+                shape = checkpoint.shape(entry["name"])
+                rows = entry["rows"][1] - entry["rows"][0] if entry["rows"] else (shape[0] if shape else 1)
+                total += 4 * rows * math.prod(shape[1:])
+        return total
+
+    def piece_bytes(self, piece) -> int:
+        """A piece's weights in fp32 (the heads that choose a token have none)."""
+        return 0 if piece.kind in ("greedy_head", "sample_head") else self.fp32_bytes([piece.group])
 
 
 class CheckpointTasks(Stage):
@@ -154,6 +191,7 @@ class PatchTasks(Stage):
 class ExportTasks(Stage):
     """export: one task per piece; its key is the export config (seq), its weight group's
     fingerprint, the export code and the tool versions: never mode or devices."""
+    stage = "export"
 
     def __init__(self, build: BuildConfig, paths: Paths):
         self.build, self.paths = build, paths
@@ -173,10 +211,12 @@ class ExportTasks(Stage):
                    "targets": [self.target(piece)], "uptodate": [config_changed(TOOL_VERSIONS)], "clean": True}
 
     def run(self, piece, index):
+        self.execute(piece.file, self.paths.piece_bytes(piece), "work", piece, index)
+
+    def work(self, piece, index):
         from .export import export_piece
 
-        start = time.perf_counter()
-        log = self.paths.logs / "export" / f"{piece.file}.log"
+        start, log = time.perf_counter(), self.paths.logs / "export" / f"{piece.file}.log"
         say(f"[export {index}/{len(self.pieces)}] {piece.file} ...")
         export_piece(piece, read_json(self.paths.export_config), Path(read_json(self.paths.source)["folder"]),
                      read_json(self.paths.tensor_map), self.target(piece), log)
@@ -185,6 +225,7 @@ class ExportTasks(Stage):
 
 class TransformTasks(Stage):
     """transform: model_transform.py per piece, shared by every mode, device count and chip."""
+    stage = "transform"
 
     def __init__(self, build: BuildConfig, paths: Paths, export: ExportTasks):
         self.build, self.paths, self.export = build, paths, export
@@ -214,12 +255,14 @@ class TransformTasks(Stage):
                    "uptodate": [config_changed(COMPILER)], "clean": [(_rmtree, [self.mlir(piece).parent])]}
 
     def run(self, piece, index):
+        self.execute(piece.file, self.paths.piece_bytes(piece), "work", piece, index)
+
+    def work(self, piece, index):
         from .compile import transform
 
         start, total = time.perf_counter(), len(self.export.pieces)
-        log = self.paths.logs / "transform" / f"{piece.file}.log"
+        log, family = self.paths.logs / "transform" / f"{piece.file}.log", get_family(self.build.model.family)
         say(f"[transform {index}/{total}] {piece.file} ...")
-        family = get_family(self.build.model.family)
         transform(piece, self.export.target(piece), self.mlir(piece).parent, log, self.paths.logs,
                   onnx_sim=family.onnx_sim(piece.kind), float32_ops=family.float32_ops(piece.kind))
         say(f"[transform {index}/{total}] {piece.file} done in {time.perf_counter() - start:.1f} s (log {log})")
@@ -227,6 +270,7 @@ class TransformTasks(Stage):
 
 class DeployTasks(Stage):
     """deploy: model_deploy.py per (piece, mode, devices, chip)."""
+    stage = "deploy"
 
     def __init__(self, build: BuildConfig, paths: Paths, transform: TransformTasks):
         self.build, self.paths, self.transform = build, paths, transform
@@ -274,6 +318,9 @@ class DeployTasks(Stage):
                    "uptodate": [config_changed({**COMPILER, "args": args})], "clean": True}
 
     def run(self, piece, args, index):
+        self.execute(piece.file, self.paths.piece_bytes(piece), "work", piece, args, index)
+
+    def work(self, piece, args, index):
         from .compile import deploy
 
         start, total = time.perf_counter(), len(self.pieces)
@@ -329,6 +376,7 @@ def _rmtree(path: Path) -> None:
 class VerifyTasks(Stage):
     """verify: each ONNX piece against torch, then greedy decode against transformers; and on the
     simulator, each deployed piece against onnxruntime, then the combined bmodel's greedy decode."""
+    stage = "verify"
 
     def __init__(self, build: BuildConfig, paths: Paths, export: ExportTasks, deploy: DeployTasks):
         self.build, self.paths, self.export, self.deploy = build, paths, export, deploy
@@ -360,28 +408,43 @@ class VerifyTasks(Stage):
                "meta": {"outputs": [self.sim_report, self.sim_report.with_suffix(".md"), self.paths.layers_plot]},
                "uptodate": [config_changed({**COMPILER, "sim_tokens": self.build.sim_tokens})], "clean": True}
 
+    def whole_model(self) -> int:
+        return self.paths.fp32_bytes(sorted({p.group for p in self.export.pieces}))
+
     def run(self):
+        self.execute("on onnxruntime (the whole model, twice: torch and onnxruntime)", 2 * self.whole_model(),
+                     "check_onnx")
+
+    def run_simulator(self):
+        self.execute(f"{self.build.mode} on the simulator", self.whole_model(), "check_simulator")
+
+    def check_onnx(self):
         from . import verify
 
         verify.run(self.build, self.paths, self.export.pieces, TOOL_VERSIONS)
 
-    def run_simulator(self):
+    def check_simulator(self):
         from . import verify_sim
 
         verify_sim.run(self.build, self.paths, self.export.pieces, self.sim_report, {**TOOL_VERSIONS, **COMPILER},
                        self.deploy.dequantized_net)
 
 
-def make_tasks(build: BuildConfig) -> dict:
-    """The `task_*` functions for dodo.py's namespace."""
+def stages(build: BuildConfig) -> dict:
+    """The task generators of a build, by stage."""
     paths = Paths(build)
     export = ExportTasks(build, paths)
     transform = TransformTasks(build, paths, export)
     deploy = DeployTasks(build, paths, transform)
-    combine = CombineTasks(build, paths, deploy)
-    verify = VerifyTasks(build, paths, export, deploy)
-    generators = [CheckpointTasks(build, paths), PatchTasks(build, paths), export, transform, deploy, combine,
-                  verify]
+    return {"checkpoint": CheckpointTasks(build, paths), "patch": PatchTasks(build, paths), "export": export,
+            "transform": transform, "deploy": deploy, "combine": CombineTasks(build, paths, deploy),
+            "verify": VerifyTasks(build, paths, export, deploy)}
+
+
+def make_tasks(build: BuildConfig) -> dict:
+    """The `task_*` functions for dodo.py's namespace."""
+    by_stage = stages(build)
+    verify = by_stage["verify"]
 
     def task_build():
         """the whole chain for model=, mode=, devices=, seq=, chip= (default task)"""
@@ -389,13 +452,18 @@ def make_tasks(build: BuildConfig) -> dict:
                                               f"combine:{build.model.name}/seq{build.seq}/{build.target}"]}
 
     namespace = {"task_build": task_build}
-    for gen in generators:
-        namespace[f"task_{type(gen).__name__.removesuffix('Tasks').lower()}"] = gen.tasks
+    for name, generator in by_stage.items():
+        namespace[f"task_{name}"] = generator.tasks
     return namespace
 
 
 def doit_config(build: BuildConfig) -> dict:
     ensure_writable_dir(build.build_dir, "build_dir")
     ensure_writable_dir(build.dist_dir, "dist_dir", create=False)
+    if build.jobs > 1 and threading.current_thread() is threading.main_thread():
+        stop_quietly_on_ctrl_c()
     return {"backend": "sqlite3-durable", "dep_file": str(build.build_dir / ".doit.sqlite3"),
-            "default_tasks": ["build"], "verbosity": 2}
+            "default_tasks": ["build"], "verbosity": 2,
+            # a cluster's tasks are waited for by threads; here, processes do the work
+            **({"num_process": build.jobs, "par_type": "thread" if build.cluster else "process"}
+               if build.jobs > 1 else {})}

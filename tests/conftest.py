@@ -33,7 +33,9 @@ class DoitResult:
 
 def run_doit(build_dir: Path, command: list[str], **variables) -> DoitResult:
     """`doit <command> name=value...` in this process, with the state in build_dir."""
-    variables = {k: str(v) for k, v in variables.items()}
+    # one process: this harness captures the output of the tasks it runs (the `doit` command runs
+    # jobs= processes, the cores by default: tests of that use run_cli)
+    variables = {"jobs": "1", **{k: str(v) for k, v in variables.items()}}
     build = parse_build_config({"dist_dir": str(build_dir / "dist"), **variables, "build_dir": str(build_dir)})
     namespace = {**make_tasks(build), "DOIT_CONFIG": doit_config(build)}
     report = build_dir / "doit-output.txt"  # doit's reporter holds the original stdout

@@ -16,6 +16,20 @@ def test_defaults():
     assert build.dynamic and build.dist_name == "tiny-qwen2_int8_seq32_1dev_dyn"  # the prefill at the prompt's length
 
 
+def test_parallel_by_default_within_the_memory_available():
+    import os
+
+    from pipeline.memory_budget import GIB
+    from pipeline.tasks import doit_config
+
+    build = parse_build_config({"model": "tiny-qwen2"})
+    assert build.jobs == os.cpu_count() and GIB <= build.memory
+    assert doit_config(build).get("num_process") == (build.jobs if build.jobs > 1 else None)
+    given = parse_build_config({"model": "tiny-qwen2", "jobs": "3", "memory": "1.5"})
+    assert (given.jobs, given.memory) == (3, int(1.5 * GIB)) and doit_config(given)["num_process"] == 3
+    assert "num_process" not in doit_config(parse_build_config({"model": "tiny-qwen2", "jobs": "1"}))
+
+
 def test_dynamic_prefill_is_part_of_the_variant_and_the_file_name():
     build = parse_build_config({"model": "tiny-qwen2"})
     assert build.dynamic and build.variant == "int8_1dev_bm1684x_dyn"
@@ -63,6 +77,11 @@ def test_decode_stages_follow_the_chunk_alone():
     ({"history": "1", "chunk": "0"}, "chunk=0 is not allowed"),
     ({"chunk": "17"}, "chunk=17 is not allowed with seq=32: use 0 to 16 (default 0: no decode stages)"),
     ({"chunk": "-1"}, "chunk=-1 is not allowed"),
+    ({"jobs": "0"}, "jobs=0 is not allowed; use a positive number of tasks at once"),
+    ({"jobs": "many"}, "jobs='many' is not a whole number"),
+    ({"memory": "lots"}, "memory=lots is not allowed; use the GiB the build may take at once"),
+    ({"memory": "inf"}, "memory=inf is not allowed"),
+    ({"memory": "-2"}, "memory=-2 is not allowed"),
 ])
 def test_bad_variables_name_variable_value_and_choices(variables, message):
     with pytest.raises(PipelineError) as err:

@@ -91,6 +91,31 @@ def test_a_build_killed_in_every_stage_resumes_with_exactly_the_unfinished_tasks
     assert doit(args).stdout.count("\n.  ") == 0  # and now everything is recorded
 
 
+@pytest.mark.fast
+def test_a_parallel_build_killed_takes_its_workers_with_it_and_resumes(tmp_path):
+    """A build runs jobs= processes by default: SIGKILL of doit alone (as an OOM killer picks one
+    process) leaves no worker of it waiting for work forever, and the same command resumes."""
+    import psutil
+
+    args = ["export", f"model={MODEL}", f"build_dir={tmp_path}", f"dist_dir={tmp_path / 'dist'}", "jobs=2"]
+    process = subprocess.Popen([str(DOIT), *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True, start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    lines = []
+    for line in process.stdout:
+        lines.append(line)
+        if re.match(r"\[export \d+/9\] \S+ \.\.\.", line):
+            break
+    workers = psutil.Process(process.pid).children(recursive=True)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    assert workers, "".join(lines)
+    _, alive = psutil.wait_procs(workers, timeout=20)
+    assert not alive, [p.cmdline() for p in alive]
+    resumed = doit(args)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert len(list((tmp_path / MODEL / "seq32" / "onnx").glob("*.onnx"))) == 9 and leftovers(tmp_path) == []
+
+
 @pytest.mark.compiler
 def test_two_builds_of_one_folder_at_once_share_the_work(tmp_path):
     args = ["build", "model=tiny-llama", f"build_dir={tmp_path}", f"dist_dir={tmp_path / 'dist'}"]
@@ -146,8 +171,10 @@ def test_editing_a_module_deep_in_a_stages_imports_reruns_that_stage_only(tmp_pa
 
 
 @pytest.mark.compiler
-def test_ctrl_c_stops_the_build_as_interrupted_not_failed(tmp_path):
-    args = ["build", "model=tiny-qwen3", f"build_dir={tmp_path}", f"dist_dir={tmp_path / 'dist'}"]
+@pytest.mark.parametrize("jobs", ["1", "2"])
+def test_ctrl_c_stops_the_build_as_interrupted_not_failed(tmp_path, jobs):
+    """One process, or several (the default): the task, or the build, says it was interrupted."""
+    args = ["build", "model=tiny-qwen3", f"build_dir={tmp_path}", f"dist_dir={tmp_path / 'dist'}", f"jobs={jobs}"]
     # as from a terminal: Ctrl-C's default action (a test run started in the background, `cmd &` in a
     # script, inherits SIGINT ignored, and so would the build)
     process = subprocess.Popen([str(DOIT), *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -163,9 +190,14 @@ def test_ctrl_c_stops_the_build_as_interrupted_not_failed(tmp_path):
     output = "".join(lines) + process.stdout.read()
     process.wait()
     assert process.returncode == 130, output
-    assert "[interrupted] deploy:tiny-qwen3/seq32/int8_1dev_bm1684x_dyn/block_0 stopped by Ctrl-C" in output
+    assert ("[interrupted] deploy:tiny-qwen3/seq32/int8_1dev_bm1684x_dyn/block_0 stopped by Ctrl-C" if jobs == "1"
+            else "[interrupted] the build stopped by Ctrl-C") in output
     assert "Traceback" not in output and "failed" not in output, output
     resumed = doit(args)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert "deploy:tiny-qwen3/seq32/int8_1dev_bm1684x_dyn/block_0" in ran(resumed.stdout)
-    assert not [t for t in ran(resumed.stdout) if t.split(":")[0] in ("export", "transform")]
+    # what was done before the Ctrl-C is not done again (one process: every export and transform)
+    done = {f"{stage}:tiny-qwen3/seq32/{piece}"
+            for stage, piece in re.findall(r"^\[(export|transform) \d+/9\] (\S+) done in", output, re.M)}
+    assert len(done) >= (18 if jobs == "1" else 1)
+    assert not done & set(ran(resumed.stdout))
