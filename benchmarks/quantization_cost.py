@@ -46,11 +46,11 @@ def quantized_pipeline(export, deploy, mode: str, out: Path) -> Path:
     """A copy of the ONNX folder whose block pieces hold the bmodel's weights."""
     import onnx
 
-    from pipeline.compile import quantized_weights
+    from pipeline.compile import weights_quantized
 
     shutil.copytree(export.paths.onnx, out)
     for piece in export.pieces:
-        if quantized_weights(piece, mode):
+        if weights_quantized(piece, mode):
             model, _ = deploy.dequantized_net(piece)
             onnx.save(model, str(out / f"{piece.file}.onnx"))
     return out

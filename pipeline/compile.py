@@ -79,7 +79,7 @@ HEADS = ("greedy_head", "sample_head")  # float32 as the logits; on the first de
 FLOAT_TYPED = ("embedding", "embedding_cache", "lm_head")  # in the mode's float type
 
 
-def quantized_weights(piece: Piece, mode: str) -> bool:
+def weights_quantized(piece: Piece, mode: str) -> bool:
     """Whether the piece's weights are quantized in this mode (every block, in a W8/W4 mode)."""
     return MODES[mode].startswith("W") and piece.kind not in HEADS + FLOAT_TYPED
 

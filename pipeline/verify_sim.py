@@ -18,7 +18,7 @@ from runtime.engine import Engine
 from runtime.isolated_backend import IsolatedBmodelBackend
 from runtime.onnx_backend import OnnxBackend
 
-from .compile import float_type, quantized_weights
+from .compile import float_type, weights_quantized
 from .errors import PipelineError
 from .families import get_family
 from .families.base import THRESHOLDS
@@ -126,7 +126,7 @@ def explain_misses(mode: str, results: dict, runs: dict, onnx_dir: Path, dequant
     float_thresholds, sessions, explained = THRESHOLDS[float_type(mode).lower()], {}, 0
     for key, outputs in results.items():
         missed = [name for name, r in outputs.items() if not r["ok"] and r.get("cosine") is not None]
-        if not missed or key not in runs or not quantized_weights(runs[key][0], mode):
+        if not missed or key not in runs or not weights_quantized(runs[key][0], mode):
             continue
         piece, feeds, got = runs[key]
         say(f"[verify {mode} on the simulator] {key}: {', '.join(missed)} below the thresholds against fp32; "
