@@ -40,13 +40,31 @@ LEFTOVERS = ("*_origin.mlir", "*_external_data")
 
 
 def transform(piece: Piece, onnx: Path, out_dir: Path, log: Path, log_dir: Path, onnx_sim: bool = False,
-              float32_ops=None) -> None:
-    """model_transform.py into `out_dir` (<piece>.mlir + its weight file), atomically; with
-    `float32_ops` (a predicate on op names), the quantize table that keeps those ops float32."""
+              float32_ops=None, template: Path | None = None, is_template: bool = False) -> str:
+    """<piece>.mlir + its weight file into `out_dir`, atomically: from `template` (the transform of
+    the first piece of its kind) when it serves this graph, else by model_transform.py, which
+    `is_template` then records for the pieces that follow (pipeline/layer_template.py). With
+    `float32_ops` (a predicate on op names), the quantize table that keeps those ops float32.
+    Returns how it was made."""
+    from . import layer_template
+
+    model = _load_onnx(onnx) if template or is_template else None
+    why = layer_template.usable(template, model) if template else None
     with atomic_dir(out_dir) as tmp:
-        run_python_tool("model_transform", ["--model_name", piece.name, "--model_def", str(onnx.resolve()),
-                                            "--mlir", f"{piece.name}.mlir", *([] if onnx_sim else TRANSFORM_FLAGS)],
-                        tmp, log, log_dir)
+        if template and why is None:
+            layer_template.transform_from_template(template, piece.name, model, tmp)
+            how = f"from {template.name}'s transform (the same graph), with its own weights"
+            log.parent.mkdir(parents=True, exist_ok=True)
+            write_text(log, f"{piece.name}: {how}: {onnx}\n")
+        else:
+            run_python_tool("model_transform", ["--model_name", piece.name, "--model_def", str(onnx.resolve()),
+                                                "--mlir", f"{piece.name}.mlir", *([] if onnx_sim else TRANSFORM_FLAGS)],
+                            tmp, log, log_dir)
+            how = "model_transform.py" + (f" ({template.name}'s transform does not serve it: {why})" if why else "")
+            if is_template:
+                layer_template.record_template(piece.name, model, tmp / f"{piece.name}.mlir",
+                                               tmp / f"{piece.name}_top_f32_all_weight.npz")
+        del model
         if float32_ops:
             write_quantize_table(tmp / f"{piece.name}.mlir", float32_ops, tmp / qtable_name(piece))
         for pattern in LEFTOVERS:
@@ -55,6 +73,13 @@ def transform(piece: Piece, onnx: Path, out_dir: Path, log: Path, log_dir: Path,
         weights = tmp / f"{piece.name}_top_f32_all_weight.npz"
         if not weights.exists():  # a piece without weights (the heads): an empty file, for one layout
             np.savez(weights)
+    return how
+
+
+def _load_onnx(path: Path):
+    import onnx
+
+    return onnx.load(str(path))  # with its weights (external data too)
 
 
 def qtable_name(piece: Piece) -> str:

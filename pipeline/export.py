@@ -12,6 +12,7 @@ import tempfile
 import warnings
 from pathlib import Path
 
+from . import layer_template
 from .checkpoint import Checkpoint
 from .families import canonical_family
 from .fsutil import UMASK, require_space
@@ -30,8 +31,11 @@ def example_inputs(kind: str, dims: Dims):
 
 
 def export_piece(piece: Piece, config: dict, source: Path, mapping: dict, out: Path, log: Path,
-                 external_data_bytes: int = EXTERNAL_DATA_BYTES) -> None:
-    """Build the piece's torch module from its own tensors and write `out` atomically."""
+                 external_data_bytes: int = EXTERNAL_DATA_BYTES, template: Path | None = None,
+                 is_template: bool = False) -> str:
+    """Build the piece's torch module from its own tensors and write `out` atomically: the graph of
+    `template` (the first piece of its kind) with this piece's weights when its plan allows, else
+    by torch's exporter, which `is_template` then records (layer_template.py). Returns how."""
     import torch
 
     from .torch_pieces import build_piece
@@ -46,6 +50,20 @@ def export_piece(piece: Piece, config: dict, source: Path, mapping: dict, out: P
     # over the external-data size, the weights are written twice (torch's files, then one .data)
     require_space(out.parent, weight_bytes * (2 if weight_bytes > external_data_bytes else 1), out.name)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    if template:
+        try:
+            why = layer_template.export_from_template(template, _state(module), tmp / out.name,
+                                                      weight_bytes > external_data_bytes)
+            if why is None:
+                _publish(tmp, out)
+                how = f"from {template.name}'s graph, with its own weights"
+                log.parent.mkdir(parents=True, exist_ok=True)
+                log.write_text(f"{piece.file}: {how}\n", encoding="utf-8")
+                return how
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    how = "torch.onnx.export" + (f" ({template.name}'s graph does not serve it: {why})" if template else "")
     captured, caught = io.StringIO(), []
     try:
         with warnings.catch_warnings(record=True) as caught, contextlib.redirect_stdout(captured), \
@@ -58,12 +76,16 @@ def export_piece(piece: Piece, config: dict, source: Path, mapping: dict, out: P
             fixes = family.onnx_fixes(piece.kind)
             if fixes:  # a graph torch could not infer all shapes of: its outputs' are declared too
                 fixes.append(functools.partial(_declare_outputs, shapes=[list(t.shape) for t in module(*example)]))
+        state = _state(module) if is_template else None  # (the template's: for its plan, below)
         del module
         if weight_bytes > external_data_bytes:
             _to_single_external_file(tmp / out.name)
         if piece.kind in DYNAMIC_KINDS:
             free_prefill_lengths(tmp / out.name)
         fix_graph(tmp / out.name, fixes)
+        if is_template:  # which of the module's tensors each weight of the graph is, for the layers that follow
+            layer_template.write_plan(tmp / out.name, state)
+            del state
         _publish(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -71,6 +93,12 @@ def export_piece(piece: Piece, config: dict, source: Path, mapping: dict, out: P
         log.parent.mkdir(parents=True, exist_ok=True)
         log.write_text(captured.getvalue() + "".join(f"{w.category.__name__}: {w.message}\n" for w in caught),
                        encoding="utf-8")
+    return how
+
+
+def _state(module) -> dict:
+    """The module's tensors (parameters and buffers) as numpy arrays, without copies."""
+    return {name: t.detach().numpy() for name, t in module.state_dict().items()}
 
 
 def free_prefill_lengths(path: Path) -> None:
@@ -122,13 +150,13 @@ def _to_single_external_file(path: Path) -> None:
 
 
 def _publish(tmp: Path, out: Path) -> None:
-    """Move the data file first and the graph last: the graph (the doit target) appears only
-    when its weights are already in place."""
-    data = tmp / (out.name + ".data")
-    stale = out.with_name(out.name + ".data")
-    if data.exists():
-        os.chmod(data, 0o666 & ~UMASK)  # onnx writes it 0600; an artifact gets the usual permissions
-        os.replace(data, stale)
-    else:
-        stale.unlink(missing_ok=True)
+    """Move the data file (and a template's plan) first and the graph last: the graph (the doit
+    target) appears only when what it needs is already in place."""
+    for suffix in (".data", layer_template.PLAN_SUFFIX):
+        made, stale = tmp / (out.name + suffix), out.with_name(out.name + suffix)
+        if made.exists():
+            os.chmod(made, 0o666 & ~UMASK)  # onnx writes it 0600; an artifact gets the usual permissions
+            os.replace(made, stale)
+        else:
+            stale.unlink(missing_ok=True)
     os.replace(tmp / out.name, out)

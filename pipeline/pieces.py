@@ -93,6 +93,17 @@ def model_pieces(num_layers: int, history: int = 0, stages: tuple[int, ...] = ()
     return pieces
 
 
+def same_program(pieces: list[Piece]) -> dict[Piece, Piece]:
+    """Each piece whose kind and shapes an earlier piece has -> that first one (its template: the
+    layers of a kind differ only in their weights; pipeline/layer_template.py)."""
+    firsts, followers = {}, {}
+    for piece in pieces:
+        first = firsts.setdefault((piece.kind, piece.chunk, piece.stage), piece)
+        if first is not piece:
+            followers[piece] = first
+    return followers
+
+
 @dataclass(frozen=True)
 class LinearDims:
     """A linear-attention layer's state: conv [1, conv_dim, kernel], recurrent [1, v_heads, k_dim, v_dim]."""

@@ -21,7 +21,7 @@ from .build_config import BuildConfig
 from .code_keys import source_files
 from .families import get_family
 from .fsutil import ensure_writable_dir, read_json
-from .pieces import model_pieces
+from .pieces import model_pieces, same_program
 from .progress import say
 from .task_state import stop_quietly_on_ctrl_c, task_action
 from .toolchain.install import expected_version
@@ -197,18 +197,30 @@ class ExportTasks(Stage):
         self.build, self.paths = build, paths
         self.pieces = model_pieces(build.model.architecture.num_layers, build.history_chunk, build.stages,
                                    build.model.architecture.linear_layers)
+        # the first piece of each kind and shape: the later ones reuse its export and transform
+        self.followers = same_program(self.pieces)
+        self.templates = set(self.followers.values())
 
     def target(self, piece) -> Path:
         return self.paths.onnx / f"{piece.file}.onnx"
 
+    def plan(self, piece) -> Path:
+        """A template's weights plan (layer_template.py)."""
+        from .layer_template import PLAN_SUFFIX
+
+        return self.paths.onnx / f"{piece.file}.onnx{PLAN_SUFFIX}"
+
     def tasks(self):
         """one ONNX file per piece of the net interface"""
         for k, piece in enumerate(self.pieces, 1):
+            template = self.followers.get(piece)
             yield {"name": f"{self.build.model.name}/seq{self.build.seq}/{piece.file}",
                    "doc": f"export {piece.file} to ONNX", "actions": [(self.action(self.run), [piece, k])],
                    "file_dep": [self.paths.export_config, self.paths.tensor_map,
-                                self.paths.fingerprint(piece.group), *CODE["export"]],
-                   "targets": [self.target(piece)], "uptodate": [config_changed(TOOL_VERSIONS)], "clean": True}
+                                self.paths.fingerprint(piece.group), *CODE["export"],
+                                *([self.plan(template)] if template else [])],  # its graph, not its weights
+                   "targets": [self.target(piece), *([self.plan(piece)] if piece in self.templates else [])],
+                   "uptodate": [config_changed(TOOL_VERSIONS)], "clean": True}
 
     def run(self, piece, index):
         self.execute(piece.file, self.paths.piece_bytes(piece), "work", piece, index)
@@ -218,9 +230,12 @@ class ExportTasks(Stage):
 
         start, log = time.perf_counter(), self.paths.logs / "export" / f"{piece.file}.log"
         say(f"[export {index}/{len(self.pieces)}] {piece.file} ...")
-        export_piece(piece, read_json(self.paths.export_config), Path(read_json(self.paths.source)["folder"]),
-                     read_json(self.paths.tensor_map), self.target(piece), log)
-        say(f"[export {index}/{len(self.pieces)}] {piece.file} done in {time.perf_counter() - start:.1f} s (log {log})")
+        template = self.followers.get(piece)
+        how = export_piece(piece, read_json(self.paths.export_config), Path(read_json(self.paths.source)["folder"]),
+                           read_json(self.paths.tensor_map), self.target(piece), log,
+                           template=self.target(template) if template else None, is_template=piece in self.templates)
+        say(f"[export {index}/{len(self.pieces)}] {piece.file} done in {time.perf_counter() - start:.1f} s, {how} "
+            f"(log {log})")
 
 
 class TransformTasks(Stage):
@@ -232,6 +247,11 @@ class TransformTasks(Stage):
 
     def mlir(self, piece) -> Path:
         return self.paths.transform / piece.file / f"{piece.name}.mlir"
+
+    def template_record(self, piece) -> Path:
+        from .layer_template import RECORD
+
+        return self.mlir(piece).parent / RECORD
 
     def weights(self, piece) -> Path:
         """The weight file the mlir names (model_transform's convention)."""
@@ -247,10 +267,13 @@ class TransformTasks(Stage):
     def tasks(self):
         """model_transform.py per piece (one long-lived toolchain process for all)"""
         for k, piece in enumerate(self.export.pieces, 1):
+            template = self.export.followers.get(piece)
             yield {"name": f"{self.build.model.name}/seq{self.build.seq}/{piece.file}",
                    "doc": f"transform {piece.file} to MLIR", "actions": [(self.action(self.run), [piece, k])],
-                   "file_dep": [self.export.target(piece), *CODE["transform"]],
-                   "targets": [self.mlir(piece), self.weights(piece), *self.qtable(piece)],
+                   "file_dep": [self.export.target(piece), *CODE["transform"],
+                                *([self.mlir(template), self.template_record(template)] if template else [])],
+                   "targets": [self.mlir(piece), self.weights(piece), *self.qtable(piece),
+                               *([self.template_record(piece)] if piece in self.export.templates else [])],
                    "meta": {"outputs": [self.mlir(piece).parent]},
                    "uptodate": [config_changed(COMPILER)], "clean": [(_rmtree, [self.mlir(piece).parent])]}
 
@@ -263,9 +286,12 @@ class TransformTasks(Stage):
         start, total = time.perf_counter(), len(self.export.pieces)
         log, family = self.paths.logs / "transform" / f"{piece.file}.log", get_family(self.build.model.family)
         say(f"[transform {index}/{total}] {piece.file} ...")
-        transform(piece, self.export.target(piece), self.mlir(piece).parent, log, self.paths.logs,
-                  onnx_sim=family.onnx_sim(piece.kind), float32_ops=family.float32_ops(piece.kind))
-        say(f"[transform {index}/{total}] {piece.file} done in {time.perf_counter() - start:.1f} s (log {log})")
+        template = self.export.followers.get(piece)
+        how = transform(piece, self.export.target(piece), self.mlir(piece).parent, log, self.paths.logs,
+                        onnx_sim=family.onnx_sim(piece.kind), float32_ops=family.float32_ops(piece.kind),
+                        template=self.mlir(template).parent if template else None,
+                        is_template=piece in self.export.templates)
+        say(f"[transform {index}/{total}] {piece.file} done in {time.perf_counter() - start:.1f} s, {how} (log {log})")
 
 
 class DeployTasks(Stage):

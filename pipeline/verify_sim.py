@@ -82,19 +82,22 @@ class Simulator:
 
 def check_pieces(thresholds: tuple[float, float], dims: Dims, onnx_dir: Path, deploy_dir: Path, ids: list[int],
                  sim: Simulator, progress, dynamic: bool = False) -> tuple[dict, dict]:
-    """Every deployed piece on the verify prompt's activations; a dynamic build's prefill pieces
-    also at shorter lengths (`<net> at length <m>`): one token, half the prompt, the prompt.
+    """Every deployed piece on the verify prompt's activations; a dynamic build's first prefill
+    piece of each kind also at shorter lengths (`<net> at length <m>`): one token, half the prompt,
+    the prompt. The other layers of that kind are the same program at the same shapes (the compiler
+    sees shapes, not weight values), checked at the full length with their own weights.
     Returns the comparisons, and what each one ran (piece, feeds, simulator outputs)."""
     onnx, at_lengths = OnnxBackend(onnx_dir, chunk=dims.chunk, stages=dims.stages, exact=False), {}  # the files
     min_cosine, max_rel = thresholds
-    runs = {}
+    runs, kinds_at_lengths = {}, set()
 
     def judge(kind, ref, got):
         return compare(ref, got, min_cosine, max_rel)
 
     def candidate(piece, feeds):  # each piece runs once (a dynamic one once per length)
         net, backend = piece.name, sim.open(deploy_dir / f"{piece.file}.bmodel", whole_model=False)
-        if dynamic and piece.kind in DYNAMIC_KINDS:
+        if dynamic and piece.kind in DYNAMIC_KINDS and piece.kind not in kinds_at_lengths:
+            kinds_at_lengths.add(piece.kind)
             reference = onnx.run(net, feeds)
             # the tokens the walk gave it: the prompt, or the next turn's
             length = next_turn_tokens(len(ids), dims) if piece.kind == "block_kv" else len(ids)

@@ -38,22 +38,23 @@ def test_rebuild_rules(tmp_path):
     assert back.code == 0 and back.ran == [], back.ran
 
 
-def test_changed_layer_reexports_only_its_pieces(tmp_path, generated_checkpoint):
+@pytest.mark.parametrize("layer", [0, 1])  # layer 0's pieces are the templates of layer 1's
+def test_changed_layer_reexports_only_its_pieces(tmp_path, generated_checkpoint, layer):
     user = tmp_path / "user-checkpoint"
     shutil.copytree(generated_checkpoint, user)
     build_dir = tmp_path / "build"
     assert run_doit(build_dir, ONNX, model=MODEL, path=user).code == 0
 
-    shard = next(f for f in sorted(user.glob("*.safetensors"))
-                 if "model.layers.1.mlp.up_proj.weight" in load_file(f))
+    name = f"model.layers.{layer}.mlp.up_proj.weight"
+    shard = next(f for f in sorted(user.glob("*.safetensors")) if name in load_file(f))
     tensors = load_file(shard)
-    tensors["model.layers.1.mlp.up_proj.weight"] = tensors["model.layers.1.mlp.up_proj.weight"] * 1.5
+    tensors[name] = tensors[name] * 1.5
     save_file(tensors, shard, metadata={"format": "pt"})
 
     rebuilt = run_doit(build_dir, ONNX, model=MODEL, path=user)
     assert rebuilt.code == 0, rebuilt.output
-    assert sorted(rebuilt.ran_basename("export")) == [f"export:{MODEL}/seq32/block_1",
-                                                      f"export:{MODEL}/seq32/block_cache_1"]
+    assert sorted(rebuilt.ran_basename("export")) == [f"export:{MODEL}/seq32/block_{layer}",
+                                                      f"export:{MODEL}/seq32/block_cache_{layer}"]
     assert rebuilt.ran_basename("verify") == [f"verify:{MODEL}/seq32"]
 
 
