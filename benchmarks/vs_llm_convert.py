@@ -25,20 +25,60 @@ DOIT = Path(sys.executable).parent / "doit"
 LLM_CONVERT_MODES = {"int4": "w4bf16", "int8": "w8bf16", "bf16": "bf16"}
 
 
-def timed(argv: list[str], **kwargs) -> tuple[float, str]:
-    start = time.perf_counter()
-    out = subprocess.run(argv, capture_output=True, text=True, **kwargs)
-    if out.returncode:
-        raise SystemExit(f"{' '.join(argv[:3])} ... failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
-    return time.perf_counter() - start, out.stdout + out.stderr
+def tree_rss(pid: int) -> int:
+    """Resident bytes of a process and all its descendants (forked workers share pages: an upper bound)."""
+    import psutil
+
+    try:
+        procs = [psutil.Process(pid)]
+        procs += procs[0].children(recursive=True)
+    except psutil.Error:
+        return 0
+    total = 0
+    for proc in procs:
+        try:
+            total += proc.memory_info().rss
+        except psutil.Error:
+            pass
+    return total
 
 
-def ours(build_dir: Path, variables: list[str], *extra: str, code: Path = ROOT) -> tuple[float, int]:
-    """`doit build` with the project's code at `code` (a checkout of another commit: --baseline)."""
+def timed(argv: list[str], **kwargs) -> tuple[float, str, float]:
+    """(seconds, output, peak resident GiB of its process tree, sampled every 0.5 s)."""
+    start, peak = time.perf_counter(), 0
+    with tempfile.TemporaryFile("w+") as out:
+        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, text=True, **kwargs)
+        while proc.poll() is None:
+            peak = max(peak, tree_rss(proc.pid))
+            time.sleep(0.5)
+        out.seek(0)
+        output = out.read()
+    if proc.returncode:
+        raise SystemExit(f"{' '.join(argv[:3])} ... failed:\n{output[-6000:]}")
+    return time.perf_counter() - start, output, peak / 2**30
+
+
+def ours(build_dir: Path, variables: list[str], *extra: str, code: Path = ROOT) -> tuple[float, int, str, float]:
+    """`doit build` with the project's code at `code` (a checkout of another commit: --baseline):
+    (seconds, tasks run, output, peak GiB)."""
     env = {**os.environ, "PYTHONPATH": str(code)} if code != ROOT else None
-    seconds, output = timed([str(DOIT), "build", *variables, *extra, f"build_dir={build_dir}",
-                             f"dist_dir={build_dir / 'dist'}"], cwd=code, env=env)
-    return seconds, len(re.findall(r"^\.  ", output, re.M))
+    seconds, output, peak = timed([str(DOIT), "build", *variables, *extra, f"build_dir={build_dir}",
+                                   f"dist_dir={build_dir / 'dist'}"], cwd=code, env=env)
+    return seconds, len(re.findall(r"^\.  ", output, re.M)), output, peak
+
+
+def per_piece(output: str) -> str:
+    """What the first layer of a kind and the later ones (made from it) took, per stage."""
+    found = re.findall(r"\[(export|transform) \d+/\d+\] (\S+) done in ([\d.]+) s, (.*?) \(log", output)
+    parts = []
+    for stage in ("export", "transform"):
+        later = [float(t) for st, piece, t, how in found if st == stage and how.startswith("from ")]
+        first = [float(t) for st, piece, t, how in found
+                 if st == stage and not how.startswith("from ") and piece.startswith("block")]
+        if first:
+            parts.append(f"{stage}: {sum(first) / len(first):.1f} s a first layer of a kind ({len(first)}), "
+                         + (f"{sum(later) / len(later):.1f} s a later layer ({len(later)})" if later else "no later layer"))
+    return "; ".join(parts)
 
 
 def checkout(rev: str, where: Path) -> Path:
@@ -48,13 +88,26 @@ def checkout(rev: str, where: Path) -> Path:
     return where
 
 
-def llm_convert(checkpoint: Path, seq: int, mode: str, out: Path, *extra: str) -> float:
+def llm_convert(checkpoint: Path, seq: int, mode: str, out: Path, *extra: str) -> tuple[float, float]:
+    """(seconds, peak GiB) of tpu-mlir's llm_convert.py."""
     from pipeline.toolchain.install import ensure_toolchain
 
     toolchain = ensure_toolchain()
-    return timed([str(toolchain.bin / "llm_convert.py"), "-m", str(checkpoint), "-s", str(seq), "-q",
-                  LLM_CONVERT_MODES[mode], "-c", "bm1684x", "-o", str(out), *extra], cwd=out.parent,
-                 env=toolchain.env())[0]
+    seconds, _, peak = timed([str(toolchain.bin / "llm_convert.py"), "-m", str(checkpoint), "-s", str(seq), "-q",
+                              LLM_CONVERT_MODES[mode], "-c", "bm1684x", "-o", str(out), *extra], cwd=out.parent,
+                             env=toolchain.env())
+    return seconds, peak
+
+
+def rebuilds(build: Path, variables: list[str], checkpoint: Path, theirs: Path, args) -> list[tuple]:
+    """The rows of a rebuild with nothing changed, and of another mode, after the full build."""
+    noop, ran, _, _ = ours(build, variables)
+    rows = [("nothing changed", f"{noop:.2f} s ({ran} tasks)",
+             f"{llm_convert(checkpoint, args.seq, args.mode, theirs / 'out', '--again')[0]:.1f} s (`--again`)")]
+    other, ran, _, _ = ours(build, variables, f"mode={args.other_mode}")
+    rows.append((f"another mode ({args.mode} -> {args.other_mode})", f"{other:.1f} s ({ran} tasks)",
+                 f"{llm_convert(checkpoint, args.seq, args.other_mode, theirs / 'other')[0]:.1f} s"))
+    return rows
 
 
 def main():
@@ -66,6 +119,7 @@ def main():
     parser.add_argument("--other-mode", default="int8")
     parser.add_argument("--jobs", nargs="*", default=[], help="also a full build with each of these jobs=")
     parser.add_argument("--baseline", help="also a full build by this project at this git commit")
+    parser.add_argument("--full-build-only", action="store_true", help="skip the no-op and the other mode")
     args = parser.parse_args()
     if shutil.which("parallel") is None:
         raise SystemExit("llm_convert.py needs GNU parallel (apt-get install parallel)")
@@ -77,35 +131,38 @@ def main():
         checkpoint = next(build.glob("*/checkpoint"))  # generating it is part of neither build
         theirs = Path(tmp) / "llm_convert"
         theirs.mkdir()
-        full, ran = ours(build, variables)
-        rows.append(("full build", f"{full:.1f} s ({ran} tasks, ONNX verification included)",
-                     f"{llm_convert(checkpoint, args.seq, args.mode, theirs / 'out'):.1f} s"))
-        noop, ran = ours(build, variables)
-        rows.append(("nothing changed", f"{noop:.2f} s ({ran} tasks)",
-                     f"{llm_convert(checkpoint, args.seq, args.mode, theirs / 'out', '--again'):.1f} s (`--again`)"))
-        other, ran = ours(build, variables, f"mode={args.other_mode}")
-        rows.append((f"another mode ({args.mode} -> {args.other_mode})", f"{other:.1f} s ({ran} tasks)",
-                     f"{llm_convert(checkpoint, args.seq, args.other_mode, theirs / 'other'):.1f} s"))
+        full, ran, output, peak = ours(build, variables)
+        their_full, their_peak = llm_convert(checkpoint, args.seq, args.mode, theirs / "out")
+        rows.append(("full build", f"{full:.1f} s ({ran} tasks, ONNX verification included; peak {peak:.1f} GiB)",
+                     f"{their_full:.1f} s (peak {their_peak:.1f} GiB)"))
+        pieces = per_piece(output)
+        if not args.full_build_only:
+            rows += rebuilds(build, variables, checkpoint, theirs, args)
         if args.baseline:
             fresh = Path(tmp) / "baseline"
             code = checkout(args.baseline, Path(tmp) / "baseline-code")
             try:
                 timed([str(DOIT), "checkpoint", *variables, f"build_dir={fresh}", f"dist_dir={fresh / 'dist'}"],
                       cwd=ROOT)
-                seconds, ran = ours(fresh, variables, code=code)
+                seconds, ran, _, peak = ours(fresh, variables, code=code)
             finally:
                 subprocess.run(["git", "worktree", "remove", "--force", str(code)], cwd=ROOT, capture_output=True)
-            rows.append((f"full build, this project at {args.baseline}", f"{seconds:.1f} s ({ran} tasks)", ""))
+            rows.append((f"full build, this project at {args.baseline}", f"{seconds:.1f} s ({ran} tasks; peak "
+                         f"{peak:.1f} GiB)", ""))
         for jobs in args.jobs:
             fresh = Path(tmp) / f"jobs{jobs}"  # the same checkpoint, generated again (not timed)
             timed([str(DOIT), "checkpoint", *variables, f"build_dir={fresh}", f"dist_dir={fresh / 'dist'}"], cwd=ROOT)
-            seconds, ran = ours(fresh, variables, f"jobs={jobs}")
-            rows.append((f"full build, `jobs={jobs}`", f"{seconds:.1f} s ({ran} tasks)", ""))
+            seconds, ran, _, peak = ours(fresh, variables, f"jobs={jobs}")
+            rows.append((f"full build, `jobs={jobs}`", f"{seconds:.1f} s ({ran} tasks; peak {peak:.1f} GiB)", ""))
     lines = [f"`{args.model}` with {args.layers} layers, seq {args.seq}, {args.mode}; {os.cpu_count()} cores, "
              f"{time.strftime('%Y-%m-%d')}; one run, the two side by side on one generated checkpoint.", "",
              "| | this project (`doit build`) | llm_convert.py |", "|---|---|---|"]
     lines += [f"| {what} | {a} | {b} |" for what, a, b in rows]
-    publish("\n".join(lines) + "\n", "vs_llm_convert.md" if args.layers == 4 else f"vs_llm_convert_{args.layers}l.md")
+    lines += ["", f"Ours, per piece in the full build: {pieces}. Peak: the resident memory of each build's "
+              "processes together, sampled every 0.5 s (forked processes share pages: an upper bound)."]
+    name = "vs_llm_convert" + ("" if args.model == "bench-qwen2-medium" else f"_{args.model}") + \
+        ("" if args.layers == 4 and args.model == "bench-qwen2-medium" else f"_{args.layers}l")
+    publish("\n".join(lines) + "\n", name + ".md")
 
 
 if __name__ == "__main__":

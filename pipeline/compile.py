@@ -48,8 +48,9 @@ def transform(piece: Piece, onnx: Path, out_dir: Path, log: Path, log_dir: Path,
     Returns how it was made."""
     from . import layer_template
 
-    model = _load_onnx(onnx) if template or is_template else None
-    why = layer_template.usable(template, model) if template else None
+    model, why = _load_onnx(onnx) if template else (None, None)  # (a template's: after its transform)
+    if template and model is not None:
+        why = layer_template.usable(template, model)
     with atomic_dir(out_dir) as tmp:
         if template and why is None:
             layer_template.transform_from_template(template, piece.name, model, tmp)
@@ -60,8 +61,12 @@ def transform(piece: Piece, onnx: Path, out_dir: Path, log: Path, log_dir: Path,
             run_python_tool("model_transform", ["--model_name", piece.name, "--model_def", str(onnx.resolve()),
                                                 "--mlir", f"{piece.name}.mlir", *([] if onnx_sim else TRANSFORM_FLAGS)],
                             tmp, log, log_dir)
-            how = "model_transform.py" + (f" ({template.name}'s transform does not serve it: {why})" if why else "")
-            if is_template:
+            how = "model_transform.py" + (f" ({template.name}'s transform does not serve it: {why})"
+                                          if template and why else "")
+            if is_template:  # the ONNX weights loaded only now: the transform's peak is over
+                model, unreadable = _load_onnx(onnx)
+                if unreadable:
+                    raise PipelineError(f"{onnx}: model_transform.py read it, but {unreadable[4:]}")
                 layer_template.record_template(piece.name, model, tmp / f"{piece.name}.mlir",
                                                tmp / f"{piece.name}_top_f32_all_weight.npz")
         del model
@@ -76,10 +81,15 @@ def transform(piece: Piece, onnx: Path, out_dir: Path, log: Path, log_dir: Path,
     return how
 
 
-def _load_onnx(path: Path):
+def _load_onnx(path: Path) -> tuple:
+    """(the model with its weights, None), or (None, why not): model_transform.py then reads it
+    itself, and a damaged file fails there, with its log quoted."""
     import onnx
 
-    return onnx.load(str(path))  # with its weights (external data too)
+    try:
+        return onnx.load(str(path)), None
+    except Exception as err:  # a truncated or damaged file: protobuf's DecodeError, a missing .data
+        return None, f"its ONNX file could not be read ({type(err).__name__})"
 
 
 def qtable_name(piece: Piece) -> str:

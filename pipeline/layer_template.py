@@ -73,7 +73,10 @@ def export_from_template(template: Path, state: dict[str, np.ndarray], out: Path
     plan = json.loads(plan_file.read_text(encoding="utf-8"))["plan"]
     if isinstance(plan, str):
         return plan
-    model = onnx.load(str(template), load_external_data=False)
+    try:
+        model = onnx.load(str(template), load_external_data=False)
+    except Exception as err:  # a damaged template: the exporter makes this piece itself
+        return f"{template.name} could not be read ({type(err).__name__})"
     for t in model.graph.initializer:
         if t.name not in plan:
             if t.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16,
