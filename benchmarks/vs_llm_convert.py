@@ -78,6 +78,9 @@ def per_piece(output: str) -> str:
         if first:
             parts.append(f"{stage}: {sum(first) / len(first):.1f} s a first layer of a kind ({len(first)}), "
                          + (f"{sum(later) / len(later):.1f} s a later layer ({len(later)})" if later else "no later layer"))
+    waits = re.findall(r"^\[memory\] (.+?) waits: needs ([\d.]+) GiB", output, re.M)
+    parts.append(f"{len(waits)} tasks waited for memory" + (f" ({', '.join(f'{w} {g} GiB' for w, g in waits[:6])}"
+                                                           f"{' ...' if len(waits) > 6 else ''})" if waits else ""))
     return "; ".join(parts)
 
 

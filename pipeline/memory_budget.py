@@ -88,9 +88,10 @@ class MemoryBudget:
         with self._ledger() as entries:
             ticket = max((e["ticket"] for e in entries), default=0) + 1
             entries.append({"key": key, "task": task, "bytes": need, "ticket": ticket, "running": False, **_me()})
+            started = self._start_if_fits(entries, key)  # in the same look: no one can slip in between
         waited, start = False, time.monotonic()
         try:
-            while not self._try_start(key):
+            while not started and not self._try_start(key):
                 if not waited:
                     waited = True
                     say(self._waiting_words(task, need))
@@ -104,14 +105,18 @@ class MemoryBudget:
 
     def _try_start(self, key: str) -> bool:
         with self._ledger() as entries:
-            mine = next(e for e in entries if e["key"] == key)
-            running = [e for e in entries if e["running"]]
-            earlier = [e for e in entries if not e["running"] and e["ticket"] < mine["ticket"]]
-            used = sum(e["bytes"] for e in running)
-            if not earlier and (not running or used + mine["bytes"] <= self.budget):
-                mine["running"] = True
-                return True
-            return False
+            return self._start_if_fits(entries, key)
+
+    def _start_if_fits(self, entries: list[dict], key: str) -> bool:
+        """Mark `key` running if no earlier waiter is left and it fits beside what runs."""
+        mine = next(e for e in entries if e["key"] == key)
+        running = [e for e in entries if e["running"]]
+        earlier = [e for e in entries if not e["running"] and e["ticket"] < mine["ticket"]]
+        used = sum(e["bytes"] for e in running)
+        if not earlier and (not running or used + mine["bytes"] <= self.budget):
+            mine["running"] = True
+            return True
+        return False
 
     def _waiting_words(self, task: str, need: int) -> str:
         entries = self.entries()
