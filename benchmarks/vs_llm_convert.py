@@ -135,6 +135,7 @@ def main():
         theirs = Path(tmp) / "llm_convert"
         theirs.mkdir()
         full, ran, output, peak = ours(build, variables)
+        print(f"ours: full build {full:.1f} s ({ran} tasks, peak {peak:.1f} GiB); {per_piece(output)}", flush=True)
         their_full, their_peak = llm_convert(checkpoint, args.seq, args.mode, theirs / "out")
         rows.append(("full build", f"{full:.1f} s ({ran} tasks, ONNX verification included; peak {peak:.1f} GiB)",
                      f"{their_full:.1f} s (peak {their_peak:.1f} GiB)"))
