@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks.common import publish  # noqa: E402
+from benchmarks.common import model_options, publish  # noqa: E402
 from benchmarks.vs_llm_convert import DOIT, ROOT, timed, tree_rss  # noqa: E402
 
 
@@ -49,10 +49,7 @@ def on_cluster(workers: int, worker_memory: int, build: Path, variables: list[st
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="bench-qwen2-medium")
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--seq", type=int, default=256)
-    parser.add_argument("--mode", default="int4")
+    model_options(parser, layers=4, seq=256, build_dir=False)
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--worker-memory-gib", type=float, default=8.0)
     args = parser.parse_args()

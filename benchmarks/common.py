@@ -35,10 +35,11 @@ def export_onnx(variables: dict[str, str]) -> Path:
     return parse_build_config(variables).seq_dir / "onnx"
 
 
-def model_options(parser, layers: int = 2, seq: int = 512) -> None:
+def model_options(parser, layers: int = 2, seq: int = 512, build_dir: bool = True) -> None:
     """The options of a benchmark that builds a generated model for the simulator."""
     parser.add_argument("--model", default="bench-qwen2-medium")
     parser.add_argument("--layers", type=int, default=layers)
     parser.add_argument("--seq", type=int, default=seq)
     parser.add_argument("--mode", default="int4")
-    parser.add_argument("--build-dir", type=Path, help="where to build (default: a new temporary folder)")
+    if build_dir:
+        parser.add_argument("--build-dir", type=Path, help="where to build (default: a new temporary folder)")

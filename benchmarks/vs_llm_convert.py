@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks.common import ROOT, publish  # noqa: E402
+from benchmarks.common import ROOT, model_options, publish  # noqa: E402
 
 DOIT = Path(sys.executable).parent / "doit"
 LLM_CONVERT_MODES = {"int4": "w4bf16", "int8": "w8bf16", "bf16": "bf16"}
@@ -115,10 +115,7 @@ def rebuilds(build: Path, variables: list[str], checkpoint: Path, theirs: Path, 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="bench-qwen2-medium")
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--seq", type=int, default=256)
-    parser.add_argument("--mode", default="int4")
+    model_options(parser, layers=4, seq=256, build_dir=False)
     parser.add_argument("--other-mode", default="int8")
     parser.add_argument("--jobs", nargs="*", default=[], help="also a full build with each of these jobs=")
     parser.add_argument("--baseline", help="also a full build by this project at this git commit")
