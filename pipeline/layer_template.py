@@ -28,15 +28,22 @@ RECORD = "template.json"  # beside the template's MLIR
 PLAN_SUFFIX = ".plan.json"  # beside the template's ONNX file: <piece>.onnx.plan.json
 
 
+def _is_weight(t) -> bool:
+    """A float initializer (a weight, in the plan); the others are integer shapes."""
+    from onnx import TensorProto
+
+    return t.data_type in (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE)
+
+
 def weights_plan(model, state: dict[str, np.ndarray]) -> dict | str:
     """Each float initializer of `model` -> [tensor name in `state`, transposed]; or why no plan."""
     from onnx import numpy_helper
 
     plan = {}
     for t in model.graph.initializer:
-        value = numpy_helper.to_array(t)
-        if not np.issubdtype(value.dtype, np.floating):
+        if not _is_weight(t):
             continue  # a shape
+        value = numpy_helper.to_array(t)
         mine = state.get(t.name)
         if mine is not None and mine.shape == value.shape and np.array_equal(mine, value):
             plan[t.name] = [t.name, False]
@@ -79,8 +86,7 @@ def export_from_template(template: Path, state: dict[str, np.ndarray], out: Path
         return f"{template.name} could not be read ({type(err).__name__})"
     for t in model.graph.initializer:
         if t.name not in plan:
-            if t.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16,
-                               onnx.TensorProto.DOUBLE):
+            if _is_weight(t):
                 return f"weight {t.name} of {template.name} is not in its plan"
             if uses_external_data(t):
                 load_external_data_for_tensor(t, str(template.parent))

@@ -93,12 +93,18 @@ def model_pieces(num_layers: int, history: int = 0, stages: tuple[int, ...] = ()
     return pieces
 
 
+def program_key(piece: Piece) -> tuple:
+    """The pieces with one key are one compiled program at the same shapes: the layers of a kind
+    differ only in their weights."""
+    return piece.kind, piece.chunk, piece.stage
+
+
 def same_program(pieces: list[Piece]) -> dict[Piece, Piece]:
-    """Each piece whose kind and shapes an earlier piece has -> that first one (its template: the
-    layers of a kind differ only in their weights; pipeline/layer_template.py)."""
+    """Each piece whose program an earlier piece has -> that first one (its template;
+    pipeline/layer_template.py)."""
     firsts, followers = {}, {}
     for piece in pieces:
-        first = firsts.setdefault((piece.kind, piece.chunk, piece.stage), piece)
+        first = firsts.setdefault(program_key(piece), piece)
         if first is not piece:
             followers[piece] = first
     return followers

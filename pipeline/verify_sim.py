@@ -23,7 +23,7 @@ from .errors import PipelineError
 from .families import get_family
 from .families.base import THRESHOLDS
 from .fsutil import atomic_path, read_json, write_json, write_text
-from .pieces import DYNAMIC_KINDS, Dims
+from .pieces import DYNAMIC_KINDS, Dims, program_key
 from .progress import say
 from .toolchain.install import ensure_toolchain
 from .toolchain.pyruntime_backend import PyruntimeBackend
@@ -89,15 +89,15 @@ def check_pieces(thresholds: tuple[float, float], dims: Dims, onnx_dir: Path, de
     Returns the comparisons, and what each one ran (piece, feeds, simulator outputs)."""
     onnx, at_lengths = OnnxBackend(onnx_dir, chunk=dims.chunk, stages=dims.stages, exact=False), {}  # the files
     min_cosine, max_rel = thresholds
-    runs, kinds_at_lengths = {}, set()
+    runs, programs_at_lengths = {}, set()
 
     def judge(kind, ref, got):
         return compare(ref, got, min_cosine, max_rel)
 
     def candidate(piece, feeds):  # each piece runs once (a dynamic one once per length)
         net, backend = piece.name, sim.open(deploy_dir / f"{piece.file}.bmodel", whole_model=False)
-        if dynamic and piece.kind in DYNAMIC_KINDS and piece.kind not in kinds_at_lengths:
-            kinds_at_lengths.add(piece.kind)
+        if dynamic and piece.kind in DYNAMIC_KINDS and program_key(piece) not in programs_at_lengths:
+            programs_at_lengths.add(program_key(piece))
             reference = onnx.run(net, feeds)
             # the tokens the walk gave it: the prompt, or the next turn's
             length = next_turn_tokens(len(ids), dims) if piece.kind == "block_kv" else len(ids)
