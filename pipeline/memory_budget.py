@@ -123,6 +123,10 @@ class MemoryBudget:
         running = [e for e in entries if e["running"]]
         used = sum(e["bytes"] for e in running)
         alone = " (more than the whole budget: it runs alone)" if need > self.budget else ""
+        mine = next((e for e in entries if e["task"] == task and not e["running"]), None)
+        ahead = [e for e in entries if mine and not e["running"] and e["ticket"] < mine["ticket"]]
+        held = ", ".join(f"{e['task']} ({e['bytes'] / GIB:.1f} GiB)" for e in running) or "nothing"
+        queue = ("; behind " + ", ".join(f"{e['task']} ({e['bytes'] / GIB:.1f} GiB)" for e in ahead)
+                 + ", waiting first") if ahead else ""
         return (f"[memory] {task} waits: needs {need / GIB:.1f} GiB{alone}, {used / GIB:.1f} of "
-                f"{self.budget / GIB:.1f} GiB held by " + ", ".join(
-                    f"{e['task']} ({e['bytes'] / GIB:.1f} GiB)" for e in running))
+                f"{self.budget / GIB:.1f} GiB held by {held}{queue}")

@@ -20,6 +20,7 @@ from . import PROJECT_ROOT
 from .build_config import BuildConfig
 from .code_keys import source_files
 from .families import get_family
+from .file_digest import ContentChecker
 from .fsutil import ensure_writable_dir, read_json
 from .pieces import model_pieces, same_program
 from .progress import say
@@ -489,7 +490,7 @@ def doit_config(build: BuildConfig) -> dict:
     if build.jobs > 1 and threading.current_thread() is threading.main_thread():
         stop_quietly_on_ctrl_c()
     return {"backend": "sqlite3-durable", "dep_file": str(build.build_dir / ".doit.sqlite3"),
-            "default_tasks": ["build"], "verbosity": 2,
+            "default_tasks": ["build"], "verbosity": 2, "check_file_uptodate": ContentChecker,
             # a cluster's tasks are waited for by threads; here, processes do the work
             **({"num_process": build.jobs, "par_type": "thread" if build.cluster else "process"}
                if build.jobs > 1 else {})}

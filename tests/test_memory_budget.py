@@ -48,10 +48,13 @@ def test_tasks_that_fit_together_run_together_and_others_wait(tmp_path, capfd):
     assert MemoryBudget(tmp_path, 10).entries() == []  # every reservation given back
 
 
-def test_a_task_larger_than_the_budget_runs_alone_and_later_ones_wait_for_it(tmp_path):
+def test_a_task_larger_than_the_budget_runs_alone_and_later_ones_wait_for_it(tmp_path, capfd):
     spans = _run_together(MemoryBudget(tmp_path, 10), [3, 20, 3])
     assert not _overlap(spans[0], spans[1]) and not _overlap(spans[1], spans[2])
     assert spans[1][0] < spans[2][0]  # first in, first out: the small one does not overtake
+    err = capfd.readouterr().err
+    assert "task 1 waits: needs 0.0 GiB (more than the whole budget: it runs alone)" in err
+    assert re.search(r"task 2 waits: .* held by task 0 \(0\.0 GiB\); behind task 1 \(0\.0 GiB\), waiting first", err)
 
 
 def test_a_killed_holders_reservation_is_dropped(tmp_path):
