@@ -2,7 +2,7 @@
 import math
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from doit import get_var
@@ -20,7 +20,8 @@ CHIPS = ("bm1684x", "bm1688", "cv186x")
 SEQ_MULTIPLE = 8
 SEQ_MIN = 16
 VARIABLES = ("model", "mode", "devices", "seq", "chip", "path", "name", "group_size", "build_dir", "dist_dir",
-             "layers", "sim_tokens", "dynamic", "history", "chunk", "jobs", "memory", "cluster")
+             "layers", "sim_tokens", "dynamic", "history", "chunk", "jobs", "memory", "cluster", "modes",
+             "quality_tokens")
 # greedy steps of the whole-bmodel decode in `doit verify` on the simulator: as many as the ONNX
 # check's (verify.NEW_TOKENS, at most), or fewer (0: the pieces only), since a full-width block takes
 # minutes a step there
@@ -45,6 +46,18 @@ class BuildConfig:
     jobs: int = 1          # tasks at once (doit's processes): the cores, by default
     memory: int = 2**62    # bytes the tasks running at once may take together (pipeline/memory_budget.py)
     cluster: str = ""      # a Dask scheduler's address: the heavy actions run on its workers (pipeline/cluster.py)
+    # modes=: the (mode, group size) pairs this command builds, and `doit quality` scores; default: mode= alone
+    modes: tuple[tuple[str, int], ...] = ()
+    quality_tokens: int = 512  # the tokens `doit quality` scores per mode, at least
+
+    def with_mode(self, mode: str, group_size: int) -> "BuildConfig":
+        """The same build in another mode."""
+        return replace(self, mode=mode, group_size=group_size)
+
+    @property
+    def other_modes(self) -> list["BuildConfig"]:
+        """The builds of modes= other than this one."""
+        return [b for b in (self.with_mode(m, g) for m, g in self.modes) if b.target != self.target]
 
     @property
     def model_dir(self) -> Path:
@@ -163,11 +176,30 @@ def parse_build_config(variables: dict[str, str | None]) -> BuildConfig:
         raise PipelineError(f"chunk={chunk} is not allowed with seq={seq}: use {1 if history else 0} to {seq // 2} "
                             f"(default {'seq/4' if history else '0: no decode stages'})")
     jobs, memory = _parallelism(given)
+    modes = _modes(given.get("modes"), mode, group_size)
+    quality_tokens = _int("quality_tokens", given.get("quality_tokens", "512"))
+    if quality_tokens < 1:
+        raise PipelineError(f"quality_tokens={quality_tokens} is not allowed; use a positive number (default 512)")
     build_dir = Path(given.get("build_dir") or os.environ.get("QWEN_TPU_BUILD_DIR") or PROJECT_ROOT / "build")
     dist_dir = Path(given.get("dist_dir") or os.environ.get("QWEN_TPU_DIST_DIR") or PROJECT_ROOT / "dist")
     return BuildConfig(model, mode, devices, seq, chip, path, group_size, build_dir.expanduser().resolve(),
                        dist_dir.expanduser().resolve(), sim_tokens, dynamic, history, chunk, jobs, memory,
-                       given.get("cluster", ""))
+                       given.get("cluster", ""), modes, quality_tokens)
+
+
+def _modes(given: str | None, mode: str, group_size: int) -> tuple[tuple[str, int], ...]:
+    """modes=bf16,int8,int4,int4_g128: each a mode, an int4 one with its group size if not group_size=."""
+    if given is None:
+        return ((mode, group_size),)
+    found = []
+    for word in given.split(","):
+        name, _, group = word.strip().partition("_g")
+        if name not in MODES or (group and not (group.isdigit() and MODES[name].startswith("W4")
+                                                and int(group) > 0 and int(group) % 32 == 0)):
+            raise PipelineError(f"modes={given!r}: {word.strip()!r} is not a mode; use modes from {', '.join(MODES)}, "
+                                f"an int4 one with its group size if not the default (int4_g128), comma-separated")
+        found.append((name, int(group) if group else group_size))
+    return tuple(dict.fromkeys(found))
 
 
 # with cluster=: the tasks doit hands to the cluster at once (threads that wait for them); the

@@ -49,6 +49,7 @@ STAGE_MODULES = {
     "combine": ["pipeline.compile"],
     "verify": ["pipeline.verify"],
     "verify_sim": ["pipeline.verify_sim", "pipeline.quantized_weights"],
+    "quality": ["pipeline.quality", "pipeline.verify", "runtime.engine", "runtime.isolated_backend"],
 }
 STAGE_DATA = {"patch": [Path("patches/overrides.yaml")]}
 CODE = {stage: [*source_files(*modules), *STAGE_DATA.get(stage, [])] for stage, modules in STAGE_MODULES.items()}
@@ -61,6 +62,7 @@ class Stage:
     build: BuildConfig
     paths: "Paths"
     stage = ""  # the heavy ones: its name in stages() and pipeline/memory_budget.py's PEAK_FACTORS
+    own_heap = False  # its work is in this process's memory (not the toolchain's): see own_process.py
 
     def action(self, fn):
         return task_action(fn, self.build.build_dir)
@@ -68,8 +70,10 @@ class Stage:
     def execute(self, what: str, fp32_bytes: int, method: str, *args) -> None:
         """`self.<method>(*args)` (a heavy action) where the memory allows: here, once its expected
         peak fits in the build folder's budget (pipeline/memory_budget.py), or with `cluster=`, on
-        a worker of the cluster with that much free (pipeline/cluster.py)."""
+        a worker of the cluster with that much free (pipeline/cluster.py). A large piece's work in
+        this process's own memory runs in a process of its own (pipeline/own_process.py)."""
         from .memory_budget import MemoryBudget, expected_peak
+        from .own_process import OWN_PROCESS_BYTES, run_in_own_process
 
         need, label = expected_peak(self.stage, fp32_bytes), f"{self.stage} {what}"
         if self.build.cluster:
@@ -77,7 +81,10 @@ class Stage:
 
             return run_on_cluster(self.build, self.stage, method, args, label, need)
         with MemoryBudget(self.build.build_dir, self.build.memory).reserve(label, need):
-            getattr(self, method)(*args)
+            if self.own_heap and need > OWN_PROCESS_BYTES:
+                run_in_own_process(self.build, self.stage, method, args)
+            else:
+                getattr(self, method)(*args)
 
 
 class Paths:
@@ -192,7 +199,7 @@ class PatchTasks(Stage):
 class ExportTasks(Stage):
     """export: one task per piece; its key is the export config (seq), its weight group's
     fingerprint, the export code and the tool versions: never mode or devices."""
-    stage = "export"
+    stage, own_heap = "export", True
 
     def __init__(self, build: BuildConfig, paths: Paths):
         self.build, self.paths = build, paths
@@ -403,7 +410,7 @@ def _rmtree(path: Path) -> None:
 class VerifyTasks(Stage):
     """verify: each ONNX piece against torch, then greedy decode against transformers; and on the
     simulator, each deployed piece against onnxruntime, then the combined bmodel's greedy decode."""
-    stage = "verify"
+    stage, own_heap = "verify", True
 
     def __init__(self, build: BuildConfig, paths: Paths, export: ExportTasks, deploy: DeployTasks):
         self.build, self.paths, self.export, self.deploy = build, paths, export, deploy
@@ -457,6 +464,105 @@ class VerifyTasks(Stage):
                        self.deploy.dequantized_net)
 
 
+class QualityTasks(Stage):
+    """quality: each mode of modes= (its combined bmodel, on the simulator), and the ONNX pieces as
+    the control, score a text against the fp32 reference, a task per mode and window
+    (pipeline/quality.py); then the report of them all."""
+    stage, own_heap = "quality", True
+
+    def __init__(self, build: BuildConfig, paths: Paths, export: ExportTasks):
+        self.build, self.paths, self.export = build, paths, export
+        self.folder = paths.seq / "quality"
+        self.text = self.folder / "text.json"
+        self.report = self.folder / "report.json"
+        self.windows = math.ceil(build.quality_tokens / (build.seq - 1))  # (quality.windows: the same count)
+        self.modes = {_mode_label(b): b for b in [build.with_mode(m, g) for m, g in build.modes]}
+
+    def reference(self, k: int) -> Path:
+        return self.folder / "reference" / f"w{k}.npz"
+
+    def scored(self, label: str, k: int) -> Path:
+        return self.folder / label / f"w{k}.npz"
+
+    def tasks(self):
+        """score a text against the fp32 reference, per mode of modes= and window; the report"""
+        b, name = self.build, f"{self.build.model.name}/seq{self.build.seq}"
+        yield {"name": f"{name}/text", "doc": "the scoring text, tokenized, in windows of seq",
+               "actions": [self.action(self.write_text)], "file_dep": [self.paths.export_config, *CODE["quality"]],
+               "targets": [self.text], "uptodate": [config_changed({"tokens": b.quality_tokens})], "clean": True}
+        weights = [self.paths.fingerprint(g) for g in sorted({p.group for p in self.export.pieces})]
+        onnx = [self.export.target(p) for p in self.export.pieces]
+        for k in range(self.windows):
+            yield {"name": f"{name}/reference/w{k}", "doc": f"window {k}: the fp32 reference (transformers)",
+                   "actions": [(self.action(self.run_reference), [k])], "clean": True,
+                   "file_dep": [self.text, self.paths.tensor_map, *weights, *CODE["quality"]],
+                   "targets": [self.reference(k)], "uptodate": [config_changed(TOOL_VERSIONS)]}
+            for label, dependencies in [("onnx", onnx), *((m, [Paths(mb).dist]) for m, mb in self.modes.items())]:
+                yield {"name": f"{name}/{label}/w{k}", "doc": f"window {k}: {label} against the reference",
+                       "actions": [(self.action(self.run_score), [label, k])], "clean": True,
+                       "file_dep": [self.text, self.reference(k), *dependencies, *CODE["quality"]],
+                       "targets": [self.scored(label, k)]}
+        scored = {label: [self.scored(label, k) for k in range(self.windows)] for label in ["onnx", *self.modes]}
+        yield {"name": f"{name}/report", "doc": "the figures per mode: JSON, Markdown, a KL histogram",
+               "actions": [(self.action(self.write_report), [scored])], "clean": True,
+               "file_dep": [self.text, *(f for files in scored.values() for f in files), *CODE["quality"]],
+               "targets": [self.report, self.report.with_suffix(".md"), self.report.with_suffix(".png")]}
+
+    def write_text(self):
+        from .quality import write_windows
+
+        write_windows(self.paths.onnx, self.build.seq, self.build.quality_tokens, self.text)
+
+    def run_reference(self, k):
+        self.execute(f"reference w{k}", self.paths.fp32_bytes(sorted({p.group for p in self.export.pieces})),
+                     "reference_work", k)
+
+    def reference_work(self, k):
+        from .quality import reference_window
+        from .verify import reference_model
+
+        start = time.perf_counter()
+        model = reference_model(read_json(self.paths.export_config), Path(read_json(self.paths.source)["folder"]),
+                                read_json(self.paths.tensor_map), self.build.model.family)
+        reference_window(model, read_json(self.text)["windows"][k], self.reference(k))
+        say(f"[quality] reference w{k + 1}/{self.windows} in {time.perf_counter() - start:.1f} s")
+
+    def run_score(self, label, k):
+        self.execute(f"{label} w{k}", self.paths.fp32_bytes(sorted({p.group for p in self.export.pieces})),
+                     "score_work", label, k)
+
+    def score_work(self, label, k):
+        from runtime.engine import Engine
+
+        from .quality import score_window
+
+        start, window = time.perf_counter(), read_json(self.text)["windows"][k]
+        say(f"[quality] {label} w{k + 1}/{self.windows}: {len(window) - 1} positions ...")
+        if label == "onnx":
+            from runtime.onnx_backend import OnnxBackend
+
+            score_window(Engine(OnnxBackend(self.paths.onnx)), window, self.reference(k), self.scored(label, k))
+        else:
+            from runtime.isolated_backend import IsolatedBmodelBackend
+
+            with IsolatedBmodelBackend(Paths(self.modes[label]).dist) as backend:  # its simulator stops with it
+                score_window(Engine(backend), window, self.reference(k), self.scored(label, k))
+        say(f"[quality] {label} w{k + 1}/{self.windows} done in {time.perf_counter() - start:.1f} s")
+
+    def write_report(self, scored):
+        from .quality import report
+
+        data = report(self.build.model.name, self.build.seq, read_json(self.text), scored, self.report)
+        say(f"[quality] {self.report.with_suffix('.md')}: " + "; ".join(
+            f"{mode} ppl x{m['ppl_ratio']:.4f}, KL {m['kl_mean']:.2g}, same top-1 {100 * m['same_top1']:.1f}%"
+            for mode, m in data["modes"].items()))
+
+
+def _mode_label(build: BuildConfig) -> str:
+    """int8, int4, int4_g128 (an int4 build's group size when not the default): as in its bmodel's name."""
+    return build.dist_name.split("_seq")[0][len(build.model.name) + 1:]
+
+
 def stages(build: BuildConfig) -> dict:
     """The task generators of a build, by stage."""
     paths = Paths(build)
@@ -465,7 +571,7 @@ def stages(build: BuildConfig) -> dict:
     deploy = DeployTasks(build, paths, transform)
     return {"checkpoint": CheckpointTasks(build, paths), "patch": PatchTasks(build, paths), "export": export,
             "transform": transform, "deploy": deploy, "combine": CombineTasks(build, paths, deploy),
-            "verify": VerifyTasks(build, paths, export, deploy)}
+            "verify": VerifyTasks(build, paths, export, deploy), "quality": QualityTasks(build, paths, export)}
 
 
 def make_tasks(build: BuildConfig) -> dict:
@@ -481,7 +587,19 @@ def make_tasks(build: BuildConfig) -> dict:
     namespace = {"task_build": task_build}
     for name, generator in by_stage.items():
         namespace[f"task_{name}"] = generator.tasks
+    # modes=: each other mode's deploy and combine (the stages before them are the same tasks)
+    others = [stages(other) for other in build.other_modes]
+    for name in ("deploy", "combine"):
+        namespace[f"task_{name}"] = _chained([by_stage[name], *(s[name] for s in others)])
     return namespace
+
+
+def _chained(generators: list) -> "callable":
+    def tasks():
+        for generator in generators:
+            yield from generator.tasks()
+    tasks.__doc__ = generators[0].tasks.__doc__
+    return tasks
 
 
 def doit_config(build: BuildConfig) -> dict:

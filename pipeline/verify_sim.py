@@ -242,6 +242,18 @@ def answers_check(mode: str, onnx_dir: Path, bmodel: Path, answers: list[dict], 
     return results
 
 
+def same_top1(report: dict) -> dict | None:
+    """The share of the teacher-forced steps (the answers', else the greedy decode's) where the
+    bmodel's top token is fp32's: llama.cpp's "same top p", on the verify prompts."""
+    steps = ([(a["agree"], len(a["reference"])) for a in report.get("answers", [])]
+             or ([(report["decode"]["agree"], len(report["decode"]["onnx"]))] if report["decode"].get("run") else []))
+    agree, total = sum(a for a, _ in steps), sum(n for _, n in steps)
+    if not total:
+        return None
+    return {"agree": agree, "steps": total, "share": agree / total,
+            "against": "transformers' answers" if report.get("answers") else "the ONNX pipeline's greedy decode"}
+
+
 def summarize(report: dict) -> list[str]:
     failures = piece_failures(report["pieces"], LABELS)
     decode = report["decode"]
@@ -266,6 +278,10 @@ def markdown(report: dict) -> str:
                  "the bmodel holds (TPU-MLIR's quantized weights, dequantized) within the float type's thresholds: "
                  "their loss is the quantization's, not the build's (pipeline/quantized_weights.py)."]),
              "", *pieces_table(report["pieces"], 6)]
+    if report.get("same_top1"):
+        t = report["same_top1"]
+        lines += ["", f"**Same top-1 as fp32: {100 * t['share']:.1f}%** ({t['agree']}/{t['steps']} teacher-forced steps "
+                  f"along {t['against']}; `doit quality` measures it, and the perplexity and KL, on a longer text)"]
     d = report["decode"]
     lines += ["", "## Greedy decode: combined bmodel on the simulator vs the ONNX pipeline", ""]
     if d.get("run"):
@@ -352,6 +368,7 @@ def run(build, paths, pieces, report_path: Path, tools: dict, dequantized_net=No
         report["quantization_explained"] = explain_misses(build.mode, report["pieces"], runs, paths.onnx,
                                                           dequantized_net)
         report["decode"] = _whole_bmodel(build, paths, report, ids, sim)
+    report["same_top1"] = same_top1(report)
     report["simulated"] = True
     write_json(report_path, report)
     write_text(report_path.with_suffix(".md"), markdown(report))
@@ -366,6 +383,8 @@ def run(build, paths, pieces, report_path: Path, tools: dict, dequantized_net=No
                if decode["run"] else "answers share " + ", ".join(
                    f"{a['shared']}/{len(a['reference'])}" for a in report["answers"]) + " tokens with transformers'"
                if report.get("answers") else f"not run: {decode['reason']}")
+    if report["same_top1"]:
+        summary += f"; same top-1 as fp32 at {100 * report['same_top1']['share']:.1f}% of the steps"
     explained = report["quantization_explained"]
     summary += (f"; {explained} output(s) below the mode's thresholds, the quantization's loss (the simulator "
                 f"matches the net with the bmodel's quantized weights)" if explained else "")

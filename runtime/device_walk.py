@@ -165,6 +165,7 @@ class DeviceWalk:
                 else:
                     (self._block if c.net == "block" else self._block_kv)(i, c)
         last = self.hidden[self.layers % 2]
+        self.last_run = (c.begin, c.end)  # its rows' hidden states stay in `last`: prompt_logits
         self._head(rt.at(last, (c.end - c.begin - 1) * self.row_bytes, self.row_bytes))
         if self.sample_inputs:  # the repetition penalty's window: the prompt, then one token per step
             rt.h2d(self.sample_inputs[1], penalty_window(ids, self.seq), self._device("sample_head", 1), "input_ids")
@@ -286,6 +287,21 @@ class DeviceWalk:
         dtype = spec["_dtypes"][1][0]
         out = np.zeros(spec["outputs"][0]["shape"], DTYPES[dtype][1])
         return from_device_type(rt.d2h(self.logits_mem, out, self._device("lm_head", 0, True), "logits"), dtype)
+
+    @_quiet
+    def prompt_logits(self, first: int = 0) -> np.ndarray:
+        """The logits [n - first, V] of positions first .. n-1 of the last prefill: each row of its
+        last run, still on the device, through lm_head (teacher forcing in one prefill)."""
+        from .engine import _scored_rows
+
+        if self.info["head"] == "token":
+            raise ValueError(f"{self.info['bmodel']}: its lm_head gives a token, not logits: it cannot be scored")
+        begin, end = self.last_run
+        last, logits = self.hidden[self.layers % 2], []
+        for row in _scored_rows(first, begin, end):
+            self._head(self.rt.at(last, row * self.row_bytes, self.row_bytes))
+            logits.append(self._read_head()[0])
+        return np.stack(logits)
 
     @_quiet
     def logits(self) -> np.ndarray:

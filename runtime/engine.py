@@ -119,6 +119,14 @@ def penalty_window(ids: list[int], seq: int) -> np.ndarray:
     return window
 
 
+def _scored_rows(first: int, begin: int, end: int) -> range:
+    """The rows of a prefill's last run (positions begin .. end-1) that hold positions first .. end-1."""
+    if not begin <= first < end:
+        raise ValueError(f"positions {first}..{end - 1} are not all in the prefill's last run ({begin}..{end - 1}): a "
+                         "bmodel that prefills in chunks (history=1) keeps only the last chunk's hidden states")
+    return range(first - begin, end - begin)
+
+
 class HostWalk:
     """The nets run from host arrays, the K/V cache kept on the host: `run(net, feeds)` per net."""
 
@@ -158,7 +166,18 @@ class HostWalk:
                                                          "history_v": self.v[i][:, :c.history]})
                     new = c.end - c.begin  # the real rows: padding rows never reach the cache
                     self.k[i][:, c.begin:c.end], self.v[i][:, c.begin:c.end] = k[:, :new], v[:, :new]
+        self._last_run = (c.begin, hidden[:, :c.end - c.begin])  # its rows' hidden states: prompt_logits
         self._head(hidden[:, c.end - c.begin - 1])
+
+    def prompt_logits(self, first: int = 0) -> np.ndarray:
+        """The logits [n - first, V] of positions first .. n-1 of the last prefill: each row of its
+        last run through lm_head (teacher forcing in one prefill: pipeline/quality.py)."""
+        begin, hidden = self._last_run
+        rows = _scored_rows(first, begin, begin + hidden.shape[1])
+        logits = [self.backend.run("lm_head", {"hidden_states": np.ascontiguousarray(hidden[:, r])})[0][0]
+                  for r in rows]
+        self._head(hidden[:, rows[-1]])
+        return np.stack(logits)
 
     def decode(self, token: int, pos: int) -> None:
         stage = decode_stage(self.info, pos)
@@ -310,6 +329,13 @@ class Engine:
             if len(out) == new_tokens or out[-1] in stops:
                 return out
             self.decode(out[-1])
+
+    def prompt_logits(self, ids: list[int], first: int = 0) -> np.ndarray:
+        """The logits [len(ids) - first, V] at positions first .. len(ids)-1 of `ids`, after one
+        prefill from position 0: the logits at position p score ids[p + 1] (teacher forcing)."""
+        self.forget()  # every position's hidden state is wanted: none from the cache
+        self.prefill(ids)
+        return self.walk.prompt_logits(first)
 
     def logits_along(self, ids: list[int], steps: int, fed: list[int] | None = None) -> list[np.ndarray]:
         """The logits of `steps` steps after `ids`, each step's argmax fed back, or `fed[k]` at step k

@@ -22,7 +22,7 @@ from .toolchain import ToolchainError
 from .traffic import Traffic
 
 
-WALK_STEPS = ("prefill", "decode", "logits", "token", "candidates")
+WALK_STEPS = ("prefill", "decode", "logits", "token", "candidates", "prompt_logits")
 
 
 def _serve(conn, bmodel: str, devids: list[int], whole_model: bool, resident: bool) -> None:

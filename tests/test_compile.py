@@ -58,6 +58,10 @@ def test_family_compiles_and_passes_the_simulator(compiled, model, mode):
             assert r["ok"] and r["cosine"] >= min_cosine, (net, name, r)
     decode = report["decode"]
     assert decode["run"] and len(decode["simulator"]) == len(decode["onnx"]) == 16
+    assert report["same_top1"] == {"agree": decode["agree"], "steps": 16, "share": decode["agree"] / 16,
+                                   "against": "the ONNX pipeline's greedy decode"}
+    assert f"Same top-1 as fp32: {100 * decode['agree'] / 16:.1f}%" in (
+        build_dir / model / "seq32" / "verify" / variant / "report.md").read_text()
     if mode == "bf16":  # the same choice wherever fp32 is not a near-tie; int8/int4 agreement is reported
         decisive = [k for k, m in enumerate(decode["margins"]) if m >= 0.1]
         assert len(decisive) >= 8
@@ -65,6 +69,33 @@ def test_family_compiles_and_passes_the_simulator(compiled, model, mode):
         assert decode["agree"] >= 13
     assert (build_dir / model / "seq32" / "verify" / "layers.png").stat().st_size > 5000
 
+
+
+def test_quality_scores_each_mode_against_fp32_and_builds_only_what_is_new(compiled):
+    """`doit quality modes=...`: each mode's bmodel on the simulator and the ONNX control score the
+    text against transformers; quantization costs more than bf16, the control nothing; another mode
+    adds its own deploy, combine and scoring only."""
+    build_dir = compiled[0]
+    first = run_doit(build_dir, ["quality"], model="tiny-qwen2", modes="bf16,int8,int4", quality_tokens=40)
+    assert first.code == 0, first.output
+    assert first.ran_basename("deploy") == [] and first.ran_basename("combine") == []  # the fixture built them
+    folder = build_dir / "tiny-qwen2" / "seq32" / "quality"
+    report = json.loads((folder / "report.json").read_text())
+    modes = report["modes"]
+    assert report["order"] == ["onnx", "bf16", "int8", "int4"] and report["scored_tokens"] == 62
+    assert modes["onnx"]["kl_mean"] < 1e-6 and modes["onnx"]["same_top1"] == 1.0
+    assert modes["bf16"]["kl_mean"] < modes["int4"]["kl_mean"] and modes["int8"]["kl_mean"] < modes["int4"]["kl_mean"]
+    assert all(m["scored_tokens"] == 62 and m["seconds"] > 0 for m in modes.values())
+    assert "| int4 |" in (folder / "report.md").read_text() and (folder / "report.png").stat().st_size > 10_000
+    again = run_doit(build_dir, ["quality"], model="tiny-qwen2", modes="bf16,int8,int4", quality_tokens=40)
+    assert again.code == 0 and again.ran == [], again.ran
+    more = run_doit(build_dir, ["quality"], model="tiny-qwen2", modes="bf16,int8,int4,int4_g128", quality_tokens=40)
+    assert more.code == 0, more.output
+    assert {t.split("/")[2] for t in more.ran if t.startswith(("deploy:", "combine:"))} == {"int4_g128_1dev_bm1684x_dyn"}
+    assert sorted(t for t in more.ran if t.startswith("quality:")) == [
+        "quality:tiny-qwen2/seq32/int4_g128/w0", "quality:tiny-qwen2/seq32/int4_g128/w1",
+        "quality:tiny-qwen2/seq32/report"]
+    assert "int4_g128" in json.loads((folder / "report.json").read_text())["modes"]
 
 @pytest.mark.parametrize("mode", ["bf16", "int8"])
 def test_broken_build_fails_the_simulator_check(tmp_path, mode):

@@ -77,12 +77,12 @@ def test_a_killed_holders_reservation_is_dropped(tmp_path):
 
 
 def test_a_parallel_export_waits_for_memory_and_says_so(tmp_path):
-    """`doit export` with 2 processes and room for one export at a time (each needs 0.5 GiB and
+    """`doit export` with 2 processes and room for one export at a time (each needs 0.75 GiB and
     more): every piece still exports, one after another, and the waits are shown."""
-    result = run_cli(["export", "model=tiny-qwen2", "jobs=2", "memory=0.7", f"build_dir={tmp_path}",
+    result = run_cli(["export", "model=tiny-qwen2", "jobs=2", "memory=1", f"build_dir={tmp_path}",
                       f"dist_dir={tmp_path / 'dist'}"])
     assert result.returncode == 0, result.stderr
-    assert re.search(r"\[memory\] export \S+ waits: needs 0\.5 GiB, 0\.5 of 0\.7 GiB held by export ", result.stderr)
+    assert re.search(r"\[memory\] export \S+ waits: needs 0\.8 GiB, 0\.8 of 1\.0 GiB held by export ", result.stderr)
     running = set()
     for line in result.stderr.splitlines():
         if m := re.match(r"\[export \d+/\d+\] (\S+) (\.\.\.|done)", line):

@@ -399,3 +399,25 @@ def test_the_copy_paths_bytes_grow_with_seq_and_layers_and_the_devices_do_not(bu
         assert per_token[seq, False]["h2d"] == 4 + layers * per_layer + HIDDEN * BF16
     assert per_token[64, False]["h2d"] > 2.5 * per_token[SEQ, False]["h2d"]
     assert per_token[64, True]["d2h"] == per_token[SEQ, True]["d2h"]  # the head's answer, whatever the size
+
+
+def test_one_prefill_gives_the_logits_of_every_position_as_prefills_of_each_prefix(built):
+    """Engine.prompt_logits (teacher forcing in one prefill: pipeline/quality.py scores a text with
+    it): the logits at position p are those a prefill of the first p + 1 tokens ends with."""
+    _, onnx, bmodel, ids = built
+    first = 3
+    with IsolatedBmodelBackend(bmodel) as backend:
+        engine = Engine(backend)
+        rows = engine.prompt_logits(ids, first)
+        assert rows.shape == (len(ids) - first, VOCAB)
+        for p in (first, len(ids) // 2, len(ids) - 1):
+            engine.prefill(ids[:p + 1])
+            assert np.array_equal(rows[p - first], engine.logits()), p
+        engine.prefill(ids)  # the cache holds the prompt: prompt_logits prefills it all again anyway
+        assert np.array_equal(engine.prompt_logits(ids, first), rows) and engine.reused == 0
+    onnx_engine = Engine(OnnxBackend(onnx))
+    on_onnx = onnx_engine.prompt_logits(ids, first)
+    for p in (first, len(ids) - 1):
+        onnx_engine.prefill(ids[:p + 1])
+        np.testing.assert_allclose(on_onnx[p - first], onnx_engine.logits(), rtol=1e-5, atol=1e-5)
+    assert np.corrcoef(on_onnx.ravel(), rows.ravel())[0, 1] > 0.99  # bf16 on the simulator against fp32

@@ -1,0 +1,88 @@
+"""Large pieces' export and ONNX check in processes of their own (pipeline/own_process.py): the
+artifacts are the same, and a failure or a kill there is the task's failure."""
+import os
+import signal
+import threading
+import time
+
+import psutil
+import pytest
+
+from pipeline import own_process
+from pipeline.build_config import parse_build_config
+from pipeline.errors import PipelineError
+from pipeline.tasks import stages
+
+from .conftest import ROOT, onnx_verify_task, run_doit
+
+pytestmark = pytest.mark.fast
+MODEL = "tiny-qwen2"
+
+
+def test_every_piece_can_export_and_check_in_a_process_of_its_own(tmp_path, monkeypatch):
+    monkeypatch.setattr(own_process, "OWN_PROCESS_BYTES", 0)  # every piece counts as large
+    ran, real = [], own_process.run_in_own_process
+    monkeypatch.setattr(own_process, "run_in_own_process", lambda *a: ran.append(a[1:3]) or real(*a))
+    result = run_doit(tmp_path, [onnx_verify_task(MODEL)], model=MODEL)
+    assert result.code == 0, result.output
+    exported = result.ran_basename("export")
+    assert len(exported) == 9 and ran.count(("export", "work")) == 9
+    assert ("verify", "check_onnx") in ran
+    assert (tmp_path / MODEL / "seq32" / "verify" / "report.json").is_file()
+    assert not list((tmp_path / MODEL / "seq32" / "onnx").glob(".*tmp"))  # nothing half-written
+
+
+def _export_stage(build_dir):
+    build = parse_build_config({"model": MODEL, "build_dir": str(build_dir), "dist_dir": str(build_dir / "dist"),
+                                "jobs": "1"})
+    export = stages(build)["export"]
+    return build, export, next(p for p in export.pieces if p.name == "block_0")
+
+
+def test_a_failure_there_is_the_tasks_failure_with_its_message(tmp_path):
+    assert run_doit(tmp_path, [f"patch:{MODEL}/seq32"], model=MODEL).code == 0
+    build, export, piece = _export_stage(tmp_path)
+    (tmp_path / MODEL / "seq32" / "config.json").write_text("{not json")  # the export config, damaged
+    cwd = os.getcwd()
+    os.chdir(ROOT)
+    try:
+        with pytest.raises(PipelineError, match="JSONDecodeError"):
+            own_process.run_in_own_process(build, "export", "work", (piece, 1))
+    finally:
+        os.chdir(cwd)
+
+
+def _cmdline(process) -> list[str]:
+    try:
+        return process.cmdline()
+    except psutil.Error:
+        return ["resource_tracker"]  # gone already: not the one to kill
+
+
+def test_a_killed_process_is_reported_as_such(tmp_path):
+    assert run_doit(tmp_path, [f"patch:{MODEL}/seq32"], model=MODEL).code == 0
+    build, export, piece = _export_stage(tmp_path)
+    me = psutil.Process()
+
+    def kill_the_child():
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            # (not multiprocessing's resource tracker, another child of this process)
+            workers = [c for c in me.children() if "resource_tracker" not in " ".join(_cmdline(c))]
+            if workers:
+                time.sleep(0.5)
+                os.kill(workers[0].pid, signal.SIGKILL)
+                return
+            time.sleep(0.05)
+
+    killer = threading.Thread(target=kill_the_child)
+    killer.start()
+    cwd = os.getcwd()
+    os.chdir(ROOT)
+    try:
+        with pytest.raises(PipelineError, match=r"the export process died \(exit -9\) \(SIGKILL.*out-of-memory"):
+            own_process.run_in_own_process(build, "export", "work", (piece, 1))
+    finally:
+        os.chdir(cwd)
+        killer.join()
+    assert not (tmp_path / MODEL / "seq32" / "onnx" / "block_0.onnx").exists()  # nothing half-written in place
