@@ -38,6 +38,10 @@ def run_in_own_process(build, stage: str, method: str, args: tuple) -> None:
         why = (" (SIGKILL: on Linux, most often the out-of-memory killer; see `dmesg`)"
                if child.exitcode == -9 else "")
         raise PipelineError(f"the {stage} process died (exit {child.exitcode}){why}") from None
+    except BaseException:  # Ctrl-C here: the piece's work is not wanted any more
+        child.kill()
+        child.join()
+        raise
     finally:
         receive.close()
     child.join()
@@ -63,8 +67,11 @@ def _child(send, parent: int, build, stage: str, method: str, args: tuple) -> No
         failure = ("error", explain_os_error(err) or traceback.format_exc())
     except BaseException:  # noqa: BLE001  (an unexpected error: its traceback, for the task's failure)
         failure = ("error", traceback.format_exc())
-    send.send(failure)
-    send.close()
+    try:
+        send.send(failure)
+        send.close()
+    except OSError:  # the build stopped waiting (Ctrl-C): nobody to tell
+        pass
 
 
 def _die_with(parent: int) -> None:

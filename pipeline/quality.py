@@ -135,7 +135,11 @@ def markdown(report: dict) -> str:
                      f"{m['kl_mean']:.5f} ± {m['kl_mean_se']:.5f} | {m['kl_p99']:.4f} | {m['kl_max']:.4f} | "
                      f"{100 * m['same_top1']:.2f} ± {100 * m['same_top1_se']:.2f} % | "
                      f"{100 * m['rms_dp']:.3f} ± {100 * m['rms_dp_se']:.3f} % | {m['seconds']:.0f} |")
-    lines += ["", "time: scoring the windows (the prefill of each window and the logits of its scored positions), "
+    lines += ["", "onnx: the ONNX pieces (fp32, onnxruntime), the control. `<mode>-weights`: the same pieces with "
+              "the weights that mode's bmodel holds (TPU-MLIR's quantized weights, dequantized), in fp32 on "
+              "onnxruntime: what the quantization alone costs. The bmodel's own row adds its float type's "
+              "activations and the compiler's work: a bmodel far worse than its weights would be a build defect.",
+              "", "time: scoring the windows (the prefill of each window and the logits of its scored positions), "
               "on the simulator for the bmodels, on onnxruntime for the ONNX pieces."]
     return "\n".join(lines) + "\n"
 
@@ -229,3 +233,31 @@ def report(model: str, seq: int, text: dict, scored: dict[str, list[Path]], out:
     write_text(out.with_suffix(".md"), markdown(data))
     plot(data, kl, out.with_suffix(".png"))
     return data
+
+
+def dequantized_folder(onnx_dir: Path, folder: Path, pieces: list, dequantized_net, record: Path) -> None:
+    """`folder`: the pieces of `onnx_dir` (links), those of `pieces` with the weights a quantized
+    bmodel holds (`dequantized_net(piece)`: pipeline/quantized_weights.py); `record`, written last,
+    says which."""
+    import os
+    import shutil
+
+    import onnx
+
+    from .fsutil import atomic_path, write_json
+
+    shutil.rmtree(folder, ignore_errors=True)  # (a killed run's half: made again)
+    folder.mkdir(parents=True)
+    for f in sorted(Path(onnx_dir).iterdir()):
+        if f.is_file():
+            (folder / f.name).symlink_to(os.path.relpath(f, folder))
+    replaced = {}
+    for piece in pieces:
+        model, count = dequantized_net(piece)
+        if count:
+            target = folder / f"{piece.file}.onnx"
+            target.unlink()
+            with atomic_path(target) as tmp:
+                onnx.save(model, str(tmp))
+            replaced[piece.file] = count
+    write_json(record, {"replaced": replaced})

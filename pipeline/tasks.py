@@ -49,7 +49,8 @@ STAGE_MODULES = {
     "combine": ["pipeline.compile"],
     "verify": ["pipeline.verify"],
     "verify_sim": ["pipeline.verify_sim", "pipeline.quantized_weights"],
-    "quality": ["pipeline.quality", "pipeline.verify", "runtime.engine", "runtime.isolated_backend"],
+    "quality": ["pipeline.quality", "pipeline.verify", "pipeline.quantized_weights", "runtime.engine",
+                "runtime.isolated_backend"],
 }
 STAGE_DATA = {"patch": [Path("patches/overrides.yaml")]}
 CODE = {stage: [*source_files(*modules), *STAGE_DATA.get(stage, [])] for stage, modules in STAGE_MODULES.items()}
@@ -484,29 +485,75 @@ class QualityTasks(Stage):
     def scored(self, label: str, k: int) -> Path:
         return self.folder / label / f"w{k}.npz"
 
+    def weights_record(self, label: str) -> Path:
+        return self.folder / f"{label}-weights" / "net.json"
+
+    def rows(self) -> dict[str, list[Path]]:
+        """The report's rows -> what scoring each depends on: the ONNX pieces (the control), each
+        mode's bmodel, and for a quantized mode the ONNX pieces with that bmodel's own weights
+        (`<mode>-weights`: what the quantization alone costs, in fp32 on onnxruntime)."""
+        rows = {"onnx": [self.export.target(p) for p in self.export.pieces]}
+        for label, build in self.modes.items():
+            rows[label] = [Paths(build).dist]
+            if self.quantized(label):
+                rows[f"{label}-weights"] = [self.weights_record(label)]
+        return rows
+
+    def quantized(self, label: str) -> list:
+        """The prefill pieces whose weights the mode quantizes (what a prefill runs: Engine.prompt_logits;
+        as compile.weights_quantized: every block in a W8/W4 mode, embedding and lm_head in its float type)."""
+        from .modes import MODES
+
+        if not MODES[self.modes[label].mode].startswith("W"):
+            return []
+        return [p for p in self.export.pieces if p.kind in ("block", "linear_block")]
+
     def tasks(self):
         """score a text against the fp32 reference, per mode of modes= and window; the report"""
         b, name = self.build, f"{self.build.model.name}/seq{self.build.seq}"
         yield {"name": f"{name}/text", "doc": "the scoring text, tokenized, in windows of seq",
                "actions": [self.action(self.write_text)], "file_dep": [self.paths.export_config, *CODE["quality"]],
                "targets": [self.text], "uptodate": [config_changed({"tokens": b.quality_tokens})], "clean": True}
+        transform = TransformTasks(b, self.paths, self.export)
+        for label in self.modes:
+            if pieces := self.quantized(label):
+                yield {"name": f"{name}/{label}-weights/net", "doc": f"the ONNX pieces with the {label} bmodel's weights",
+                       "actions": [(self.action(self.run_weights_net), [label])], "clean": True,
+                       "file_dep": [*(f for p in pieces for f in (self.export.target(p), transform.mlir(p),
+                                                                 transform.weights(p))), *CODE["quality"]],
+                       "targets": [self.weights_record(label)],
+                       "uptodate": [config_changed({**COMPILER, "group_size": self.modes[label].group_size})]}
         weights = [self.paths.fingerprint(g) for g in sorted({p.group for p in self.export.pieces})]
-        onnx = [self.export.target(p) for p in self.export.pieces]
+        rows = self.rows()
         for k in range(self.windows):
             yield {"name": f"{name}/reference/w{k}", "doc": f"window {k}: the fp32 reference (transformers)",
                    "actions": [(self.action(self.run_reference), [k])], "clean": True,
                    "file_dep": [self.text, self.paths.tensor_map, *weights, *CODE["quality"]],
                    "targets": [self.reference(k)], "uptodate": [config_changed(TOOL_VERSIONS)]}
-            for label, dependencies in [("onnx", onnx), *((m, [Paths(mb).dist]) for m, mb in self.modes.items())]:
+            for label, dependencies in rows.items():
                 yield {"name": f"{name}/{label}/w{k}", "doc": f"window {k}: {label} against the reference",
                        "actions": [(self.action(self.run_score), [label, k])], "clean": True,
                        "file_dep": [self.text, self.reference(k), *dependencies, *CODE["quality"]],
                        "targets": [self.scored(label, k)]}
-        scored = {label: [self.scored(label, k) for k in range(self.windows)] for label in ["onnx", *self.modes]}
+        scored = {label: [self.scored(label, k) for k in range(self.windows)] for label in rows}
         yield {"name": f"{name}/report", "doc": "the figures per mode: JSON, Markdown, a KL histogram",
                "actions": [(self.action(self.write_report), [scored])], "clean": True,
                "file_dep": [self.text, *(f for files in scored.values() for f in files), *CODE["quality"]],
                "targets": [self.report, self.report.with_suffix(".md"), self.report.with_suffix(".png")]}
+
+    def whole_model(self) -> int:
+        return self.paths.fp32_bytes(sorted({p.group for p in self.export.pieces}))
+
+    def run_weights_net(self, label):
+        self.execute(f"{label}'s weights in fp32", self.whole_model(), "weights_net_work", label)
+
+    def weights_net_work(self, label):
+        from .quality import dequantized_folder
+
+        start, deploy = time.perf_counter(), stages(self.modes[label])["deploy"]
+        record = self.weights_record(label)
+        dequantized_folder(self.paths.onnx, record.parent / "onnx", self.quantized(label), deploy.dequantized_net, record)
+        say(f"[quality] the ONNX pieces with the {label} bmodel's weights, in {time.perf_counter() - start:.1f} s")
 
     def write_text(self):
         from .quality import write_windows
@@ -514,8 +561,7 @@ class QualityTasks(Stage):
         write_windows(self.paths.onnx, self.build.seq, self.build.quality_tokens, self.text)
 
     def run_reference(self, k):
-        self.execute(f"reference w{k}", self.paths.fp32_bytes(sorted({p.group for p in self.export.pieces})),
-                     "reference_work", k)
+        self.execute(f"reference w{k}", self.whole_model(), "reference_work", k)
 
     def reference_work(self, k):
         from .quality import reference_window
@@ -528,8 +574,7 @@ class QualityTasks(Stage):
         say(f"[quality] reference w{k + 1}/{self.windows} in {time.perf_counter() - start:.1f} s")
 
     def run_score(self, label, k):
-        self.execute(f"{label} w{k}", self.paths.fp32_bytes(sorted({p.group for p in self.export.pieces})),
-                     "score_work", label, k)
+        self.execute(f"{label} w{k}", self.whole_model(), "score_work", label, k)
 
     def score_work(self, label, k):
         from runtime.engine import Engine
@@ -538,10 +583,11 @@ class QualityTasks(Stage):
 
         start, window = time.perf_counter(), read_json(self.text)["windows"][k]
         say(f"[quality] {label} w{k + 1}/{self.windows}: {len(window) - 1} positions ...")
-        if label == "onnx":
+        if label == "onnx" or label.endswith("-weights"):
             from runtime.onnx_backend import OnnxBackend
 
-            score_window(Engine(OnnxBackend(self.paths.onnx)), window, self.reference(k), self.scored(label, k))
+            folder = self.paths.onnx if label == "onnx" else self.folder / label / "onnx"
+            score_window(Engine(OnnxBackend(folder)), window, self.reference(k), self.scored(label, k))
         else:
             from runtime.isolated_backend import IsolatedBmodelBackend
 

@@ -82,9 +82,12 @@ def test_quality_scores_each_mode_against_fp32_and_builds_only_what_is_new(compi
     folder = build_dir / "tiny-qwen2" / "seq32" / "quality"
     report = json.loads((folder / "report.json").read_text())
     modes = report["modes"]
-    assert report["order"] == ["onnx", "bf16", "int8", "int4"] and report["scored_tokens"] == 62
+    assert report["order"] == ["onnx", "bf16", "int8", "int8-weights", "int4", "int4-weights"]
+    assert report["scored_tokens"] == 62
     assert modes["onnx"]["kl_mean"] < 1e-6 and modes["onnx"]["same_top1"] == 1.0
     assert modes["bf16"]["kl_mean"] < modes["int4"]["kl_mean"] and modes["int8"]["kl_mean"] < modes["int4"]["kl_mean"]
+    # int4's loss is its quantization's: its weights alone, in fp32, cost about what the bmodel does
+    assert 0.5 * modes["int4"]["kl_mean"] < modes["int4-weights"]["kl_mean"] < 2 * modes["int4"]["kl_mean"]
     assert all(m["scored_tokens"] == 62 and m["seconds"] > 0 for m in modes.values())
     assert "| int4 |" in (folder / "report.md").read_text() and (folder / "report.png").stat().st_size > 10_000
     again = run_doit(build_dir, ["quality"], model="tiny-qwen2", modes="bf16,int8,int4", quality_tokens=40)
@@ -93,8 +96,9 @@ def test_quality_scores_each_mode_against_fp32_and_builds_only_what_is_new(compi
     assert more.code == 0, more.output
     assert {t.split("/")[2] for t in more.ran if t.startswith(("deploy:", "combine:"))} == {"int4_g128_1dev_bm1684x_dyn"}
     assert sorted(t for t in more.ran if t.startswith("quality:")) == [
-        "quality:tiny-qwen2/seq32/int4_g128/w0", "quality:tiny-qwen2/seq32/int4_g128/w1",
-        "quality:tiny-qwen2/seq32/report"]
+        "quality:tiny-qwen2/seq32/int4_g128-weights/net", "quality:tiny-qwen2/seq32/int4_g128-weights/w0",
+        "quality:tiny-qwen2/seq32/int4_g128-weights/w1", "quality:tiny-qwen2/seq32/int4_g128/w0",
+        "quality:tiny-qwen2/seq32/int4_g128/w1", "quality:tiny-qwen2/seq32/report"]
     assert "int4_g128" in json.loads((folder / "report.json").read_text())["modes"]
 
 @pytest.mark.parametrize("mode", ["bf16", "int8"])
