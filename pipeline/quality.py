@@ -62,14 +62,8 @@ def scoring_text() -> tuple[str, dict]:
     return text, source
 
 
-def scored_per_window(seq: int) -> int:
-    """Positions scored in a window of seq tokens: the logits at 0 .. seq-2 predict tokens 1 .. seq-1."""
-    return seq - 1
-
-
-def windows(ids: list[int], seq: int, min_scored: int) -> list[list[int]]:
-    """Consecutive windows of seq tokens, as many as it takes to score `min_scored` tokens."""
-    count = math.ceil(min_scored / scored_per_window(seq))
+def windows(ids: list[int], seq: int, count: int) -> list[list[int]]:
+    """`count` consecutive windows of seq tokens."""
     if count * seq > len(ids):
         raise PipelineError(f"the scoring text has {len(ids)} tokens: {count} windows of {seq} need {count * seq}; "
                             f"ask for fewer (quality_tokens=)")
@@ -174,15 +168,15 @@ def plot(report: dict, kl_per_mode: dict[str, np.ndarray], out: Path) -> None:
 
 # The tasks' work (pipeline/tasks.py: QualityTasks), each result written whole or not at all.
 
-def write_windows(tokenizer_dir: Path, seq: int, min_scored: int, out: Path) -> None:
-    """The text, tokenized by the model's tokenizer, cut into the windows to score."""
+def write_windows(tokenizer_dir: Path, seq: int, count: int, out: Path) -> None:
+    """The text, tokenized by the model's tokenizer, cut into `count` windows to score."""
     from runtime.tokenizer import load_tokenizer
 
     from .fsutil import write_json
 
     text, source = scoring_text()
     ids = load_tokenizer(tokenizer_dir).encode(text, allow_special=False)
-    write_json(out, {"source": source, "seq": seq, "text_tokens": len(ids), "windows": windows(ids, seq, min_scored)})
+    write_json(out, {"source": source, "seq": seq, "text_tokens": len(ids), "windows": windows(ids, seq, count)})
 
 
 def _save(out: Path, **arrays) -> None:

@@ -210,6 +210,10 @@ class ExportTasks(Stage):
         self.followers = same_program(self.pieces)
         self.templates = set(self.followers.values())
 
+    def whole_model(self) -> int:
+        """Every piece's weights in fp32: what a check of the whole model holds."""
+        return self.paths.fp32_bytes(sorted({p.group for p in self.pieces}))
+
     def target(self, piece) -> Path:
         return self.paths.onnx / f"{piece.file}.onnx"
 
@@ -443,15 +447,12 @@ class VerifyTasks(Stage):
                "meta": {"outputs": [self.sim_report, self.sim_report.with_suffix(".md"), self.paths.layers_plot]},
                "uptodate": [config_changed({**COMPILER, "sim_tokens": self.build.sim_tokens})], "clean": True}
 
-    def whole_model(self) -> int:
-        return self.paths.fp32_bytes(sorted({p.group for p in self.export.pieces}))
-
     def run(self):
-        self.execute("on onnxruntime (the whole model, twice: torch and onnxruntime)", 2 * self.whole_model(),
+        self.execute("on onnxruntime (the whole model, twice: torch and onnxruntime)", 2 * self.export.whole_model(),
                      "check_onnx")
 
     def run_simulator(self):
-        self.execute(f"{self.build.mode} on the simulator", self.whole_model(), "check_simulator")
+        self.execute(f"{self.build.mode} on the simulator", self.export.whole_model(), "check_simulator")
 
     def check_onnx(self):
         from . import verify
@@ -476,7 +477,8 @@ class QualityTasks(Stage):
         self.folder = paths.seq / "quality"
         self.text = self.folder / "text.json"
         self.report = self.folder / "report.json"
-        self.windows = math.ceil(build.quality_tokens / (build.seq - 1))  # (quality.windows: the same count)
+        # enough windows of seq tokens for quality_tokens: all but a window's first token are scored
+        self.windows = math.ceil(build.quality_tokens / (build.seq - 1))
         self.modes = {_mode_label(b): b for b in [build.with_mode(m, g) for m, g in build.modes]}
 
     def reference(self, k: int) -> Path:
@@ -541,11 +543,8 @@ class QualityTasks(Stage):
                "file_dep": [self.text, *(f for files in scored.values() for f in files), *CODE["quality"]],
                "targets": [self.report, self.report.with_suffix(".md"), self.report.with_suffix(".png")]}
 
-    def whole_model(self) -> int:
-        return self.paths.fp32_bytes(sorted({p.group for p in self.export.pieces}))
-
     def run_weights_net(self, label):
-        self.execute(f"{label}'s weights in fp32", self.whole_model(), "weights_net_work", label)
+        self.execute(f"{label}'s weights in fp32", self.export.whole_model(), "weights_net_work", label)
 
     def weights_net_work(self, label):
         from .quality import dequantized_folder
@@ -558,10 +557,10 @@ class QualityTasks(Stage):
     def write_text(self):
         from .quality import write_windows
 
-        write_windows(self.paths.onnx, self.build.seq, self.build.quality_tokens, self.text)
+        write_windows(self.paths.onnx, self.build.seq, self.windows, self.text)
 
     def run_reference(self, k):
-        self.execute(f"reference w{k}", self.whole_model(), "reference_work", k)
+        self.execute(f"reference w{k}", self.export.whole_model(), "reference_work", k)
 
     def reference_work(self, k):
         from .quality import reference_window
@@ -574,7 +573,7 @@ class QualityTasks(Stage):
         say(f"[quality] reference w{k + 1}/{self.windows} in {time.perf_counter() - start:.1f} s")
 
     def run_score(self, label, k):
-        self.execute(f"{label} w{k}", self.whole_model(), "score_work", label, k)
+        self.execute(f"{label} w{k}", self.export.whole_model(), "score_work", label, k)
 
     def score_work(self, label, k):
         from runtime.engine import Engine
