@@ -1,9 +1,9 @@
 """A large piece's action in a process of its own, so that its memory goes back to the system when
 it ends.
 
-A build process that exported a full-width piece kept part of that memory afterwards (glibc keeps
-freed heap for reuse): a process that had exported a 14B-wide embedding (10.6 GiB at its peak) then
-exported a block at 9.6 GiB, where the block alone takes 5.6. That memory was in no reservation of
+A build process that exported a full-width piece kept part of that memory afterwards (most likely
+freed heap that glibc keeps for reuse): a process that had exported a 14B-wide embedding (10.6 GiB
+at its peak) then exported a block at 9.6 GiB, where the block alone takes 5.6 (resident memory). That memory was in no reservation of
 the memory budget (pipeline/memory_budget.py), and a 14B-wide build with 2 processes was killed
 for memory with its reservations at 19.2 of 21.1 GiB. A process of its own gives all of it back.
 
