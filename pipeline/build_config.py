@@ -187,6 +187,23 @@ def parse_build_config(variables: dict[str, str | None]) -> BuildConfig:
                        given.get("cluster", ""), modes, quality_tokens)
 
 
+def group_size_warning(build: BuildConfig) -> str | None:
+    """What an int4 build of these modes leaves in bf16: TPU-MLIR 1.30.2 quantizes a matmul only
+    when the group size divides its input width (seen in `doit quality`'s -weights nets: SmolLM2 at
+    group size 128 kept its six matmuls of input 576 whole, and quantized the one of input 1536)."""
+    a = build.model.architecture
+    widths = {"hidden_size": a.hidden_size, "intermediate_size": a.intermediate_size,
+              "num_heads x head_dim": a.num_heads * a.head_dim}
+    words = []
+    for mode, group in sorted(set(build.modes) | {(build.mode, build.group_size)}):
+        if MODES[mode].startswith("W4") and (bad := [f"{k} {w}" for k, w in widths.items() if w % group]):
+            words.append(f"{mode} group_size={group} does not divide {', '.join(bad)}: TPU-MLIR leaves the "
+                         f"matmuls of that input width unquantized (bf16), so the bmodel is larger than an "
+                         f"int4 one; a group size that divides {a.hidden_size} and {a.intermediate_size} "
+                         f"quantizes them all")
+    return "; ".join(words) or None
+
+
 def _modes(given: str | None, mode: str, group_size: int) -> tuple[tuple[str, int], ...]:
     """modes=bf16,int8,int4,int4_g128: each a mode, an int4 one with its group size if not group_size=."""
     if given is None:

@@ -648,6 +648,10 @@ def _chained(generators: list) -> "callable":
 
 
 def doit_config(build: BuildConfig) -> dict:
+    from .build_config import group_size_warning
+
+    if warning := group_size_warning(build):
+        say(f"warning: {warning}")
     ensure_writable_dir(build.build_dir, "build_dir")
     ensure_writable_dir(build.dist_dir, "dist_dir", create=False)
     if build.jobs > 1 and threading.current_thread() is threading.main_thread():

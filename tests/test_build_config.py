@@ -95,3 +95,15 @@ def test_cli_reports_bad_variable_without_traceback(tmp_path):
     assert "error: mode='int3' is not allowed" in result.stderr
     assert "Traceback" not in result.stderr
     assert list(tmp_path.iterdir()) == []  # nothing written
+
+
+def test_an_int4_group_size_that_leaves_matmuls_unquantized_is_named():
+    from pipeline.build_config import group_size_warning
+
+    def warning(**variables):
+        return group_size_warning(parse_build_config({"model": "smollm2-135m", **variables}))
+
+    assert warning(mode="int4") is None and warning(mode="int8", group_size="128") is None
+    said = warning(mode="int4", group_size="128")
+    assert said.startswith("int4 group_size=128 does not divide hidden_size 576, num_heads x head_dim 576:")
+    assert "int4 group_size=128" in warning(mode="bf16", modes="bf16,int4,int4_g128")
