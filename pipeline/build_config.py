@@ -100,11 +100,16 @@ class BuildConfig:
         return self.variant + self.chunk_suffix
 
     @property
+    def mode_label(self) -> str:
+        """int8, int4, int4_g128: the mode, and an int4 build's group size when not the default."""
+        group = "" if self.group_size == 64 or not MODES[self.mode].startswith("W4") else f"_g{self.group_size}"
+        return f"{self.mode}{group}"
+
+    @property
     def dist_name(self) -> str:
         chip = "" if self.chip == "bm1684x" else f"_{self.chip}"
-        group = "" if self.group_size == 64 or not MODES[self.mode].startswith("W4") else f"_g{self.group_size}"
         dynamic = "_dyn" if self.dynamic else ""
-        return (f"{self.model.name}_{self.mode}{group}_seq{self.seq}_{self.devices}dev{chip}{dynamic}"
+        return (f"{self.model.name}_{self.mode_label}_seq{self.seq}_{self.devices}dev{chip}{dynamic}"
                 f"{self.chunk_suffix}")
 
 

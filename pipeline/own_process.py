@@ -3,9 +3,9 @@ it ends.
 
 A build process that exported a full-width piece kept part of that memory afterwards (most likely
 freed heap that glibc keeps for reuse): a process that had exported a 14B-wide embedding (10.6 GiB
-at its peak) then exported a block at 9.6 GiB, where the block alone takes 5.6 (resident memory). That memory was in no reservation of
-the memory budget (pipeline/memory_budget.py), and a 14B-wide build with 2 processes was killed
-for memory with its reservations at 19.2 of 21.1 GiB. A process of its own gives all of it back.
+at its peak) then exported a block at 9.6 GiB, where the block alone takes 5.6 (resident memory).
+That memory was in no reservation of the memory budget (pipeline/memory_budget.py), and a 14B-wide
+build with 2 processes was killed for memory with its reservations at 19.2 of 21.1 GiB. A process of its own gives all of it back.
 
 Only the stages whose work is in the build process's own heap go there: the export (torch) and the
 ONNX check (torch and onnxruntime). The transform and deploy run in the toolchain process, which is
@@ -51,8 +51,10 @@ def run_in_own_process(build, stage: str, method: str, args: tuple) -> None:
 
 
 def _child(send, parent: int, build, stage: str, method: str, args: tuple) -> None:
-    _die_with(parent)
+    from .task_state import die_with_parent
     from .tasks import stages
+
+    die_with_parent(parent)  # killed, the build leaves no process behind it
 
     try:
         getattr(stages(build)[stage], method)(*args)
@@ -72,16 +74,3 @@ def _child(send, parent: int, build, stage: str, method: str, args: tuple) -> No
         send.close()
     except OSError:  # the build stopped waiting (Ctrl-C): nobody to tell
         pass
-
-
-def _die_with(parent: int) -> None:
-    """Killed, the build leaves no process behind it (Linux's parent-death signal)."""
-    import ctypes
-    import signal
-
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        return
-    if os.getppid() != parent:  # the parent died before the signal was set
-        os._exit(1)

@@ -169,13 +169,20 @@ def _die_with_doit() -> None:
     import signal
 
     signal.signal(signal.SIGINT, signal.default_int_handler)
-    try:
-        import ctypes
+    die_with_parent(_OWNER_PID)
 
+
+def die_with_parent(parent: int) -> None:
+    """This process gets SIGKILL when `parent` dies (Linux's parent-death signal; elsewhere nothing
+    is done); if it died already, this process exits now."""
+    import ctypes
+    import signal
+
+    try:
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         return
-    if os.getppid() != _OWNER_PID:  # doit died before the signal was set
+    if os.getppid() != parent:  # the parent died before the signal was set
         os._exit(1)
 
 

@@ -479,7 +479,7 @@ class QualityTasks(Stage):
         self.report = self.folder / "report.json"
         # enough windows of seq tokens for quality_tokens: all but a window's first token are scored
         self.windows = math.ceil(build.quality_tokens / (build.seq - 1))
-        self.modes = {_mode_label(b): b for b in [build.with_mode(m, g) for m, g in build.modes]}
+        self.modes = {b.mode_label: b for b in [build.with_mode(m, g) for m, g in build.modes]}
 
     def reference(self, k: int) -> Path:
         return self.folder / "reference" / f"w{k}.npz"
@@ -601,11 +601,6 @@ class QualityTasks(Stage):
         say(f"[quality] {self.report.with_suffix('.md')}: " + "; ".join(
             f"{mode} ppl x{m['ppl_ratio']:.4f}, KL {m['kl_mean']:.2g}, same top-1 {100 * m['same_top1']:.1f}%"
             for mode, m in data["modes"].items()))
-
-
-def _mode_label(build: BuildConfig) -> str:
-    """int8, int4, int4_g128 (an int4 build's group size when not the default): as in its bmodel's name."""
-    return build.dist_name.split("_seq")[0][len(build.model.name) + 1:]
 
 
 def stages(build: BuildConfig) -> dict:

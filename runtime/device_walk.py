@@ -292,13 +292,13 @@ class DeviceWalk:
     def prompt_logits(self, first: int = 0) -> np.ndarray:
         """The logits [n - first, V] of positions first .. n-1 of the last prefill: each row of its
         last run, still on the device, through lm_head (teacher forcing in one prefill)."""
-        from .engine import _scored_rows
+        from .engine import scored_rows
 
         if self.info["head"] == "token":
             raise ValueError(f"{self.info['bmodel']}: its lm_head gives a token, not logits: it cannot be scored")
         begin, end = self.last_run
         last, logits = self.hidden[self.layers % 2], []
-        for row in _scored_rows(first, begin, end):
+        for row in scored_rows(first, begin, end):
             self._head(self.rt.at(last, row * self.row_bytes, self.row_bytes))
             logits.append(self._read_head()[0])
         return np.stack(logits)

@@ -119,7 +119,7 @@ def penalty_window(ids: list[int], seq: int) -> np.ndarray:
     return window
 
 
-def _scored_rows(first: int, begin: int, end: int) -> range:
+def scored_rows(first: int, begin: int, end: int) -> range:
     """The rows of a prefill's last run (positions begin .. end-1) that hold positions first .. end-1."""
     if not begin <= first < end:
         raise ValueError(f"positions {first}..{end - 1} are not all in the prefill's last run ({begin}..{end - 1}): a "
@@ -173,10 +173,10 @@ class HostWalk:
         """The logits [n - first, V] of positions first .. n-1 of the last prefill: each row of its
         last run through lm_head (teacher forcing in one prefill: pipeline/quality.py)."""
         begin, hidden = self._last_run
-        rows = _scored_rows(first, begin, begin + hidden.shape[1])
-        logits = [self.backend.run("lm_head", {"hidden_states": np.ascontiguousarray(hidden[:, r])})[0][0]
-                  for r in rows]
-        self._head(hidden[:, rows[-1]])
+        logits = []
+        for row in scored_rows(first, begin, begin + hidden.shape[1]):
+            self._head(hidden[:, row])
+            logits.append(self.logits())
         return np.stack(logits)
 
     def decode(self, token: int, pos: int) -> None:
