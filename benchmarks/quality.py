@@ -2,7 +2,7 @@
 runs it, and its report recorded in benchmarks/results/ (the README's table quotes it).
 
     .venv/bin/python benchmarks/quality.py [--model smollm2-135m] [--seq 128]
-        [--modes bf16,int8,int4,int4_g128] [--tokens 512] [--build-dir DIR]
+        [--modes bf16,int8,int4,int4_g128] [--tokens 512] [--build-dir DIR] [--dynamic 0]
 The scoring runs each mode's bmodel on the simulator, a task per mode and window: interrupted, it
 goes on where it stopped when run again with the same --build-dir (default: the project's build/).
 Copies the report (JSON, Markdown, PNG) to benchmarks/results/quality_<model>.*.
@@ -27,8 +27,11 @@ def main():
     parser.add_argument("--modes", default="bf16,int8,int4,int4_g128")
     parser.add_argument("--tokens", type=int, default=512, help="tokens scored per mode, at least")
     parser.add_argument("--build-dir", type=Path, default=ROOT / "build")
+    parser.add_argument("--dynamic", type=int, default=1, help="the builds' dynamic= (0: the prefill over the whole "
+                        "window, which a scoring window fills anyway)")
     args = parser.parse_args()
     variables = [f"model={args.model}", f"seq={args.seq}", f"modes={args.modes}", f"quality_tokens={args.tokens}",
+                 f"dynamic={args.dynamic}",
                  f"build_dir={args.build_dir}", f"dist_dir={args.build_dir / 'dist'}"]
     start = time.perf_counter()
     subprocess.run([str(DOIT), "quality", *variables], cwd=ROOT, check=True)

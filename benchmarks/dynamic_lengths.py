@@ -1,0 +1,90 @@
+"""A dynamic build's first prefill net at every prompt length, on the simulator, against
+onnxruntime: which lengths give NaN rows, and the cosine of the others. With --llm-convert, the
+`block_0` of an `llm_convert.py --dynamic` build of the same checkpoint at the same lengths
+(its net takes no mask: it builds its causal mask inside), side by side.
+
+    .venv/bin/python benchmarks/dynamic_lengths.py [--model smollm2-135m] [--seq 128] [--mode bf16]
+        [--lengths 90-128] [--build-dir DIR] [--llm-convert OUT/<name>_dynamic]
+Needs the build (`doit build ... dynamic=1`; the ONNX pieces and the dynamic deploy). Prints a
+Markdown table and writes it to benchmarks/results/dynamic_lengths_<model>.md.
+"""
+import argparse
+import datetime
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks.common import ROOT, publish  # noqa: E402
+
+
+def lengths(text: str) -> list[int]:
+    low, _, high = text.partition("-")
+    return list(range(int(low), int(high or low) + 1))
+
+
+def run_lengths(bmodel: Path, onnx, hidden: np.ndarray, ns: list[int], with_mask: bool) -> dict[int, tuple]:
+    """Per length n: (NaN rows of the hidden output, its cosine against onnxruntime)."""
+    from runtime.engine import prefill_mask
+    from runtime.isolated_backend import IsolatedBmodelBackend
+
+    found = {}
+    with IsolatedBmodelBackend(bmodel, whole_model=False) as backend:
+        for n in ns:
+            feeds = {"input_states": hidden[:, :n], "position_ids": np.arange(n, dtype=np.int32)[None]}
+            mask = {"attention_mask": prefill_mask(n, n)}
+            reference = onnx.run("block_0", {**feeds, **mask})[0]
+            got = backend.run("block_0", {**feeds, **(mask if with_mask else {})})[0]
+            bad = int(np.isnan(got).any(axis=-1).sum())
+            cosine = float((got * reference).sum() / np.sqrt((got * got).sum() * (reference * reference).sum()))
+            found[n] = (bad, cosine)
+            print(f"{bmodel.name} at {n}: {bad} NaN rows, cosine {cosine:.6f}", flush=True)
+    return found
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--mode", default="bf16")
+    parser.add_argument("--lengths", default="1-128", help="a length or a range, e.g. 90-128")
+    parser.add_argument("--build-dir", type=Path, default=ROOT / "build")
+    parser.add_argument("--llm-convert", type=Path, help="an llm_convert.py --dynamic output folder (its block_0/)")
+    args = parser.parse_args()
+
+    from pipeline.build_config import parse_build_config
+    from pipeline.tasks import Paths
+    from runtime.engine import pad_ids
+    from runtime.onnx_backend import OnnxBackend
+
+    build = parse_build_config({"model": args.model, "seq": str(args.seq), "mode": args.mode, "dynamic": "1",
+                                "build_dir": str(args.build_dir), "dist_dir": str(args.build_dir / "dist")})
+    paths = Paths(build)
+    onnx = OnnxBackend(paths.onnx)
+    text = paths.seq / "quality" / "text.json"  # a real text where doit quality left one, else token ids 1..seq
+    ids = json.loads(text.read_text())["windows"][0][:args.seq] if text.exists() else list(range(1, args.seq + 1))
+    (hidden,) = onnx.run("embedding", {"input_ids": pad_ids(ids, args.seq)})
+    ns = lengths(args.lengths)
+    columns = {f"ours ({build.variant})": run_lengths(paths.deploy / "block_0.bmodel", onnx, hidden,
+                                                      ns, with_mask=True)}
+    if args.llm_convert:
+        columns["llm_convert.py --dynamic"] = run_lengths(args.llm_convert / "block_0" / "block_0.bmodel", onnx,
+                                                          hidden, ns, with_mask=False)
+    lines = [f"# A dynamic block_0 at each prompt length: {args.model}, seq {args.seq}, {args.mode}", "",
+             f"{datetime.date.today()}; the simulator against onnxruntime, on the embedded "
+             f"{'scoring text' if text.exists() else 'token ids 1..seq'}. A cell: NaN rows of the hidden "
+             "output, or the cosine when there are none.", "",
+             "| length | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
+    for n in ns:
+        cells = [f"**{bad} NaN rows**" if bad else f"{cosine:.6f}" for bad, cosine in (c[n] for c in columns.values())]
+        lines.append(f"| {n} | " + " | ".join(cells) + " |")
+    for name, found in columns.items():
+        bad = [n for n in ns if found[n][0]]
+        lines.append(f"\n{name}: NaN rows at {len(bad)} of {len(ns)} lengths" + (f" ({bad})" if bad else ""))
+    publish("\n".join(lines) + "\n", f"dynamic_lengths_{args.model}.md")
+
+
+if __name__ == "__main__":
+    main()
