@@ -1,10 +1,11 @@
 """A dynamic build's first prefill net at every prompt length, on the simulator, against
 onnxruntime: which lengths give NaN rows, and the cosine of the others. With --llm-convert, the
 `block_0` of an `llm_convert.py --dynamic` build of the same checkpoint at the same lengths
-(its net takes no mask: it builds its causal mask inside), side by side.
+(its net takes no mask: it builds its causal mask inside), side by side; with --also, any other
+`block_0.bmodel` of ours (e.g. the build's MLIR deployed with other model_deploy.py options).
 
     .venv/bin/python benchmarks/dynamic_lengths.py [--model smollm2-135m] [--seq 128] [--mode bf16]
-        [--lengths 90-128] [--build-dir DIR] [--llm-convert OUT/<name>_dynamic]
+        [--lengths 90-128] [--build-dir DIR] [--llm-convert OUT/<name>_dynamic] [--also LABEL=BMODEL]
 Needs the build (`doit build ... dynamic=1`; the ONNX pieces and the dynamic deploy). Prints a
 Markdown table and writes it to benchmarks/results/dynamic_lengths_<model>.md.
 """
@@ -20,13 +21,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.common import ROOT, publish  # noqa: E402
 
 
+RIGHT = 0.999  # a cosine below it is a wrong output (a right bf16 block_0 gives 0.99999)
+
+
 def lengths(text: str) -> list[int]:
     low, _, high = text.partition("-")
     return list(range(int(low), int(high or low) + 1))
 
 
 def run_lengths(bmodel: Path, onnx, hidden: np.ndarray, ns: list[int], with_mask: bool) -> dict[int, tuple]:
-    """Per length n: (NaN rows of the hidden output, its cosine against onnxruntime)."""
+    """Per length n: (NaN rows of the hidden output, its cosine against onnxruntime, the simulator's
+    seconds for it)."""
     from runtime.engine import prefill_mask
     from runtime.isolated_backend import IsolatedBmodelBackend
 
@@ -36,10 +41,11 @@ def run_lengths(bmodel: Path, onnx, hidden: np.ndarray, ns: list[int], with_mask
             feeds = {"input_states": hidden[:, :n], "position_ids": np.arange(n, dtype=np.int32)[None]}
             mask = {"attention_mask": prefill_mask(n, n)}
             reference = onnx.run("block_0", {**feeds, **mask})[0]
+            before = backend.seconds
             got = backend.run("block_0", {**feeds, **(mask if with_mask else {})})[0]
             bad = int(np.isnan(got).any(axis=-1).sum())
             cosine = float((got * reference).sum() / np.sqrt((got * got).sum() * (reference * reference).sum()))
-            found[n] = (bad, cosine)
+            found[n] = (bad, cosine, backend.seconds - before)
             print(f"{bmodel.name} at {n}: {bad} NaN rows, cosine {cosine:.6f}", flush=True)
     return found
 
@@ -52,6 +58,8 @@ def main():
     parser.add_argument("--lengths", default="1-128", help="a length or a range, e.g. 90-128")
     parser.add_argument("--build-dir", type=Path, default=ROOT / "build")
     parser.add_argument("--llm-convert", type=Path, help="an llm_convert.py --dynamic output folder (its block_0/)")
+    parser.add_argument("--also", action="append", default=[], metavar="LABEL=BMODEL",
+                        help="another block_0 bmodel with our inputs, in a column of its own")
     args = parser.parse_args()
 
     from pipeline.build_config import parse_build_config
@@ -69,20 +77,26 @@ def main():
     ns = lengths(args.lengths)
     columns = {f"ours ({build.variant})": run_lengths(paths.deploy / "block_0.bmodel", onnx, hidden,
                                                       ns, with_mask=True)}
+    for also in args.also:
+        label, _, bmodel = also.partition("=")
+        columns[label] = run_lengths(Path(bmodel), onnx, hidden, ns, with_mask=True)
     if args.llm_convert:
         columns["llm_convert.py --dynamic"] = run_lengths(args.llm_convert / "block_0" / "block_0.bmodel", onnx,
                                                           hidden, ns, with_mask=False)
     lines = [f"# A dynamic block_0 at each prompt length: {args.model}, seq {args.seq}, {args.mode}", "",
              f"{datetime.date.today()}; the simulator against onnxruntime, on the embedded "
              f"{'scoring text' if text.exists() else 'token ids 1..seq'}. A cell: NaN rows of the hidden "
-             "output, or the cosine when there are none.", "",
+             f"output, or the cosine when there are none (in bold below {RIGHT}: wrong).", "",
              "| length | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
     for n in ns:
-        cells = [f"**{bad} NaN rows**" if bad else f"{cosine:.6f}" for bad, cosine in (c[n] for c in columns.values())]
+        cells = [f"**{bad} NaN rows**" if bad else f"**{cosine:.6f}**" if cosine < RIGHT else f"{cosine:.6f}"
+                 for bad, cosine, _ in (c[n] for c in columns.values())]
         lines.append(f"| {n} | " + " | ".join(cells) + " |")
     for name, found in columns.items():
-        bad = [n for n in ns if found[n][0]]
-        lines.append(f"\n{name}: NaN rows at {len(bad)} of {len(ns)} lengths" + (f" ({bad})" if bad else ""))
+        bad = [n for n in ns if found[n][0] or not found[n][1] >= RIGHT]
+        seconds = sum(found[n][2] for n in ns)
+        lines.append(f"\n{name}: wrong at {len(bad)} of {len(ns)} lengths" + (f" ({bad})" if bad else "")
+                     + f"; the simulator ran them in {seconds:.1f} s")
     publish("\n".join(lines) + "\n", f"dynamic_lengths_{args.model}.md")
 
 

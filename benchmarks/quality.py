@@ -2,10 +2,12 @@
 runs it, and its report recorded in benchmarks/results/ (the README's table quotes it).
 
     .venv/bin/python benchmarks/quality.py [--model smollm2-135m] [--seq 128]
-        [--modes bf16,int8,int4,int4_g128] [--tokens 512] [--build-dir DIR] [--dynamic 0]
+        [--modes bf16,int8,int4,int4_g128] [--tokens 512] [--build-dir DIR] [--dynamic 0] [--jobs 2]
+        [--results-name quality_<model>]
 The scoring runs each mode's bmodel on the simulator, a task per mode and window: interrupted, it
 goes on where it stopped when run again with the same --build-dir (default: the project's build/).
-Copies the report (JSON, Markdown, PNG) to benchmarks/results/quality_<model>.*.
+Copies the report (JSON, Markdown, PNG) to benchmarks/results/<results-name>.* (a run of some modes
+only, e.g. to add modes to a table measured earlier, names its own files so as not to replace them).
 """
 import argparse
 import shutil
@@ -29,8 +31,11 @@ def main():
     parser.add_argument("--build-dir", type=Path, default=ROOT / "build")
     parser.add_argument("--dynamic", type=int, default=1, help="the builds' dynamic= (0: the prefill over the whole "
                         "window, which a scoring window fills anyway)")
+    parser.add_argument("--jobs", type=int, default=2, help="windows scored at once (one core each)")
+    parser.add_argument("--results-name", help="the report's name in benchmarks/results/ (default quality_<model>)")
     args = parser.parse_args()
-    variables = [f"model={args.model}", f"seq={args.seq}", f"modes={args.modes}", f"quality_tokens={args.tokens}",
+    results_name = args.results_name or f"quality_{args.model}"
+    variables = [f"jobs={args.jobs}", f"model={args.model}", f"seq={args.seq}", f"modes={args.modes}", f"quality_tokens={args.tokens}",
                  f"dynamic={args.dynamic}",
                  f"build_dir={args.build_dir}", f"dist_dir={args.build_dir / 'dist'}"]
     start = time.perf_counter()
@@ -38,8 +43,8 @@ def main():
     print(f"doit quality: {time.perf_counter() - start:.0f} s (what was not done already)")
     report = args.build_dir / args.model / f"seq{args.seq}" / "quality" / "report.json"
     for suffix in (".json", ".md", ".png"):
-        shutil.copyfile(report.with_suffix(suffix), RESULTS_DIR / f"quality_{args.model}{suffix}")
-    print((RESULTS_DIR / f"quality_{args.model}.md").read_text())
+        shutil.copyfile(report.with_suffix(suffix), RESULTS_DIR / f"{results_name}{suffix}")
+    print((RESULTS_DIR / f"{results_name}.md").read_text())
 
 
 if __name__ == "__main__":

@@ -142,7 +142,10 @@ def deploy_args(piece: Piece, mode: str, devices: int, chip: str, group_size: in
         if qtable:  # ops its family keeps float32 (in the deploy's folder, beside the mlir)
             args += ["--quantize_table", qtable_name(piece)]
         if dynamic and piece.kind in DYNAMIC_KINDS:  # the prefill runs at the prompt's length
-            args.append("--dynamic")
+            # Without layer groups: TPU-MLIR 1.30.2's grouped attention (MatMul, Softmax, MatMul in
+            # local memory), run dynamic, gives NaN or wrong rows at most lengths between 3/4 of the
+            # compiled length and that length (benchmarks/dynamic_lengths.py)
+            args += ["--dynamic", "--disable_layer_group"]
     args += ["--chip", chip, "--high_precision", "--disable_gdma_check"]
     if devices > 1:
         args += ["--num_device", str(devices)]

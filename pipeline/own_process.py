@@ -51,7 +51,7 @@ def run_in_own_process(build, stage: str, method: str, args: tuple) -> None:
 
 
 def _child(send, parent: int, build, stage: str, method: str, args: tuple) -> None:
-    from .task_state import die_with_parent
+    from runtime.lifetime import die_with_parent
     from .tasks import stages
 
     die_with_parent(parent)  # killed, the build leaves no process behind it

@@ -140,30 +140,21 @@ def markdown(report: dict) -> str:
 
 def plot(report: dict, kl_per_mode: dict[str, np.ndarray], out: Path) -> None:
     """The distribution of the KL divergence per position, per mode (log scale)."""
-    import matplotlib
+    from .figures import png_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from .fsutil import atomic_path
-
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    floor = 1e-7
-    highest = max(max(float(kl.max()) for kl in kl_per_mode.values()), floor * 10)
-    bins = np.logspace(np.log10(floor), np.log10(highest), 50)
-    for mode, kl in kl_per_mode.items():
-        ax.hist(np.clip(kl, floor, None), bins=bins, histtype="step", linewidth=1.5,
-                label=f"{mode} (mean {kl.mean():.2g})")
-    ax.set_xscale("log")
-    ax.set_xlabel(f"KL(fp32 || mode) per scored position (values below {floor:g} drawn at {floor:g})")
-    ax.set_ylabel("positions")
-    ax.set_title(f"{report['model']} seq {report['seq']}: {report['scored_tokens']} positions per mode")
-    ax.legend()
-    ax.grid(True, alpha=0.3)
-    fig.tight_layout()
-    with atomic_path(out) as tmp:
-        fig.savefig(tmp, dpi=100, format="png")
-    plt.close(fig)
+    with png_figure(out, figsize=(8, 4.5)) as (_, ax):
+        floor = 1e-7
+        highest = max(max(float(kl.max()) for kl in kl_per_mode.values()), floor * 10)
+        bins = np.logspace(np.log10(floor), np.log10(highest), 50)
+        for mode, kl in kl_per_mode.items():
+            ax.hist(np.clip(kl, floor, None), bins=bins, histtype="step", linewidth=1.5,
+                    label=f"{mode} (mean {kl.mean():.2g})")
+        ax.set_xscale("log")
+        ax.set_xlabel(f"KL(fp32 || mode) per scored position (values below {floor:g} drawn at {floor:g})")
+        ax.set_ylabel("positions")
+        ax.set_title(f"{report['model']} seq {report['seq']}: {report['scored_tokens']} positions per mode")
+        ax.legend()
+        ax.grid(True, alpha=0.3)
 
 
 # The tasks' work (pipeline/tasks.py: QualityTasks), each result written whole or not at all.

@@ -22,6 +22,8 @@ from pathlib import Path
 from doit.dependency import Dependency, SqliteDB
 from doit.exceptions import TaskFailed
 
+from runtime.lifetime import die_with_parent
+
 from .errors import PipelineError
 from .fsutil import FileLock, explain_os_error, leftovers, remove
 from .progress import say
@@ -170,20 +172,6 @@ def _die_with_doit() -> None:
 
     signal.signal(signal.SIGINT, signal.default_int_handler)
     die_with_parent(_OWNER_PID)
-
-
-def die_with_parent(parent: int) -> None:
-    """This process gets SIGKILL when `parent` dies (Linux's parent-death signal; elsewhere nothing
-    is done); if it died already, this process exits now."""
-    import ctypes
-    import signal
-
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        return
-    if os.getppid() != parent:  # the parent died before the signal was set
-        os._exit(1)
 
 
 os.register_at_fork(after_in_child=_die_with_doit)

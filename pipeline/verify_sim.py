@@ -22,7 +22,7 @@ from .compile import float_type, weights_quantized
 from .errors import PipelineError
 from .families import get_family
 from .families.base import THRESHOLDS
-from .fsutil import atomic_path, read_json, write_json, write_text
+from .fsutil import read_json, write_json, write_text
 from .pieces import DYNAMIC_KINDS, Dims, program_key
 from .progress import say
 from .toolchain.install import ensure_toolchain
@@ -83,8 +83,7 @@ class Simulator:
 def check_pieces(thresholds: tuple[float, float], dims: Dims, onnx_dir: Path, deploy_dir: Path, ids: list[int],
                  sim: Simulator, progress, dynamic: bool = False) -> tuple[dict, dict]:
     """Every deployed piece on the verify prompt's activations; a dynamic build's first prefill
-    piece of each kind also at shorter lengths (`<net> at length <m>`): one token, half the prompt,
-    the prompt. The other layers of that kind are the same program at the same shapes (the compiler
+    piece of each kind also at shorter lengths (`<net> at length <m>`, lengths_to_check). The other layers of that kind are the same program at the same shapes (the compiler
     sees shapes, not weight values), checked at the full length with their own weights.
     Returns the comparisons, and what each one ran (piece, feeds, simulator outputs)."""
     onnx, at_lengths = OnnxBackend(onnx_dir, chunk=dims.chunk, stages=dims.stages, exact=False), {}  # the files
@@ -101,7 +100,7 @@ def check_pieces(thresholds: tuple[float, float], dims: Dims, onnx_dir: Path, de
             reference = onnx.run(net, feeds)
             # the tokens the walk gave it: the prompt, or the next turn's
             length = next_turn_tokens(len(ids), dims) if piece.kind == "block_kv" else len(ids)
-            for rows in sorted({1, max(1, length // 2), length}):
+            for rows in lengths_to_check(length, feeds["input_states"].shape[1]):
                 shorter = prefill_rows(feeds, rows)
                 got = backend.run(net, shorter)
                 key = f"{piece.file} at length {rows}"
@@ -113,6 +112,15 @@ def check_pieces(thresholds: tuple[float, float], dims: Dims, onnx_dir: Path, de
 
     pieces = walk_pieces(dims, ids, lambda piece, feeds: onnx.run(piece.name, feeds), candidate, judge, progress)
     return {**pieces, **at_lengths}, runs
+
+
+def lengths_to_check(length: int, window: int) -> list[int]:
+    """Where a dynamic prefill net is checked: one token, half the prompt, the prompt, and lengths
+    in the upper half of its window (the rows past the prompt are its padding, which the causal
+    mask keeps out of the rows before), where TPU-MLIR's layer groups once gave NaN rows
+    (compile.deploy_args)."""
+    upper = {window // 2 + 1, 3 * window // 4 + 1, window - 1}
+    return sorted(n for n in {1, max(1, length // 2), length} | upper if 1 <= n < window or n == length)
 
 
 def explain_misses(mode: str, results: dict, runs: dict, onnx_dir: Path, dequantized_net) -> int:
@@ -321,28 +329,23 @@ def _or_nan(cosine: float | None) -> float:
 
 def plot_layers(reports: list[dict], out: Path) -> None:
     """Cosine of each block's hidden output, per mode: where along the depth accuracy goes."""
-    import matplotlib
+    from matplotlib.ticker import MaxNLocator
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from .figures import png_figure
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
-    for ax, kind in zip(axes, ("block", "block_cache")):
-        for report in reports:
-            layers = sorted(int(m[1]) for n in report["pieces"] if (m := re.fullmatch(rf"{kind}_(\d+)", n)))
-            cosines = [_or_nan(report["pieces"][f"{kind}_{i}"]["hidden_states"]["cosine"]) for i in layers]
-            ax.plot(layers, cosines, marker="o", label=report["mode"])
-        ax.set_title(f"{kind}_i hidden_states")
-        ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
-        ax.set_xlabel("layer")
-        ax.grid(True, alpha=0.3)
-    axes[0].set_ylabel("cosine vs onnxruntime")
-    axes[1].legend()
-    fig.suptitle(f"{reports[0]['model']} seq {reports[0]['seq']}: simulator vs onnxruntime per layer")
-    fig.tight_layout()
-    with atomic_path(out) as tmp:
-        fig.savefig(tmp, dpi=100, format="png")
-    plt.close(fig)
+    with png_figure(out, ncols=2, figsize=(10, 4), sharey=True) as (fig, axes):
+        for ax, kind in zip(axes, ("block", "block_cache")):
+            for report in reports:
+                layers = sorted(int(m[1]) for n in report["pieces"] if (m := re.fullmatch(rf"{kind}_(\d+)", n)))
+                cosines = [_or_nan(report["pieces"][f"{kind}_{i}"]["hidden_states"]["cosine"]) for i in layers]
+                ax.plot(layers, cosines, marker="o", label=report["mode"])
+            ax.set_title(f"{kind}_i hidden_states")
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.set_xlabel("layer")
+            ax.grid(True, alpha=0.3)
+        axes[0].set_ylabel("cosine vs onnxruntime")
+        axes[1].legend()
+        fig.suptitle(f"{reports[0]['model']} seq {reports[0]['seq']}: simulator vs onnxruntime per layer")
 
 
 def run(build, paths, pieces, report_path: Path, tools: dict, dequantized_net=None) -> None:

@@ -8,6 +8,7 @@ simulator in-process would run everything after it at a fraction of the speed. R
 backend in a child that exits on `close()` gives the cores back. On a device there is no such
 cost, and the chat CLI and server (processes of their own) use `BmodelBackend` directly."""
 import json
+import os
 import subprocess
 import sys
 import time
@@ -18,6 +19,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 
 from . import device_walk
+from .lifetime import die_with_parent
 from .toolchain import ToolchainError
 from .traffic import Traffic
 
@@ -77,8 +79,9 @@ def _stop(conn: Connection, process: subprocess.Popen) -> None:
 
 
 def main() -> None:
-    """The child's entry: `python -c ... <fd> <bmodel> <devids json> <whole_model> <resident>`."""
-    fd, bmodel, devids, whole_model, resident = sys.argv[1:6]
+    """The child's entry: `python -c ... <fd> <bmodel> <devids json> <whole_model> <resident> <parent>`."""
+    fd, bmodel, devids, whole_model, resident, parent = sys.argv[1:7]
+    die_with_parent(int(parent))  # the pipe's EOF is not read while a long request runs
     _serve(Connection(int(fd)), bmodel, json.loads(devids), whole_model == "1", resident == "1")
 
 
@@ -97,7 +100,7 @@ class IsolatedBmodelBackend:
         child = f"import sys; sys.path.insert(0, {root!r}); from runtime.isolated_backend import main; main()"
         self._process = subprocess.Popen([sys.executable, "-c", child, str(child_conn.fileno()), str(self.bmodel),
                                           json.dumps(list(devids)), "1" if whole_model else "0",
-                                          "1" if resident else "0"],
+                                          "1" if resident else "0", str(os.getpid())],
                                          pass_fds=[child_conn.fileno()])
         child_conn.close()
         self._close = weakref.finalize(self, _stop, self._conn, self._process)

@@ -421,3 +421,29 @@ def test_one_prefill_gives_the_logits_of_every_position_as_prefills_of_each_pref
         onnx_engine.prefill(ids[:p + 1])
         np.testing.assert_allclose(on_onnx[p - first], onnx_engine.logits(), rtol=1e-5, atol=1e-5)
     assert np.corrcoef(on_onnx.ravel(), rows.ravel())[0, 1] > 0.99  # bf16 on the simulator against fp32
+
+
+def test_a_simulator_child_dies_with_its_parent_even_in_the_middle_of_a_request(built, tmp_path):
+    """Killed (doit, a benchmark), the parent leaves no simulator spinning on the cores. A child in
+    a long request does not read the pipe's EOF: one stopped (SIGSTOP) reads nothing at all, and
+    still goes, by its parent-death signal."""
+    import psutil
+
+    bmodel = built[2]
+    parent = subprocess.Popen([sys.executable, "-c", (
+        f"import sys, time; sys.path.insert(0, {str(ROOT)!r}); "
+        "from runtime.isolated_backend import IsolatedBmodelBackend; "
+        f"b = IsolatedBmodelBackend({str(bmodel)!r}); print(b._process.pid, flush=True); time.sleep(600)")],
+        stdout=subprocess.PIPE, text=True)
+    child = psutil.Process(int(parent.stdout.readline()))
+    try:
+        child.suspend()
+        parent.kill()
+        parent.wait()
+        parent.stdout.close()
+        gone, _ = psutil.wait_procs([child], timeout=10)
+        assert gone or child.status() == psutil.STATUS_ZOMBIE, "the simulator outlived its parent"
+    finally:
+        if child.is_running() and child.status() != psutil.STATUS_ZOMBIE:
+            child.kill()
+            child.resume()
