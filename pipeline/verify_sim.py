@@ -83,8 +83,9 @@ class Simulator:
 def check_pieces(thresholds: tuple[float, float], dims: Dims, onnx_dir: Path, deploy_dir: Path, ids: list[int],
                  sim: Simulator, progress, dynamic: bool = False) -> tuple[dict, dict]:
     """Every deployed piece on the verify prompt's activations; a dynamic build's first prefill
-    piece of each kind also at shorter lengths (`<net> at length <m>`, lengths_to_check). The other layers of that kind are the same program at the same shapes (the compiler
-    sees shapes, not weight values), checked at the full length with their own weights.
+    piece of each kind also at other lengths (`<net> at length <m>`, lengths_to_check). The other
+    layers of that kind are the same program at the same shapes (the compiler sees shapes, not
+    weight values), checked at the full length with their own weights.
     Returns the comparisons, and what each one ran (piece, feeds, simulator outputs)."""
     onnx, at_lengths = OnnxBackend(onnx_dir, chunk=dims.chunk, stages=dims.stages, exact=False), {}  # the files
     min_cosine, max_rel = thresholds
