@@ -32,6 +32,7 @@ def lengths(text: str) -> list[int]:
 def run_lengths(bmodel: Path, onnx, hidden: np.ndarray, ns: list[int], with_mask: bool) -> dict[int, tuple]:
     """Per length n: (NaN rows of the hidden output, its cosine against onnxruntime, the simulator's
     seconds for it)."""
+    from pipeline.verify import cosine_similarity
     from runtime.engine import prefill_mask
     from runtime.isolated_backend import IsolatedBmodelBackend
 
@@ -44,7 +45,7 @@ def run_lengths(bmodel: Path, onnx, hidden: np.ndarray, ns: list[int], with_mask
             before = backend.seconds
             got = backend.run("block_0", {**feeds, **(mask if with_mask else {})})[0]
             bad = int(np.isnan(got).any(axis=-1).sum())
-            cosine = float((got * reference).sum() / np.sqrt((got * got).sum() * (reference * reference).sum()))
+            cosine = cosine_similarity(reference.astype(np.float64).ravel(), got.astype(np.float64).ravel())
             found[n] = (bad, cosine, backend.seconds - before)
             print(f"{bmodel.name} at {n}: {bad} NaN rows, cosine {cosine:.6f}", flush=True)
     return found

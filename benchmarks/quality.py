@@ -35,8 +35,8 @@ def main():
     parser.add_argument("--results-name", help="the report's name in benchmarks/results/ (default quality_<model>)")
     args = parser.parse_args()
     results_name = args.results_name or f"quality_{args.model}"
-    variables = [f"jobs={args.jobs}", f"model={args.model}", f"seq={args.seq}", f"modes={args.modes}", f"quality_tokens={args.tokens}",
-                 f"dynamic={args.dynamic}",
+    variables = [f"jobs={args.jobs}", f"model={args.model}", f"seq={args.seq}", f"modes={args.modes}",
+                 f"quality_tokens={args.tokens}", f"dynamic={args.dynamic}",
                  f"build_dir={args.build_dir}", f"dist_dir={args.build_dir / 'dist'}"]
     start = time.perf_counter()
     subprocess.run([str(DOIT), "quality", *variables], cwd=ROOT, check=True)

@@ -423,7 +423,7 @@ def test_one_prefill_gives_the_logits_of_every_position_as_prefills_of_each_pref
     assert np.corrcoef(on_onnx.ravel(), rows.ravel())[0, 1] > 0.99  # bf16 on the simulator against fp32
 
 
-def test_a_simulator_child_dies_with_its_parent_even_in_the_middle_of_a_request(built, tmp_path):
+def test_a_simulator_child_dies_with_its_parent_even_in_the_middle_of_a_request(built):
     """Killed (doit, a benchmark), the parent leaves no simulator spinning on the cores. A child in
     a long request does not read the pipe's EOF: one stopped (SIGSTOP) reads nothing at all, and
     still goes, by its parent-death signal."""
