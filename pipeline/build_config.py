@@ -192,20 +192,29 @@ def parse_build_config(variables: dict[str, str | None]) -> BuildConfig:
                        given.get("cluster", ""), modes, quality_tokens)
 
 
-def group_size_warning(build: BuildConfig) -> str | None:
-    """What an int4 build of these modes leaves in bf16: TPU-MLIR 1.30.2 quantizes a matmul only
-    when the group size divides its input width (seen in `doit quality`'s -weights nets: SmolLM2 at
-    group size 128 kept its six matmuls of input 576 whole, and quantized the one of input 1536)."""
-    a = build.model.architecture
+def unquantized_widths(architecture, mode: str, group_size: int) -> dict[str, int]:
+    """The matmul input widths an int4 build at this group size leaves in bf16: TPU-MLIR 1.30.2
+    quantizes a matmul only when the group size divides its input width (seen in `doit quality`'s
+    -weights nets: SmolLM2 at group size 128 kept its six matmuls of input 576 whole, and quantized
+    the one of input 1536). Empty for other modes."""
+    a = architecture
     widths = {"hidden_size": a.hidden_size, "intermediate_size": a.intermediate_size,
               "num_heads x head_dim": a.num_heads * a.head_dim}
+    if not MODES[mode].startswith("W4"):
+        return {}
+    return {k: w for k, w in widths.items() if w % group_size}
+
+
+def group_size_warning(build: BuildConfig) -> str | None:
+    """What an int4 build of these modes leaves in bf16 (`unquantized_widths`), said once a command."""
+    a = build.model.architecture
     words = []
     for mode, group in sorted(set(build.modes) | {(build.mode, build.group_size)}):
-        if MODES[mode].startswith("W4") and (bad := [f"{k} {w}" for k, w in widths.items() if w % group]):
-            words.append(f"{mode} group_size={group} does not divide {', '.join(bad)}: TPU-MLIR leaves the "
-                         f"matmuls of that input width unquantized (bf16), so the bmodel is larger than an "
-                         f"int4 one; a group size that divides {a.hidden_size} and {a.intermediate_size} "
-                         f"quantizes them all")
+        if bad := unquantized_widths(a, mode, group):
+            words.append(f"{mode} group_size={group} does not divide {', '.join(f'{k} {w}' for k, w in bad.items())}: "
+                         f"TPU-MLIR leaves the matmuls of that input width unquantized (bf16), so the bmodel is "
+                         f"larger than an int4 one; a group size that divides {a.hidden_size} and "
+                         f"{a.intermediate_size} quantizes them all")
     return "; ".join(words) or None
 
 

@@ -16,6 +16,7 @@ import os
 import re
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -160,15 +161,25 @@ def io_config_of(piece: Piece, deploy_dir: Path) -> Path | None:
     return deploy_dir / f"{piece.name}.io_alone.json" if piece.kind == "block_cache" else None
 
 
+@contextmanager
+def deploy_scratch(mlir_dir: Path, within: Path, name: str):
+    """A scratch folder in `within` for model_deploy.py on the MLIR in `mlir_dir`, removed after:
+    the MLIR names its weight file relative to the working folder, so the folder's files are linked in."""
+    within.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=within))
+    try:
+        for f in Path(mlir_dir).iterdir():
+            (scratch / f.name).symlink_to(f.resolve())
+        yield scratch
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
 def deploy(piece: Piece, mlir_dir: Path, args: list[str], out: Path, log: Path, log_dir: Path,
            io_config: Path | None = None) -> None:
     """model_deploy.py in a scratch folder; only the bmodel (and the io_alone addresses it saves)
     are kept, renamed into place, the bmodel last."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    try:
-        for f in mlir_dir.iterdir():  # the mlir names its weight file relative to the working folder
-            (scratch / f.name).symlink_to(f.resolve())
+    with deploy_scratch(mlir_dir, out.parent, out.name) as scratch:
         if "--use_io_alone_config" in args:
             (scratch / IO_CONFIG).symlink_to(io_config.resolve())
         run_python_tool("model_deploy", ["--mlir", f"{piece.name}.mlir", *args,
@@ -181,8 +192,6 @@ def deploy(piece: Piece, mlir_dir: Path, args: list[str], out: Path, log: Path, 
                 raise PipelineError(f"model_deploy.py wrote no {IO_CONFIG} for {piece.file} (log: {log})")
             os.replace(scratch / IO_CONFIG, io_config)
         os.replace(built, out)
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def combine(bmodels: list[Path], out: Path, expected_nets: list[str], log: Path) -> dict:
@@ -269,6 +278,9 @@ def describe_markdown(d: dict) -> str:
              f"{d['display_name']} ({d['family']}), mode {d['mode']} ({d['quantize']}"
              f"{', group ' + str(d['group_size']) if d['quantize'].startswith('W4') else ''}), "
              f"seq {d['seq']}{prefill}, {d['devices']} device(s), chip {d['chip']}, {d['bytes'] / 2**20:.1f} MiB.", "",
+             *([f"Kept in bf16: the matmuls of input {', '.join(f'{k} {w}' for k, w in d['unquantized'].items())}, "
+                f"which group size {d['group_size']} does not divide (TPU-MLIR quantizes a matmul only "
+                "where it does).", ""] if d.get("unquantized") else []),
              f"Source: {d['source']['folder']} (weights fingerprint {d['source']['fingerprint'][:16]}).",
              "Tools: " + ", ".join(f"{k} {v}" for k, v in d["tools"].items()) + ".", "",
              "| net | inputs | outputs |", "|---|---|---|"]

@@ -16,13 +16,12 @@ the bmodel should compute up to its activations' float type. Measured on tiny-qw
 simulator against the dequantized net has 0.99977 (bf16's own rounding: 0.99982).
 """
 import re
-import shutil
-import tempfile
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 
+from .compile import deploy_scratch
 from .errors import PipelineError
 from .toolchain.tools import run_python_tool
 
@@ -36,10 +35,7 @@ def lowered_weights(name: str, mlir_dir: Path, deploy_args: list[str], scratch_i
     model_deploy.py with these flags quantizes them (in a scratch folder in `scratch_in`, removed after)."""
     args = [a for i, a in enumerate(deploy_args)
             if a not in ADDRESS_FLAGS and (i == 0 or deploy_args[i - 1] not in ADDRESS_FLAGS)]
-    scratch = Path(tempfile.mkdtemp(prefix=f".{name}.lowered.", dir=scratch_in))
-    try:
-        for f in Path(mlir_dir).iterdir():
-            (scratch / f.name).symlink_to(f.resolve())
+    with deploy_scratch(mlir_dir, scratch_in, f"{name}.lowered") as scratch:
         run_python_tool("model_deploy", ["--mlir", f"{name}.mlir", *args, "--model", f"{name}.bmodel",
                                          "--not_gen_bmodel"], scratch, log, log_dir)
         found = sorted(scratch.glob(f"{name}_*_tpu_*weights.npz"))  # `_tpu_qtable_weights` with a quantize table
@@ -47,8 +43,6 @@ def lowered_weights(name: str, mlir_dir: Path, deploy_args: list[str], scratch_i
             raise PipelineError(f"model_deploy.py --not_gen_bmodel left no quantized weights for {name} (log: {log})")
         with np.load(found[0]) as npz:
             return {k: npz[k] for k in npz.files}
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def matmul_weights(mlir_text: str) -> dict[str, str]:

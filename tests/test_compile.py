@@ -101,6 +101,14 @@ def test_quality_scores_each_mode_against_fp32_and_builds_only_what_is_new(compi
         "quality:tiny-qwen2/seq32/int4_g128-weights/w1", "quality:tiny-qwen2/seq32/int4_g128/w0",
         "quality:tiny-qwen2/seq32/int4_g128/w1", "quality:tiny-qwen2/seq32/report"]
     assert "int4_g128" in json.loads((folder / "report.json").read_text())["modes"]
+    # the bmodel says what it left in bf16: group 128 does not divide tiny-qwen2's width of 64
+    g128, g64 = (build_dir / "dist" / f"tiny-qwen2_{v}_seq32_1dev_dyn.bmodel" for v in ("int4_g128", "int4"))
+    assert json.loads(g128.with_suffix(".json").read_text())["unquantized"] == {"hidden_size": 64,
+                                                                                "num_heads x head_dim": 64}
+    assert ("Kept in bf16: the matmuls of input hidden_size 64, num_heads x head_dim 64, which group size 128"
+            in g128.with_suffix(".md").read_text())
+    assert json.loads(g64.with_suffix(".json").read_text())["unquantized"] == {}
+    assert "Kept in bf16" not in g64.with_suffix(".md").read_text()
 
 @pytest.mark.parametrize("mode", ["bf16", "int8"])
 def test_broken_build_fails_the_simulator_check(tmp_path, mode):
