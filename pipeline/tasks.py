@@ -399,7 +399,8 @@ class CombineTasks(Stage):
         build = {"model": b.model.name, "display_name": b.model.display_name, "family": b.model.family,
                  "mode": b.mode, "group_size": b.group_size, "devices": b.devices, "chip": b.chip, "seq": b.seq,
                  "dynamic": b.dynamic, "history": b.history, "chunk": b.chunk, "stages": list(b.stages),
-                 "tokenizer": tokenizer, "unquantized": unquantized_widths(b.model.architecture, b.mode, b.group_size),
+                 "tokenizer": tokenizer,
+                 "unquantized": unquantized_widths(b.model.architecture, b.mode, b.group_size),
                  "tools": {**TOOL_VERSIONS, **COMPILER}}
         fingerprints = {g.stem: read_json(g)["sha256"] for g in sorted(self.paths.weights.glob("*.json"))}
         described = describe(self.paths.dist, info, build, read_json(self.paths.source)["folder"], fingerprints)

@@ -87,3 +87,38 @@ def test_a_killed_process_is_reported_as_such(tmp_path):
         os.chdir(cwd)
         killer.join()
     assert not (tmp_path / MODEL / "seq32" / "onnx" / "block_0.onnx").exists()  # nothing half-written in place
+
+
+def test_ctrl_c_stops_the_process_and_leaves_nothing_half_written(tmp_path):
+    """A terminal's Ctrl-C reaches the build process and its export process alike: the export stops,
+    the build raises KeyboardInterrupt (doit's own Ctrl-C handling follows), and no process is left."""
+    assert run_doit(tmp_path, [f"patch:{MODEL}/seq32"], model=MODEL).code == 0
+    build, export, piece = _export_stage(tmp_path)
+    me = psutil.Process()
+    before = {c.pid for c in me.children()}
+    seen = []
+
+    def ctrl_c():
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            workers = [c for c in me.children() if c.pid not in before and "spawn_main" in " ".join(_cmdline(c))]
+            if workers:
+                time.sleep(1.0)  # into its work (its imports take ~3 s)
+                seen.append(workers[0])
+                os.kill(workers[0].pid, signal.SIGINT)  # the terminal sends it to the whole foreground group
+                os.kill(os.getpid(), signal.SIGINT)
+                return
+            time.sleep(0.05)
+
+    interrupter = threading.Thread(target=ctrl_c)
+    interrupter.start()
+    cwd = os.getcwd()
+    os.chdir(ROOT)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            own_process.run_in_own_process(build, "export", "work", (piece, 1))
+    finally:
+        os.chdir(cwd)
+        interrupter.join()
+    assert seen and not seen[0].is_running()
+    assert not (tmp_path / MODEL / "seq32" / "onnx" / "block_0.onnx").exists()  # nothing half-written in place
