@@ -37,15 +37,18 @@ REQUIRED_KEYS = (*CHECKED_KEYS, "rms_norm_eps")
 def canonical_config(source: dict, family: str, origin: str = "the checkpoint's config.json") -> dict:
     """The checkpoint's config.json expressed in the canonical (transformers) layout. `origin`
     names the file in messages."""
-    rules = get_family(family).patch_rules()
+    rules, accepted = get_family(family).patch_rules(), get_family(family).source_model_types
+    expected = " or ".join(map(repr, accepted))
     if "model_type" not in source:
-        raise PipelineError(f"{origin} has no model_type; family {family} expects {rules['source_model_type']!r}: "
+        raise PipelineError(f"{origin} has no model_type; family {family} expects {expected}: "
                             "is it a Hugging Face model config? download it again")
-    if source["model_type"] != rules["source_model_type"]:
+    if source["model_type"] not in accepted:
         raise PipelineError(
             f"{origin} has model_type {source['model_type']!r}, but family "
-            f"{family} expects {rules['source_model_type']!r}: is it the checkpoint of another model?")
-    if "config_from" in rules:  # a multimodal checkpoint: the text model's config is nested
+            f"{family} expects {expected}: is it the checkpoint of another model?")
+    if source["model_type"] != rules["source_model_type"]:  # saved in the canonical layout already
+        config = dict(source)
+    elif "config_from" in rules:  # a multimodal checkpoint: the text model's config is nested
         nested = source.get(rules["config_from"])
         if not isinstance(nested, dict):
             raise PipelineError(f"{origin} has no '{rules['config_from']}' object, which a {family} config has: "

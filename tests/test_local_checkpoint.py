@@ -44,7 +44,8 @@ def test_family_and_numbers_come_from_the_folders_config(finetune):
 
 @pytest.mark.fast
 @pytest.mark.parametrize("config, message", [
-    ({"model_type": "mistral"}, "model_type 'mistral' is not supported; supported: qwen, qwen2, qwen3, qwen3_5, llama"),
+    ({"model_type": "mistral"},
+     "model_type 'mistral' is not supported; supported: qwen, qwen2, qwen3, qwen3_5, qwen3_5_text, llama"),
     ({"hidden_size": 8}, "has no model_type"),
     ({"model_type": "qwen2", "hidden_size": 8}, "lacks num_hidden_layers"),
 ])

@@ -50,6 +50,57 @@ def test_registered_sizes_round_trip_through_a_checkpoint_config(name):
 
 
 @pytest.fixture(scope="module")
+def saved_alone(tiny_builds, tmp_path_factory):
+    """The tiny model as a user's text-only fine-tune is saved: transformers' Qwen3_5ForCausalLM,
+    loaded from the published layout and saved again (model_type qwen3_5_text), with its tokenizer."""
+    import shutil
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    build_dir, results = tiny_builds
+    assert results[MODEL].code == 0, results[MODEL].output
+    published = build_dir / MODEL / "checkpoint"
+    folder = tmp_path_factory.mktemp("user") / "My-Qwen3.5-text"
+    AutoModelForCausalLM.from_pretrained(published, dtype=torch.bfloat16).save_pretrained(folder)
+    for tokenizer_file in published.glob("tokenizer*"):
+        shutil.copy(tokenizer_file, folder)
+    return folder
+
+
+CONFIG_BOOKKEEPING = ("architectures", "dtype", "torch_dtype", "transformers_version", "use_cache")
+
+
+@pytest.mark.fast
+def test_a_text_model_saved_alone_builds_as_the_published_layout(tiny_builds, saved_alone, tmp_path):
+    """A qwen3_5_text checkpoint given by path= alone is a Qwen3.5: the same canonical config and,
+    piece by piece, the same weights as the published layout it was saved from; its ONNX pieces
+    pass the check against transformers' model of it."""
+    from pipeline.build_config import parse_build_config
+
+    from .conftest import onnx_verify_task, run_doit
+
+    build_dir, _ = tiny_builds
+    source = Checkpoint(saved_alone).config
+    assert source["model_type"] == "qwen3_5_text" and "text_config" not in source
+    assert parse_build_config({"path": str(saved_alone)}).model.family == "qwen3_5"
+    published = canonical_config(Checkpoint(build_dir / MODEL / "checkpoint").config, "qwen3_5")
+    mine = canonical_config(source, "qwen3_5")
+    family = get_family("qwen3_5")
+    assert family.architecture(mine) == family.architecture(published)
+    # (the published config carries transformers' defaults too: only what the saved one holds is compared)
+    assert {k: v for k, v in mine.items() if k not in CONFIG_BOOKKEEPING} == \
+        {k: published[k] for k in mine if k not in CONFIG_BOOKKEEPING}
+    result = run_doit(tmp_path, [onnx_verify_task("My-Qwen3.5-text")], path=str(saved_alone), seq=32)
+    assert result.code == 0, result.output
+    fingerprints = {folder: {f.name: json.loads(f.read_text())["sha256"]
+                             for f in (folder / "patched" / "weights").glob("*.json")}
+                    for folder in (build_dir / MODEL, tmp_path / "My-Qwen3.5-text")}
+    mine, published = fingerprints[tmp_path / "My-Qwen3.5-text"], fingerprints[build_dir / MODEL]
+    assert len(mine) == 6 and mine == published  # embedding, 4 layers, head
+
+
+@pytest.fixture(scope="module")
 def reference(tiny_builds):
     build_dir, results = tiny_builds
     assert results[MODEL].code == 0, results[MODEL].output

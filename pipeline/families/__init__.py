@@ -28,9 +28,9 @@ def family_of_config(config: dict, origin: str = "config.json") -> Family:
     if model_type is None:
         raise PipelineError(f"{origin} has no model_type: is it a Hugging Face model config?")
     for family in FAMILIES.values():
-        if family.model_type == model_type:
+        if model_type in family.source_model_types:
             return family
-    supported = ", ".join(f.model_type for f in FAMILIES.values())
+    supported = ", ".join(t for f in FAMILIES.values() for t in f.source_model_types)
     raise PipelineError(f"{origin}: model_type {model_type!r} is not supported; supported: {supported}")
 
 
