@@ -37,7 +37,8 @@ REQUIRED_KEYS = (*CHECKED_KEYS, "rms_norm_eps")
 def canonical_config(source: dict, family: str, origin: str = "the checkpoint's config.json") -> dict:
     """The checkpoint's config.json expressed in the canonical (transformers) layout. `origin`
     names the file in messages."""
-    rules, accepted = get_family(family).patch_rules(), get_family(family).source_model_types
+    of = get_family(family)
+    rules, accepted = of.patch_rules(), of.source_model_types
     expected = " or ".join(map(repr, accepted))
     if "model_type" not in source:
         raise PipelineError(f"{origin} has no model_type; family {family} expects {expected}: "
@@ -46,7 +47,7 @@ def canonical_config(source: dict, family: str, origin: str = "the checkpoint's 
         raise PipelineError(
             f"{origin} has model_type {source['model_type']!r}, but family "
             f"{family} expects {expected}: is it the checkpoint of another model?")
-    if source["model_type"] != rules["source_model_type"]:  # saved in the canonical layout already
+    if source["model_type"] != of.model_type:  # the canonical config, saved alone
         config = dict(source)
     elif "config_from" in rules:  # a multimodal checkpoint: the text model's config is nested
         nested = source.get(rules["config_from"])

@@ -47,10 +47,10 @@ class Family:
     @property
     def source_model_types(self) -> tuple[str, ...]:
         """The model_types of the checkpoints it takes: its published one, and the canonical one where
-        that is another (a text model saved alone: Qwen3_5ForCausalLM's qwen3_5_text, its tensors
-        under `model.`), which is taken as it is."""
-        return tuple(dict.fromkeys((self.model_type, self.canonical_model_type))) if self.canonical_type \
-            else (self.model_type,)
+        that is its own (a text model saved alone: Qwen3_5ForCausalLM's qwen3_5_text), whose config is
+        taken as it is."""
+        own = self.canonical_type and self.canonical_type != self.model_type
+        return (self.model_type, self.canonical_type) if own else (self.model_type,)
 
     @property
     def thresholds(self) -> dict[str, tuple[float, float]]:
