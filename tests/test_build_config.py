@@ -16,7 +16,18 @@ def test_defaults():
     assert build.dynamic and build.dist_name == "tiny-qwen2_int8_seq32_1dev_dyn"  # the prefill at the prompt's length
 
 
-def test_parallel_by_default_within_the_memory_available():
+@pytest.fixture
+def sigint_restored():
+    """doit_config with jobs > 1 installs the build's Ctrl-C handler in this process (as in doit's
+    own): put back what was there, or every later test's Ctrl-C would be a SystemExit(130)."""
+    import signal
+
+    previous = signal.getsignal(signal.SIGINT)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_parallel_by_default_within_the_memory_available(sigint_restored):
     import os
 
     from pipeline.memory_budget import GIB
