@@ -60,33 +60,41 @@ def _cmdline(process) -> list[str]:
         return []  # gone already: not the one to kill
 
 
-def test_a_killed_process_is_reported_as_such(tmp_path):
-    assert run_doit(tmp_path, [f"patch:{MODEL}/seq32"], model=MODEL).code == 0
-    build, export, piece = _export_stage(tmp_path)
+@contextlib.contextmanager
+def _acting_on_the_spawned_process(act, after: float):
+    """Run the body from the project's root while a thread waits for this process to spawn a piece's
+    own process, gives it `after` seconds, and calls `act(process)`."""
     me = psutil.Process()
     before = {c.pid for c in me.children()}  # (earlier tests' toolchain workers, in this pytest process)
 
-    def kill_the_child():
+    def watch():
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             # the spawned one (not multiprocessing's resource tracker, also a child of this process)
             workers = [c for c in me.children() if c.pid not in before and "spawn_main" in " ".join(_cmdline(c))]
             if workers:
-                time.sleep(0.5)
-                os.kill(workers[0].pid, signal.SIGKILL)
+                time.sleep(after)
+                act(workers[0])
                 return
             time.sleep(0.05)
 
-    killer = threading.Thread(target=kill_the_child)
-    killer.start()
+    watcher = threading.Thread(target=watch)
+    watcher.start()
     cwd = os.getcwd()
     os.chdir(ROOT)
     try:
-        with pytest.raises(PipelineError, match=r"the export process died \(exit -9\) \(SIGKILL.*out-of-memory"):
-            own_process.run_in_own_process(build, "export", "work", (piece, 1))
+        yield
     finally:
         os.chdir(cwd)
-        killer.join()
+        watcher.join()
+
+
+def test_a_killed_process_is_reported_as_such(tmp_path):
+    assert run_doit(tmp_path, [f"patch:{MODEL}/seq32"], model=MODEL).code == 0
+    build, export, piece = _export_stage(tmp_path)
+    with pytest.raises(PipelineError, match=r"the export process died \(exit -9\) \(SIGKILL.*out-of-memory"), \
+            _acting_on_the_spawned_process(lambda process: os.kill(process.pid, signal.SIGKILL), after=0.5):
+        own_process.run_in_own_process(build, "export", "work", (piece, 1))
     assert not (tmp_path / MODEL / "seq32" / "onnx" / "block_0.onnx").exists()  # nothing half-written in place
 
 
@@ -95,38 +103,24 @@ def test_ctrl_c_stops_the_process_and_leaves_nothing_half_written(tmp_path):
     the build raises KeyboardInterrupt (doit's own Ctrl-C handling follows), and no process is left."""
     assert run_doit(tmp_path, [f"patch:{MODEL}/seq32"], model=MODEL).code == 0
     build, export, piece = _export_stage(tmp_path)
-    me = psutil.Process()
-    before = {c.pid for c in me.children()}
     seen = []
 
-    def ctrl_c():
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            workers = [c for c in me.children() if c.pid not in before and "spawn_main" in " ".join(_cmdline(c))]
-            if workers:
-                time.sleep(1.0)  # into its start or its work (its imports take ~3 s)
-                seen.append(workers[0])
-                # the terminal sends it to the whole foreground group; the build's first, so that it
-                # stops by its own KeyboardInterrupt wherever the export process is
-                os.kill(os.getpid(), signal.SIGINT)
-                with contextlib.suppress(ProcessLookupError):  # (the build may have stopped it already)
-                    os.kill(workers[0].pid, signal.SIGINT)
-                return
-            time.sleep(0.05)
+    def ctrl_c(process):
+        seen.append(process)
+        # the terminal sends it to the whole foreground group; the build's first, so that it stops
+        # by its own KeyboardInterrupt wherever the export process is
+        os.kill(os.getpid(), signal.SIGINT)
+        with contextlib.suppress(ProcessLookupError):  # (the build may have stopped it already)
+            os.kill(process.pid, signal.SIGINT)
 
     # as in a terminal: a run started in the background (CI's) inherits SIGINT ignored, and so would
     # the export process, spawned from it
     inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
-    interrupter = threading.Thread(target=ctrl_c)
-    interrupter.start()
-    cwd = os.getcwd()
-    os.chdir(ROOT)
     try:
-        with pytest.raises(KeyboardInterrupt):
+        # 1 s: into its start or its work (its imports take ~3 s)
+        with pytest.raises(KeyboardInterrupt), _acting_on_the_spawned_process(ctrl_c, after=1.0):
             own_process.run_in_own_process(build, "export", "work", (piece, 1))
     finally:
-        os.chdir(cwd)
-        interrupter.join()
         signal.signal(signal.SIGINT, inherited)
     assert seen and not seen[0].is_running()
     assert not (tmp_path / MODEL / "seq32" / "onnx" / "block_0.onnx").exists()  # nothing half-written in place
