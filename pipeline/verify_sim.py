@@ -82,37 +82,47 @@ class Simulator:
 
 def check_pieces(thresholds: tuple[float, float], dims: Dims, onnx_dir: Path, deploy_dir: Path, ids: list[int],
                  sim: Simulator, progress, dynamic: bool = False) -> tuple[dict, dict]:
-    """Every deployed piece on the verify prompt's activations; a dynamic build's first prefill
-    piece of each kind also at other lengths (`<net> at length <m>`, lengths_to_check). The other
-    layers of that kind are the same program at the same shapes (the compiler sees shapes, not
-    weight values), checked at the full length with their own weights.
-    Returns the comparisons, and what each one ran (piece, feeds, simulator outputs)."""
+    """Every deployed piece on the verify prompt's activations. In a dynamic build, the first
+    prefill piece of each kind runs over the whole window and at other lengths too (`<net> at
+    length <m>`, lengths_to_check); the other layers of that kind are the same program (the
+    compiler sees shapes, not weight values), and run with their own weights at the prompt's
+    length, as the runtime runs them. A run at fewer rows is judged on those rows.
+    Returns the comparisons, and what each one ran (piece, the window's feeds, simulator outputs)."""
     onnx, at_lengths = OnnxBackend(onnx_dir, chunk=dims.chunk, stages=dims.stages, exact=False), {}  # the files
     min_cosine, max_rel = thresholds
     runs, programs_at_lengths = {}, set()
 
     def judge(kind, ref, got):
-        return compare(ref, got, min_cosine, max_rel)
+        return compare(first_rows(ref, got), got, min_cosine, max_rel)
 
     def candidate(piece, feeds):  # each piece runs once (a dynamic one once per length)
         net, backend = piece.name, sim.open(deploy_dir / f"{piece.file}.bmodel", whole_model=False)
-        if dynamic and piece.kind in DYNAMIC_KINDS and program_key(piece) not in programs_at_lengths:
-            programs_at_lengths.add(program_key(piece))
-            reference = onnx.run(net, feeds)
-            # the tokens the walk gave it: the prompt, or the next turn's
-            length = next_turn_tokens(len(ids), dims) if piece.kind == "block_kv" else len(ids)
-            for rows in lengths_to_check(length, feeds["input_states"].shape[1]):
-                shorter = prefill_rows(feeds, rows)
-                got = backend.run(net, shorter)
-                key = f"{piece.file} at length {rows}"
-                at_lengths[key] = {name: judge(net, r[:, :rows], g) for name, r, g in zip(
-                    ("hidden_states", "past_k", "past_v"), reference, got, strict=True)}
-                runs[key] = (piece, shorter, got)
+        if not (dynamic and piece.kind in DYNAMIC_KINDS):
+            runs[piece.file] = (piece, feeds, backend.run(net, feeds))
+            return runs[piece.file][2]
+        # the tokens the walk gave it: the prompt, or the next turn's
+        length = next_turn_tokens(len(ids), dims) if piece.kind == "block_kv" else len(ids)
+        if program_key(piece) in programs_at_lengths:
+            runs[piece.file] = (piece, feeds, backend.run(net, prefill_rows(feeds, length)))
+            return runs[piece.file][2]
+        programs_at_lengths.add(program_key(piece))
+        reference = onnx.run(net, feeds)
+        for rows in lengths_to_check(length, feeds["input_states"].shape[1]):
+            got = backend.run(net, prefill_rows(feeds, rows))
+            key = f"{piece.file} at length {rows}"
+            at_lengths[key] = {name: judge(net, r, g) for name, r, g in zip(
+                ("hidden_states", "past_k", "past_v"), reference, got, strict=True)}
+            runs[key] = (piece, feeds, got)
         runs[piece.file] = (piece, feeds, backend.run(net, feeds))
         return runs[piece.file][2]
 
     pieces = walk_pieces(dims, ids, lambda piece, feeds: onnx.run(piece.name, feeds), candidate, judge, progress)
     return {**pieces, **at_lengths}, runs
+
+
+def first_rows(reference: np.ndarray, got: np.ndarray) -> np.ndarray:
+    """The reference's rows (axis 1: the tokens) that a dynamic net run at fewer rows gave."""
+    return reference[:, :got.shape[1]] if reference.shape != got.shape else reference
 
 
 def lengths_to_check(length: int, window: int) -> list[int]:
@@ -154,6 +164,7 @@ def explain_misses(mode: str, results: dict, runs: dict, onnx_dir: Path, dequant
         named = dict(zip(outputs, zip(fp32.run(None, feed), quantized.run(None, feed), got, strict=True)))
         for name in missed:
             reference, weights, simulated = named[name]
+            reference, weights = first_rows(reference, simulated), first_rows(weights, simulated)
             check = compare(weights, simulated, *float_thresholds)
             check["weights_cosine"] = compare(reference, weights)["cosine"]  # what the quantization costs
             outputs[name]["quantization"] = check
@@ -226,9 +237,9 @@ def _lowest_cosine(ref_logits: list[np.ndarray], sim_logits: list[np.ndarray]) -
 def answers_check(mode: str, onnx_dir: Path, bmodel: Path, answers: list[dict], sim: Simulator,
                   chunk: int = 0, stages: tuple[int, ...] = ()) -> list[dict]:
     """The combined bmodel answers the model's questions, teacher-forced along transformers'
-    answers: up to the first different choice, that is exactly what a free-running greedy answer
-    shares with transformers' (and each later step is still compared). A float build must agree
-    wherever the fp32 top-2 margin is at least TIE_MARGIN."""
+    answers (teacher_forced: every step in one prefill): up to the first different choice, that is
+    what a free-running greedy answer shares with transformers' (and each later step is still
+    compared). A float build must agree wherever the fp32 top-2 margin is at least TIE_MARGIN."""
     from runtime.tokenizer import load_tokenizer
 
     onnx, simulated = Engine(OnnxBackend(onnx_dir, chunk=chunk, stages=stages)), Engine(sim.open(bmodel))
@@ -238,7 +249,7 @@ def answers_check(mode: str, onnx_dir: Path, bmodel: Path, answers: list[dict], 
         reference, steps = a["reference"], len(a["reference"])
         margins = [float(np.diff(np.sort(lg)[-2:])[0]) for lg in onnx.logits_along(a["ids"], steps, reference)]
         start = time.perf_counter()
-        chosen = [int(np.argmax(lg)) for lg in simulated.logits_along(a["ids"], steps, reference)]
+        chosen = [int(np.argmax(lg)) for lg in teacher_forced(simulated, a["ids"], reference)]
         agree = [x == y for x, y in zip(chosen, reference)]
         shared = agree.index(False) if False in agree else steps
         results.append({"prompt": a["prompt"], "reference": reference, "simulator": chosen, "shared": shared,
@@ -249,6 +260,16 @@ def answers_check(mode: str, onnx_dir: Path, bmodel: Path, answers: list[dict], 
                         "shared_text": tokenizer.decode(reference[:shared], skip_special=True),
                         "seconds": round(time.perf_counter() - start, 1)})
     return results
+
+
+def teacher_forced(engine: Engine, ids: list[int], reference: list[int]) -> list[np.ndarray]:
+    """The logits of each step of `reference` after `ids`, each step fed the reference's token: all
+    in one prefill of ids + reference[:-1] instead of a prefill and a decode step per token, or
+    step by step where the bmodel prefills in chunks (history nets keep only the last chunk's
+    rows). The decode nets have a check of their own (decode_check)."""
+    if engine.walk.info.get("history"):
+        return engine.logits_along(ids, len(reference), reference)
+    return list(engine.prompt_logits(ids + reference[:-1], len(ids) - 1))
 
 
 def same_top1(report: dict) -> dict | None:
@@ -311,8 +332,9 @@ def markdown(report: dict) -> str:
         lines.append(f"- not run: {d['reason']}")
     if report.get("answers"):
         lines += ["", "## Answers: combined bmodel on the simulator vs transformers generate()", "",
-                  "Teacher-forced along transformers' greedy answer: the tokens shared are those a free-running "
-                  "greedy answer on the simulator has in common with it.", "",
+                  "Teacher-forced along transformers' greedy answer, every step in one prefill (the decode steps "
+                  "are checked above): the tokens shared are those a free-running greedy answer on the simulator "
+                  "has in common with it.", "",
                   "| question | transformers' answer | simulator shares | same choice at | disagreements "
                   f"with fp32 margin >= {TIE_MARGIN} | seconds |", "|---|---|---|---|---|---|"]
         lines += [f"| {a['prompt']} | {a['answer']!r} | {a['shared']}/{len(a['reference'])} tokens: "
@@ -383,10 +405,11 @@ def run(build, paths, pieces, report_path: Path, tools: dict, dequantized_net=No
         raise PipelineError(f"simulator verification failed ({report_path.with_suffix('.md')}):\n  "
                             + "\n  ".join(failures))
     decode = report["decode"]
-    summary = (f"greedy choices as the ONNX pipeline at {decode['agree']}/{len(decode['onnx'])} steps"
-               if decode["run"] else "answers share " + ", ".join(
-                   f"{a['shared']}/{len(a['reference'])}" for a in report["answers"]) + " tokens with transformers'"
-               if report.get("answers") else f"not run: {decode['reason']}")
+    summary = "; ".join(
+        [*(["answers share " + ", ".join(f"{a['shared']}/{len(a['reference'])}" for a in report["answers"])
+            + " tokens with transformers'"] if report.get("answers") else []),
+         f"greedy choices as the ONNX pipeline at {decode['agree']}/{len(decode['onnx'])} steps"
+         if decode["run"] else f"whole bmodel not run: {decode['reason']}"])
     if report["same_top1"]:
         summary += f"; same top-1 as fp32 at {100 * report['same_top1']['share']:.1f}% of the steps"
     explained = report["quantization_explained"]
@@ -396,15 +419,15 @@ def run(build, paths, pieces, report_path: Path, tools: dict, dequantized_net=No
 
 
 def _whole_bmodel(build, paths, report: dict, ids: list[int], sim: Simulator) -> dict:
-    """The whole bmodel: answering the model's questions where it has some, else a greedy decode."""
+    """The whole bmodel, unless sim_tokens=0: its answers to the model's questions where it has
+    some, and a greedy decode of sim_tokens steps."""
+    if build.sim_tokens == 0:
+        return {"run": False, "reason": "sim_tokens=0: the pieces only"}
     answers = read_json(paths.report).get("answers")
-    if answers:  # real questions replace the generic decode (the simulator is slow)
+    if answers:
         say(f"[verify {build.mode} on the simulator] answers of {paths.dist.name} to {len(answers)} questions ...")
         report["answers"] = answers_check(build.mode, paths.onnx, paths.dist, answers, sim, build.history_chunk,
                                           build.stages)
-        return {"run": False, "reason": "replaced by the answers to the model's verify_prompts"}
-    if build.sim_tokens == 0:
-        return {"run": False, "reason": "sim_tokens=0: the pieces only"}
     steps = min(build.sim_tokens, build.seq - len(ids))  # the window holds the prompt and the new tokens
     say(f"[verify {build.mode} on the simulator] greedy decode of {paths.dist.name}, {steps} tokens ...")
     return decode_check(build.mode, paths.onnx, paths.dist, ids, steps, sim, build.history_chunk, build.stages)

@@ -9,6 +9,9 @@ import sys
 import time
 from pathlib import Path
 
+import shutil
+import sqlite3
+
 import psutil
 import pytest
 from doit.cmd_base import ModuleTaskLoader
@@ -50,11 +53,12 @@ def run_doit(build_dir: Path, command: list[str], **variables) -> DoitResult:
     return DoitResult(code, report.read_text() + out.getvalue())
 
 
-def run_cli(args: list[str], cwd: Path = ROOT, env: dict | None = None) -> subprocess.CompletedProcess:
+def run_cli(args: list[str], cwd: Path = ROOT, env: dict | None = None, timeout: float = 900
+            ) -> subprocess.CompletedProcess:
     """The real command line: `doit ...` from the project root, as a user types it."""
     doit = Path(sys.executable).parent / "doit"
     return subprocess.run([str(doit), *args], cwd=cwd, capture_output=True, text=True,
-                          env={**os.environ, **(env or {})}, timeout=900)
+                          env={**os.environ, **(env or {})}, timeout=timeout)
 
 
 def tree_digest(folder: Path) -> dict:
@@ -80,6 +84,37 @@ def tiny_builds(tmp_path_factory):
     build_dir = tmp_path_factory.mktemp("tiny-builds")
     results = {m: run_doit(build_dir, [onnx_verify_task(m)], model=m) for m in TINY_MODELS}
     return build_dir, results
+
+
+@pytest.fixture(scope="session")
+def sim_builds(tiny_builds) -> Path:
+    """One build folder for the sim tier's tests whose subject is not the build itself (the fast
+    tier's exports, shared): each asks run_doit for what it needs there, and doit makes only what
+    no earlier test made. A test that damages, kills or resumes a build works on a copy
+    (copy_build) or in a folder of its own."""
+    return tiny_builds[0]
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2_built(sim_builds) -> Path:
+    """tiny-qwen2 built with the defaults (int8) in sim_builds: a no-op once a test has built it."""
+    result = run_doit(sim_builds, ["build"], model="tiny-qwen2")
+    assert result.code == 0, result.output
+    return sim_builds
+
+
+def copy_build(source: Path, dest: Path, model: str) -> Path:
+    """`model`'s build in `source` (its artifacts, its dist files, doit's state), copied to `dest` as
+    if built there: doit's recorded paths are rewritten, so the copy is up to date and rebuilds
+    only what a test changes in it."""
+    shutil.copytree(source / model, dest / model, symlinks=True)
+    (dest / "dist").mkdir(parents=True, exist_ok=True)
+    for item in (source / "dist").glob(f"{model}[_-]*"):
+        (shutil.copytree if item.is_dir() else shutil.copy2)(item, dest / "dist" / item.name)
+    shutil.copy2(source / ".doit.sqlite3", dest / ".doit.sqlite3")
+    with sqlite3.connect(dest / ".doit.sqlite3") as db:  # doit's table: (task_id, task_data as JSON)
+        db.execute("update doit set task_data = replace(task_data, ?, ?)", (str(source), str(dest)))
+    return dest
 
 
 @pytest.fixture(scope="session")

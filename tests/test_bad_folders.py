@@ -58,7 +58,7 @@ def test_read_only_dist_dir(tmp_path):
     assert not (tmp_path / "build").exists() or not any((tmp_path / "build").rglob("*.onnx"))
 
 
-@pytest.mark.compiler
+@pytest.mark.sim
 def test_full_dist_disk_names_free_and_needed_space(tmp_path):
     with mounted(tmp_path / "small", "-t", "tmpfs", "-o", "size=3m", "tmpfs") as small:
         result = run_cli(["build", f"build_dir={tmp_path / 'build'}", f"dist_dir={small}"])
@@ -67,7 +67,7 @@ def test_full_dist_disk_names_free_and_needed_space(tmp_path):
         assert list(small.iterdir()) == []  # nothing half-written
 
 
-@pytest.mark.compiler
+@pytest.mark.sim
 def test_a_folder_that_turns_read_only_mid_build_is_named(tmp_path):
     common = [f"build_dir={tmp_path / 'build'}", f"dist_dir={tmp_path / 'dist'}"]
     assert run_cli(["transform", *common]).returncode == 0

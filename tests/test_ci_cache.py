@@ -7,7 +7,7 @@ import pytest
 
 from .conftest import ROOT, run_cli
 
-pytestmark = pytest.mark.compiler
+pytestmark = pytest.mark.sim
 
 
 def _checkout(dest):

@@ -3,7 +3,7 @@ import pytest
 
 from .conftest import run_cli
 
-pytestmark = pytest.mark.compiler
+pytestmark = pytest.mark.sim
 
 
 def test_build_verify_and_doits_own_commands(tmp_path):

@@ -13,16 +13,16 @@ from pipeline.pieces import model_pieces
 from pipeline.model_config import load_model_config
 from pipeline.families import get_family
 
-from .conftest import ROOT, SIMULATED_MODELS, DoitResult, idle_cpu_seconds, run_cli, run_doit
+from .conftest import ROOT, SIMULATED_MODELS, DoitResult, copy_build, idle_cpu_seconds, run_cli, run_doit
 
-pytestmark = pytest.mark.compiler
+pytestmark = pytest.mark.sim
 MODES = ("int8", "int4", "bf16")
 
 
 @pytest.fixture(scope="session")
-def compiled(tmp_path_factory):
+def compiled(sim_builds):
     """Each tiny family built and verified (simulator included) in int8, int4 and bf16."""
-    build_dir = tmp_path_factory.mktemp("compiled")
+    build_dir = sim_builds
     results = {(m, mode): run_doit(build_dir, ["verify"], model=m, mode=mode) for m in SIMULATED_MODELS for mode in MODES}
     return build_dir, results, idle_cpu_seconds()
 
@@ -111,12 +111,13 @@ def test_quality_scores_each_mode_against_fp32_and_builds_only_what_is_new(compi
     assert "Kept in bf16" not in g64.with_suffix(".md").read_text()
 
 @pytest.mark.parametrize("mode", ["bf16", "int8"])
-def test_broken_build_fails_the_simulator_check(tmp_path, mode):
+def test_broken_build_fails_the_simulator_check(compiled, tmp_path, mode):
     """Weights damaged between transform and deploy: every earlier check passed, the simulator's fails.
     In int8 the comparison with the bmodel's own quantized weights does not excuse it: those are
-    not a rounding of the ONNX net's."""
+    not a rounding of the ONNX net's. (On a copy of the shared build, verified.)"""
     model = "tiny-qwen2"
-    assert run_doit(tmp_path, ["build"], model=model, mode=mode).code == 0
+    copy_build(compiled[0], tmp_path, model)
+    assert run_doit(tmp_path, ["verify"], model=model, mode=mode).ran == []  # the copy is up to date
     weights = tmp_path / model / "seq32" / "transform" / "block_0" / "block_0_top_f32_all_weight.npz"
     with np.load(weights) as npz:
         arrays = {k: (v[::-1].copy() if k.startswith("onnx::MatMul") else v) for k, v in npz.items()}
@@ -129,9 +130,10 @@ def test_broken_build_fails_the_simulator_check(tmp_path, mode):
         assert "is not a rounding of block_0.onnx's" in result.output
 
 
-def test_two_nets_of_one_name_are_refused_by_combine(tmp_path):
+def test_two_nets_of_one_name_are_refused_by_combine(tiny_qwen2_built, tmp_path):
     model = "tiny-qwen2"
-    assert run_doit(tmp_path, ["build"], model=model).code == 0
+    copy_build(tiny_qwen2_built, tmp_path, model)
+    assert run_doit(tmp_path, ["build"], model=model).ran == []  # the copy is up to date
     published = tmp_path / "dist" / f"{model}_int8_seq32_1dev_dyn.bmodel"
     good = published.read_bytes()
     deploy = tmp_path / model / "seq32" / "deploy" / "int8_1dev_bm1684x_dyn"
@@ -143,24 +145,24 @@ def test_two_nets_of_one_name_are_refused_by_combine(tmp_path):
     assert [p.name for p in (tmp_path / "dist").iterdir() if p.name.startswith(".")] == []
 
 
-def test_two_devices_build_and_report(tmp_path):
-    model = "tiny-qwen3"
-    result = run_doit(tmp_path, ["verify"], model=model, mode="int8", devices=2)
+def test_two_devices_build_and_report(sim_builds):
+    model, build_dir = "tiny-qwen3", sim_builds  # the shared exports and transforms
+    result = run_doit(build_dir, ["verify"], model=model, mode="int8", devices=2)
     assert result.code == 0, result.output
     assert idle_cpu_seconds() < 0.5  # the multi-device simulator ran in a child process, now stopped
-    description = json.loads((tmp_path / "dist" / f"{model}_int8_seq32_2dev_dyn.json").read_text())
+    description = json.loads((build_dir / "dist" / f"{model}_int8_seq32_2dev_dyn.json").read_text())
     assert description["device_count_in_file"] == 2
     embedding = next(net for net in description["nets"] if net["name"] == "embedding")
     assert {t.get("device") for t in embedding["inputs"]} == {0, 1}
     heads = [net for net in description["nets"] if net["name"].endswith("_head") and net["name"] != "lm_head"]
     assert len(heads) == 2 and all(net["inputs"] and "device" not in net["inputs"][0] for net in heads)  # on one
     # both devices' parts run on the one simulated chip (runtime/bmrt.py), checked like a 1-device build
-    report = json.loads((tmp_path / model / "seq32" / "verify" / "int8_2dev_bm1684x_dyn" / "report.json").read_text())
+    report = json.loads((build_dir / model / "seq32" / "verify" / "int8_2dev_bm1684x_dyn" / "report.json").read_text())
     assert report["simulated"] is True and len([p for p in report["pieces"] if " at length " not in p]) == 9
     assert report["decode"]["run"] and not report["decode"]["decisive_disagreements"]
     assert report["decode"]["agree"] >= 12, report["decode"]
     # the simulator has one device: asking for two is a clear error, not a crash
-    bmodel = tmp_path / "dist" / f"{model}_int8_seq32_2dev_dyn.bmodel"
+    bmodel = build_dir / "dist" / f"{model}_int8_seq32_2dev_dyn.bmodel"
     out = subprocess.run([sys.executable, "-m", "runtime.chat", "--model", str(bmodel), "--devid", "0,1",
                           "--prompt", "Hi"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode != 0 and "device id(s) [0, 1] are not usable: the simulator has 1 device" in out.stderr

@@ -11,6 +11,7 @@ from pipeline.torch_pieces import GreedyHeadNet, SampleHeadNet
 from runtime.engine import penalty_window
 from runtime.sampling import Sampler, SamplingParams
 
+pytestmark = pytest.mark.fast  # the heads in torch, against the host's rule: no compiler
 VOCAB, SEQ = 512, 32
 
 

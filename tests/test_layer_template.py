@@ -67,14 +67,14 @@ def test_a_template_without_a_plan_says_why_and_the_exporter_runs(tiny_builds):
 
 
 @pytest.fixture(scope="module")
-def transformed(tmp_path_factory):
-    build_dir = tmp_path_factory.mktemp("templates")
+def transformed(sim_builds):
+    build_dir = sim_builds
     result = run_doit(build_dir, ["transform"], model="tiny-qwen2")
     assert result.code == 0, result.output
     return build_dir, result
 
 
-@pytest.mark.compiler
+@pytest.mark.sim
 def test_later_layers_mlir_is_what_model_transform_makes(transformed, tmp_path):
     build_dir, result = transformed
     stage = _stage(build_dir, "tiny-qwen2", "transform")
@@ -92,7 +92,7 @@ def test_later_layers_mlir_is_what_model_transform_makes(transformed, tmp_path):
         assert all(a[k].dtype == b[k].dtype and np.array_equal(a[k], b[k]) for k in a.files)
 
 
-@pytest.mark.compiler
+@pytest.mark.sim
 def test_a_transform_that_changed_a_weight_is_no_template(transformed, tmp_path):
     """If model_transform.py folded, cast or reordered a weight, the MLIR may depend on the values:
     the record says so, and a later layer is transformed by model_transform.py."""

@@ -71,7 +71,7 @@ def test_bad_names_are_refused(finetune, variables, message):
     assert message in str(err.value)
 
 
-@pytest.mark.compiler
+@pytest.mark.sim
 def test_a_checkpoint_of_new_dimensions_builds_verifies_and_chats_by_its_folder_alone(finetune, tmp_path):
     result = run_doit(tmp_path, ["verify"], path=str(finetune), seq=32)
     assert result.code == 0, result.output

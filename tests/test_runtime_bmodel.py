@@ -12,7 +12,7 @@ import pytest
 from pipeline.compile import IO_CONFIG, combine, deploy, deploy_args
 from pipeline.pieces import model_pieces
 from pipeline.toolchain.install import ensure_toolchain
-from pipeline.verify_sim import TIE_MARGIN
+from pipeline.verify_sim import TIE_MARGIN, teacher_forced
 from runtime.device_walk import SlowCacheWarning
 from runtime.isolated_backend import IsolatedBmodelBackend
 from runtime.engine import Engine, HostWalk
@@ -22,13 +22,13 @@ from runtime.toolchain import ToolchainError
 
 from .conftest import ROOT, run_doit
 
-pytestmark = pytest.mark.compiler
+pytestmark = pytest.mark.sim
 MODEL = "tiny-qwen2"
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory):
-    build_dir = tmp_path_factory.mktemp("bmodel-runtime")
+def built(sim_builds):
+    build_dir = sim_builds
     result = run_doit(build_dir, ["build"], model=MODEL, mode="bf16", dynamic="0")  # static: its exact bytes below
     assert result.code == 0, result.output
     seq_dir = build_dir / MODEL / "seq32"
@@ -378,13 +378,13 @@ def test_device_memory_is_given_back_and_a_failed_launch_names_the_net_and_the_l
     assert lines[2] == "left allocated: 0"
 
 
-def test_the_copy_paths_bytes_grow_with_seq_and_layers_and_the_devices_do_not(built, tmp_path):
+def test_the_copy_paths_bytes_grow_with_seq_and_layers_and_the_devices_do_not(built):
     """The same model at seq 64 and 3 layers: the copy path moves every layer's whole cache in,
     every token; on the device the step's input grows with the mask alone (2 bytes per cache slot)."""
-    _, onnx, small, ids = built
-    result = run_doit(tmp_path, ["build"], model=MODEL, mode="bf16", seq=64, layers=3, dynamic="0")
+    build_dir, onnx, small, ids = built
+    result = run_doit(build_dir, ["build"], model=MODEL, mode="bf16", seq=64, layers=3, dynamic="0")
     assert result.code == 0, result.output
-    large = tmp_path / "dist" / f"{MODEL}-3l_bf16_seq64_1dev.bmodel"
+    large = build_dir / "dist" / f"{MODEL}-3l_bf16_seq64_1dev.bmodel"
     per_token = {}
     for bmodel, seq, layers in ((small, SEQ, LAYERS), (large, 64, 3)):
         for resident in (False, True):
@@ -416,6 +416,14 @@ def test_one_prefill_gives_the_logits_of_every_position_as_prefills_of_each_pref
             assert np.array_equal(rows[p - first], engine.logits()), p
         engine.prefill(ids)  # the cache holds the prompt: prompt_logits prefills it all again anyway
         assert np.array_equal(engine.prompt_logits(ids, first), rows) and engine.reused == 0
+        # doit verify's answers, teacher-forced in one prefill: each step's logits as the decode
+        # steps give them, fed the same tokens (the prefill and decode nets round alike in bf16)
+        reference = Engine(OnnxBackend(onnx)).greedy(ids[:first], 8)
+        by_prefill = teacher_forced(engine, ids[:first], reference)
+        by_decode = engine.logits_along(ids[:first], 8, reference)
+        assert len(by_prefill) == 8 and np.array_equal(by_prefill[0], by_decode[0])  # the same last prompt row
+        for a, b in zip(by_prefill, by_decode):
+            assert np.argmax(a) == np.argmax(b) and np.corrcoef(a, b)[0, 1] > 0.999
     onnx_engine = Engine(OnnxBackend(onnx))
     on_onnx = onnx_engine.prompt_logits(ids, first)
     for p in (first, len(ids) - 1):
