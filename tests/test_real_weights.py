@@ -18,8 +18,8 @@ from pipeline.package_weights import locate_gguf
 
 from .conftest import ROOT, DoitResult, run_cli
 
-# the simulator check takes about 20 minutes on an idle 2-core machine, all of it in the first
-# test's setup: more than pytest's 30-minute default leaves room for on a busy one
+# the simulator check took 12.6 minutes in CI on an idle 2-core machine (docs/test-times.md), all of
+# it in the first test's setup: a busy machine can take more than twice that
 pytestmark = pytest.mark.timeout(3600)
 
 MODEL, SEQ = "smollm2-135m", 128  # the main job's: the README's first command
