@@ -4,13 +4,12 @@ import hashlib
 import io
 import os
 import re
+import shutil
+import sqlite3
 import subprocess
 import sys
 import time
 from pathlib import Path
-
-import shutil
-import sqlite3
 
 import psutil
 import pytest
