@@ -97,24 +97,26 @@ def check_pieces(thresholds: tuple[float, float], dims: Dims, onnx_dir: Path, de
 
     def candidate(piece, feeds):  # each piece runs once (a dynamic one once per length)
         net, backend = piece.name, sim.open(deploy_dir / f"{piece.file}.bmodel", whole_model=False)
-        if not (dynamic and piece.kind in DYNAMIC_KINDS):
-            runs[piece.file] = (piece, feeds, backend.run(net, feeds))
-            return runs[piece.file][2]
-        # the tokens the walk gave it: the prompt, or the next turn's
-        length = next_turn_tokens(len(ids), dims) if piece.kind == "block_kv" else len(ids)
-        if program_key(piece) in programs_at_lengths:
-            runs[piece.file] = (piece, feeds, backend.run(net, prefill_rows(feeds, length)))
-            return runs[piece.file][2]
-        programs_at_lengths.add(program_key(piece))
-        reference = onnx.run(net, feeds)
+        run_feeds = feeds  # the whole window, unless a later dynamic layer runs at the prompt's length
+        if dynamic and piece.kind in DYNAMIC_KINDS:
+            # the tokens the walk gave it: the prompt, or the next turn's
+            length = next_turn_tokens(len(ids), dims) if piece.kind == "block_kv" else len(ids)
+            if program_key(piece) in programs_at_lengths:
+                run_feeds = prefill_rows(feeds, length)
+            else:
+                programs_at_lengths.add(program_key(piece))
+                at_lengths_of(piece, feeds, length, backend)
+        runs[piece.file] = (piece, feeds, backend.run(net, run_feeds))
+        return runs[piece.file][2]
+
+    def at_lengths_of(piece, feeds, length, backend):
+        reference = onnx.run(piece.name, feeds)
         for rows in lengths_to_check(length, feeds["input_states"].shape[1]):
-            got = backend.run(net, prefill_rows(feeds, rows))
+            got = backend.run(piece.name, prefill_rows(feeds, rows))
             key = f"{piece.file} at length {rows}"
-            at_lengths[key] = {name: judge(net, r, g) for name, r, g in zip(
+            at_lengths[key] = {name: judge(piece.kind, r, g) for name, r, g in zip(
                 ("hidden_states", "past_k", "past_v"), reference, got, strict=True)}
             runs[key] = (piece, feeds, got)
-        runs[piece.file] = (piece, feeds, backend.run(net, feeds))
-        return runs[piece.file][2]
 
     pieces = walk_pieces(dims, ids, lambda piece, feeds: onnx.run(piece.name, feeds), candidate, judge, progress)
     return {**pieces, **at_lengths}, runs

@@ -23,7 +23,7 @@ from .conftest import ROOT, DoitResult, run_cli
 pytestmark = pytest.mark.timeout(3600)
 
 MODEL, SEQ = "smollm2-135m", 128  # the main job's: the README's first command
-MAIN_JOB = ["build", f"model={MODEL}", "mode=bf16", f"seq={SEQ}"]
+MAIN_JOB = {"model": MODEL, "mode": "bf16", "seq": str(SEQ)}
 # the whole bmodel's greedy decode on the simulator: 4 steps (25 s each), not doit verify's 16; the
 # answers to the three questions are checked whole (in one prefill each)
 SIM_TOKENS = 4
@@ -52,18 +52,17 @@ def test_package_weights_errors_name_the_fix(changes, message):
 def verified():
     """The main job's build (nothing to do when the README's first command ran), then its check on
     the simulator, from the command line as a user runs them."""
-    built = DoitResult(*_cli(MAIN_JOB))
+    built = _doit("build", **MAIN_JOB)
     assert built.code == 0, built.output[-5000:]
-    result = DoitResult(*_cli(["verify", *MAIN_JOB[1:], f"sim_tokens={SIM_TOKENS}"]))
+    result = _doit("verify", **MAIN_JOB, sim_tokens=str(SIM_TOKENS))
     assert result.code == 0, result.output[-5000:]
     assert {t.split(":")[0] for t in result.ran} <= {"verify"}, result.ran  # verify adds checks, builds nothing
-    seq_dir = parse_build_config(dict(a.split("=") for a in MAIN_JOB[1:])).build_dir / MODEL / f"seq{SEQ}"
-    return seq_dir
+    return parse_build_config(MAIN_JOB).seq_dir
 
 
-def _cli(args: list[str]) -> tuple[int, str]:
-    out = run_cli(args, timeout=3000)
-    return out.returncode, out.stdout + out.stderr
+def _doit(command: str, **variables: str) -> DoitResult:
+    out = run_cli([command, *(f"{k}={v}" for k, v in variables.items())], timeout=3000)
+    return DoitResult(out.returncode, out.stdout + out.stderr)
 
 
 @pytest.mark.real
