@@ -206,28 +206,40 @@ def prefill_rows(feeds: dict, rows: int) -> dict:
             "history_k": feeds["history_k"][:, :begin], "history_v": feeds["history_v"][:, :begin]}
 
 
-def decode_check(mode: str, onnx_dir: Path, bmodel: Path, ids: list[int], new_tokens: int, sim: Simulator,
-                 chunk: int = 0, stages: tuple[int, ...] = ()) -> dict:
-    """The combined bmodel decodes the ONNX pipeline's greedy path (teacher forcing: both see the
-    same tokens, so one flipped near-tie does not derail every later step) and each step's
-    greedy choice is compared. A float build must agree wherever the reference's top-2 margin is
-    above TIE_MARGIN; closer calls are reported, not required."""
-    onnx = OnnxBackend(onnx_dir, chunk=chunk, stages=stages)
-    ref_logits = Engine(onnx).logits_along(ids, new_tokens)
-    reference = [int(np.argmax(lg)) for lg in ref_logits]
-    margins = [float(np.diff(np.sort(lg)[-2:])[0]) for lg in ref_logits]
-    backend = sim.open(bmodel)
-    start = time.perf_counter()
-    sim_logits = Engine(backend).logits_along(ids, new_tokens, reference)
+def margins_of(logits: list[np.ndarray]) -> list[float]:
+    """Each step's fp32 top-2 margin: how decisive the reference's choice was."""
+    return [float(np.diff(np.sort(lg)[-2:])[0]) for lg in logits]
+
+
+def decode_check(mode: str, simulated: Engine, ids: list[int], ref_logits: list[np.ndarray],
+                 first_logits: np.ndarray | None = None) -> dict:
+    """The combined bmodel decodes the ONNX pipeline's greedy path after `ids` (`ref_logits`, one
+    per step; teacher forcing: both see the same tokens, so one flipped near-tie does not derail
+    every later step) and each step's greedy choice is compared. A float build must agree wherever
+    the reference's top-2 margin is above TIE_MARGIN; closer calls are reported, not required.
+    `first_logits`: the engine's cache already holds `ids` (an answer's teacher-forced prefill gave
+    these logits at its last position), so the steps continue from there, with no prefill of their own."""
+    reference, margins = [int(np.argmax(lg)) for lg in ref_logits], margins_of(ref_logits)
+    start, simulator_before = time.perf_counter(), simulated.backend.seconds
+    if first_logits is None:
+        sim_logits = simulated.logits_along(ids, len(reference), reference)
+    else:
+        simulated.rewind(len(ids))
+        sim_logits = [first_logits]
+        for token in reference[:-1]:
+            simulated.decode(token)
+            sim_logits.append(simulated.logits())
     chosen = [int(np.argmax(lg)) for lg in sim_logits]
     agree = [a == b for a, b in zip(chosen, reference)]
-    return {"run": True, "onnx": reference, "simulator": chosen, "margins": [round(m, 4) for m in margins],
+    return {"run": True, "prompt_tokens": len(ids), "onnx": reference, "simulator": chosen,
+            "margins": [round(m, 4) for m in margins],
             "agree": sum(agree), "free_running_prefix": agree.index(False) if False in agree else len(agree),
             "decisive_disagreements": [k for k, (ok, m) in enumerate(zip(agree, margins))
                                        if not ok and m >= TIE_MARGIN],
             "logits_cosine_min": _lowest_cosine(ref_logits, sim_logits),
             "exact_required": mode in EXACT_TOKENS_MODES, "seconds": round(time.perf_counter() - start, 1),
-            "simulator_seconds": round(backend.seconds, 1)}
+            "simulator_seconds": round(simulated.backend.seconds - simulator_before, 1),
+            "after": "the last answer's prefill" if first_logits is not None else "a prefill of its own"}
 
 
 def _lowest_cosine(ref_logits: list[np.ndarray], sim_logits: list[np.ndarray]) -> float | None:
@@ -236,32 +248,30 @@ def _lowest_cosine(ref_logits: list[np.ndarray], sim_logits: list[np.ndarray]) -
     return None if None in cosines else round(min(cosines), 6)
 
 
-def answers_check(mode: str, onnx_dir: Path, bmodel: Path, answers: list[dict], sim: Simulator,
-                  chunk: int = 0, stages: tuple[int, ...] = ()) -> list[dict]:
+def answers_check(mode: str, simulated: Engine, answers: list[dict], margins: list[list[float]],
+                  tokenizer) -> tuple[list[dict], np.ndarray]:
     """The combined bmodel answers the model's questions, teacher-forced along transformers'
     answers (teacher_forced: every step in one prefill): up to the first different choice, that is
     what a free-running greedy answer shares with transformers' (and each later step is still
-    compared). A float build must agree wherever the fp32 top-2 margin is at least TIE_MARGIN."""
-    from runtime.tokenizer import load_tokenizer
-
-    onnx, simulated = Engine(OnnxBackend(onnx_dir, chunk=chunk, stages=stages)), Engine(sim.open(bmodel))
-    tokenizer = load_tokenizer(onnx_dir)
+    compared). A float build must agree wherever the fp32 top-2 margin (`margins`, per answer) is
+    at least TIE_MARGIN. Also returns the logits at the last question's end, whose tokens the
+    engine's cache still holds."""
     results = []
-    for a in answers:
+    for a, answer_margins in zip(answers, margins, strict=True):
         reference, steps = a["reference"], len(a["reference"])
-        margins = [float(np.diff(np.sort(lg)[-2:])[0]) for lg in onnx.logits_along(a["ids"], steps, reference)]
         start = time.perf_counter()
-        chosen = [int(np.argmax(lg)) for lg in teacher_forced(simulated, a["ids"], reference)]
+        logits = teacher_forced(simulated, a["ids"], reference)
+        chosen = [int(np.argmax(lg)) for lg in logits]
         agree = [x == y for x, y in zip(chosen, reference)]
         shared = agree.index(False) if False in agree else steps
         results.append({"prompt": a["prompt"], "reference": reference, "simulator": chosen, "shared": shared,
-                        "agree": sum(agree), "margins": [round(m, 4) for m in margins],
-                        "decisive_disagreements": [k for k, (ok, m) in enumerate(zip(agree, margins))
+                        "agree": sum(agree), "margins": [round(m, 4) for m in answer_margins],
+                        "decisive_disagreements": [k for k, (ok, m) in enumerate(zip(agree, answer_margins))
                                                    if not ok and m >= TIE_MARGIN],
                         "exact_required": mode in EXACT_TOKENS_MODES, "answer": a["answer"],
                         "shared_text": tokenizer.decode(reference[:shared], skip_special=True),
                         "seconds": round(time.perf_counter() - start, 1)})
-    return results
+    return results, logits[0]
 
 
 def teacher_forced(engine: Engine, ids: list[int], reference: list[int]) -> list[np.ndarray]:
@@ -318,8 +328,10 @@ def markdown(report: dict) -> str:
     lines += ["", "## Greedy decode: combined bmodel on the simulator vs the ONNX pipeline", ""]
     if d.get("run"):
         near = sum(m < TIE_MARGIN for m in d["margins"])
-        lines += ["Both decode the ONNX pipeline's greedy path (teacher forcing); each step's greedy choice is "
-                  "compared.", "",
+        start = (f"the last question ({d['prompt_tokens']} tokens), its cache left by that answer's prefill"
+                 if d.get("after") == "the last answer's prefill" else f"a {d.get('prompt_tokens', '?')}-token prompt")
+        lines += [f"Both decode the ONNX pipeline's greedy path after {start} (teacher forcing); each step's greedy "
+                  "choice is compared.", "",
                   f"- same choice at {d['agree']}/{len(d['onnx'])} steps; a free-running greedy decode shares the "
                   f"first {d['free_running_prefix']} tokens",
                   f"- steps where fp32's top-2 margin is below {TIE_MARGIN} (near-ties): {near}; disagreements "
@@ -422,14 +434,27 @@ def run(build, paths, pieces, report_path: Path, tools: dict, dequantized_net=No
 
 def _whole_bmodel(build, paths, report: dict, ids: list[int], sim: Simulator) -> dict:
     """The whole bmodel, unless sim_tokens=0: its answers to the model's questions where it has
-    some, and a greedy decode of sim_tokens steps."""
+    some, and a greedy decode of sim_tokens steps. After the answers, the decode starts from the
+    last question, whose tokens the last answer's prefill left in the cache (no prefill of its
+    own), unless a linear-attention state cannot go back to them. The ONNX references come first:
+    while a bmodel is open, its simulator process keeps both cores busy."""
     if build.sim_tokens == 0:
         return {"run": False, "reason": "sim_tokens=0: the pieces only"}
-    answers = read_json(paths.report).get("answers")
+    from runtime.tokenizer import load_tokenizer
+
+    onnx = Engine(OnnxBackend(paths.onnx, chunk=build.history_chunk, stages=build.stages))
+    answers = read_json(paths.report).get("answers") or []
+    margins = [margins_of(onnx.logits_along(a["ids"], len(a["reference"]), a["reference"])) for a in answers]
+    continued = bool(answers) and not onnx.walk.info.get("linear_layers")
+    decode_ids = answers[-1]["ids"] if continued else ids
+    steps = min(build.sim_tokens, build.seq - len(decode_ids))  # the window holds the prompt and the new tokens
+    ref_logits = onnx.logits_along(decode_ids, steps)
+    simulated = Engine(sim.open(paths.dist))
+    first_logits = None
     if answers:
-        say(f"[verify {build.mode} on the simulator] answers of {paths.dist.name} to {len(answers)} questions ...")
-        report["answers"] = answers_check(build.mode, paths.onnx, paths.dist, answers, sim, build.history_chunk,
-                                          build.stages)
-    steps = min(build.sim_tokens, build.seq - len(ids))  # the window holds the prompt and the new tokens
+        say(f"[verify {build.mode} on the simulator] answers of {paths.dist.name} to {len(answers)} question(s) ...")
+        report["answers"], last_logits = answers_check(build.mode, simulated, answers, margins,
+                                                       load_tokenizer(paths.onnx))
+        first_logits = last_logits if continued else None
     say(f"[verify {build.mode} on the simulator] greedy decode of {paths.dist.name}, {steps} tokens ...")
-    return decode_check(build.mode, paths.onnx, paths.dist, ids, steps, sim, build.history_chunk, build.stages)
+    return decode_check(build.mode, simulated, decode_ids, ref_logits, first_logits)

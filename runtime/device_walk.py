@@ -270,6 +270,14 @@ class DeviceWalk:
             hidden = outputs[0]
         self._head(hidden)
 
+    def rewind(self, tokens: list[int]) -> None:
+        """The cache keeps `tokens` (Engine.rewind): the repetition penalty's window is theirs again,
+        and no logits are read until the next step."""
+        if self.sample_inputs:
+            self.rt.h2d(self.sample_inputs[1], penalty_window(tokens, self.seq), self._device("sample_head", 1),
+                        "input_ids")
+        self.stepped = False
+
     def _head(self, hidden) -> None:
         rt = self.rt
         rt.launch("lm_head", [rt.tensor("lm_head", 0, False, hidden)], [rt.tensor("lm_head", 0, True, self.logits_mem)])

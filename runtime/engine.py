@@ -224,6 +224,10 @@ class HostWalk:
     def token(self) -> int | None:
         return None
 
+    def rewind(self, tokens: list[int]) -> None:
+        """The cache keeps `tokens` (Engine.rewind): until the next step, no logits to read."""
+        self._hidden = self._logits = None
+
 
 class Engine:
     def __init__(self, backend, walk=None):
@@ -273,6 +277,18 @@ class Engine:
     def forget(self) -> None:
         """The next prompt prefills from position 0 (the cache's content is then overwritten)."""
         self.tokens, self.length = [], 0
+
+    def rewind(self, n: int) -> None:
+        """Keep the cache's first n tokens: the next decode runs at position n as after a prefill of
+        those alone, since a KV cache's later slots stay masked until a step overwrites them (the
+        simulator's verify continues an answer's teacher-forced prefill from its question). A
+        linear-attention state holds every token so far: it cannot go back."""
+        if self.walk.info.get("linear_layers"):
+            raise ValueError("a linear-attention layer's state holds every token so far: it cannot go back")
+        if not 0 < n <= self.length:
+            raise ValueError(f"cannot keep {n} tokens of a cache that holds {self.length}")
+        self.tokens, self.length = self.tokens[:n], n
+        self.walk.rewind(self.tokens)
 
     def decode(self, token: int) -> None:
         """Feed one token at position `length`."""

@@ -24,7 +24,7 @@ from .toolchain import ToolchainError
 from .traffic import Traffic
 
 
-WALK_STEPS = ("prefill", "decode", "logits", "token", "candidates", "prompt_logits")
+WALK_STEPS = ("prefill", "decode", "logits", "token", "candidates", "prompt_logits", "rewind")
 
 
 def _serve(conn, bmodel: str, devids: list[int], whole_model: bool, resident: bool) -> None:

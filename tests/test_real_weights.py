@@ -24,8 +24,9 @@ pytestmark = pytest.mark.timeout(3600)
 
 MODEL, SEQ = "smollm2-135m", 128  # the main job's: the README's first command
 MAIN_JOB = {"model": MODEL, "mode": "bf16", "seq": str(SEQ)}
-# the whole bmodel's greedy decode on the simulator: 4 steps (25 s each), not doit verify's 16; the
-# answers to the three questions are checked whole (in one prefill each)
+# the whole bmodel's greedy decode on the simulator: 4 steps (the first from the last answer's
+# prefill, then 3 decode steps of 21 s each), not doit verify's 16; the answers to the three
+# questions are checked whole (in one prefill each)
 SIM_TOKENS = 4
 
 
@@ -82,6 +83,10 @@ def test_simulator_answers_share_transformers_tokens(verified):
     report = json.loads((seq_dir / "verify" / "bf16_1dev_bm1684x_dyn" / "report.json").read_text())
     assert report["simulated"] and report["decode"]["run"] and len(report["decode"]["simulator"]) == SIM_TOKENS
     assert not report["decode"]["decisive_disagreements"], report["decode"]  # and the decode steps on the device
+    # which continue from the last question, its cache left by that answer's one prefill
+    assert report["decode"]["after"] == "the last answer's prefill"
+    assert report["decode"]["prompt_tokens"] == len(json.loads((seq_dir / "verify" / "report.json").read_text())
+                                                    ["answers"][-1]["ids"])
     for a in report["answers"]:
         assert not a["decisive_disagreements"], a  # bf16 must agree wherever fp32 is not near a tie
     # France's first choice is a near-tie after SmolLM2's default system prompt ("The" 0.08 ahead

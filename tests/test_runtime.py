@@ -251,6 +251,24 @@ def test_a_chat_on_onnxruntime_prefills_each_turn_once_and_answers_as_a_fresh_pr
     assert kept.reused == len(users[0]) and np.allclose(kept.logits(), plain.logits(), atol=1e-4)
 
 
+def test_a_rewound_cache_decodes_as_a_prefill_of_the_tokens_it_kept(tiny_onnx):
+    """Engine.rewind(n) after a longer prefill: the next steps, at position n on, overwrite what the
+    cache held past n (masked until then), and give the logits of a prefill of the first n tokens."""
+    prompt, later = list(range(100, 110)), list(range(300, 312))
+    fresh = Engine(OnnxBackend(tiny_onnx))
+    expected = fresh.logits_along(prompt, 6)
+    rewound = Engine(OnnxBackend(tiny_onnx))
+    rewound.prefill(prompt + later)
+    rewound.rewind(len(prompt))
+    assert (rewound.length, rewound.tokens) == (len(prompt), prompt)
+    for token, logits in zip([int(np.argmax(e)) for e in expected[:-1]], expected[1:]):
+        rewound.decode(token)
+        np.testing.assert_allclose(rewound.logits(), logits, atol=1e-4)
+    for n in (0, rewound.length + 1):
+        with pytest.raises(ValueError, match=f"cannot keep {n} tokens of a cache that holds {rewound.length}"):
+            rewound.rewind(n)
+
+
 def test_decode_attends_over_the_shortest_stage_that_holds_the_cache_and_answers_as_the_whole_cache(tiny_onnx):
     """chunk=16 at seq 128 exports block_cache_i at cache lengths 16, 32 and 64 too: each step runs
     the shortest that holds the filled slots, and the logits are the whole cache's."""

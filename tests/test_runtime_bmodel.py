@@ -424,6 +424,13 @@ def test_one_prefill_gives_the_logits_of_every_position_as_prefills_of_each_pref
         assert len(by_prefill) == 8 and np.array_equal(by_prefill[0], by_decode[0])  # the same last prompt row
         for a, b in zip(by_prefill, by_decode):
             assert np.argmax(a) == np.argmax(b) and np.corrcoef(a, b)[0, 1] > 0.999
+        # ... and the decode check continues from the question the answer's prefill left in the cache
+        teacher_forced(engine, ids[:first], reference)
+        engine.rewind(first)
+        for k, token in enumerate(reference[:3]):
+            engine.decode(token)
+            after = engine.logits()
+            assert np.argmax(after) == np.argmax(by_decode[k + 1]) and np.corrcoef(after, by_decode[k + 1])[0, 1] > 0.999
     onnx_engine = Engine(OnnxBackend(onnx))
     on_onnx = onnx_engine.prompt_logits(ids, first)
     for p in (first, len(ids) - 1):
