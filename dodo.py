@@ -4,9 +4,9 @@ Thin on purpose: the variables are validated and the graph is built in pipeline/
 """
 import sys
 
-from pipeline.build_config import parse_build_config, variables_given
 from pipeline.errors import PipelineError
-from pipeline.tasks import doit_config, make_tasks
+from pipeline.graph.build_config import parse_build_config, variables_given
+from pipeline.graph.tasks import doit_config, make_tasks
 
 try:
     BUILD = parse_build_config(variables_given())

@@ -81,8 +81,8 @@ def main():
     parser.add_argument("--answer", type=int, default=8, help="answer tokens a turn")
     args = parser.parse_args()
     args.build_dir = args.build_dir or Path(tempfile.mkdtemp(prefix="chat-turns-bench-"))
+    from pipeline.toolchain.isolated_backend import IsolatedBmodelBackend
     from runtime.engine import Engine
-    from runtime.isolated_backend import IsolatedBmodelBackend
     from runtime.onnx_backend import OnnxBackend
     from runtime.sampling import Sampler, SamplingParams
 

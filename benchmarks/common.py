@@ -16,7 +16,7 @@ def publish(table: str, name: str) -> None:
 
 def build_bmodel(variables: dict[str, str]) -> tuple[Path, str]:
     """`doit combine` with these build variables, as a user runs it; the bmodel and doit's output."""
-    from pipeline.build_config import parse_build_config
+    from pipeline.graph.build_config import parse_build_config
 
     doit = Path(sys.executable).parent / "doit"
     out = subprocess.run([str(doit), "combine", *(f"{k}={v}" for k, v in variables.items())], cwd=ROOT, check=True,
@@ -27,7 +27,7 @@ def build_bmodel(variables: dict[str, str]) -> tuple[Path, str]:
 
 def export_onnx(variables: dict[str, str]) -> Path:
     """`doit export` with these build variables: the folder of the ONNX pieces."""
-    from pipeline.build_config import parse_build_config
+    from pipeline.graph.build_config import parse_build_config
 
     doit = Path(sys.executable).parent / "doit"
     subprocess.run([str(doit), "export", *(f"{k}={v}" for k, v in variables.items())], cwd=ROOT, check=True,

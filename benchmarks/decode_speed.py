@@ -20,7 +20,7 @@ SEQ, PROMPT, NEW = 256, 32, 64
 
 def build(build_dir: Path, model: str, layers: int | None) -> Path:
     variables = [f"model={model}", f"seq={SEQ}", f"build_dir={build_dir}"] + ([f"layers={layers}"] if layers else [])
-    subprocess.run([str(Path(sys.executable).parent / "doit"), "export", "patch", *variables], cwd=ROOT, check=True,
+    subprocess.run([str(Path(sys.executable).parent / "doit"), "export", "map", *variables], cwd=ROOT, check=True,
                    capture_output=True)
     return build_dir / (f"{model}-{layers}l" if layers else model)
 

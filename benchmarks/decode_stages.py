@@ -58,8 +58,8 @@ def step_seconds(engine, positions: list[int], steps: int) -> dict[int, float]:
 
 
 def on_simulator(bmodel: Path, positions: list[int], steps: int) -> tuple[dict, tuple]:
+    from pipeline.toolchain.isolated_backend import IsolatedBmodelBackend
     from runtime.engine import Engine
-    from runtime.isolated_backend import IsolatedBmodelBackend
 
     with IsolatedBmodelBackend(bmodel) as backend:
         return step_seconds(Engine(backend), positions, steps), backend.info["stages"]

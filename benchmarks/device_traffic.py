@@ -42,7 +42,7 @@ PUBLISHED = {("qwen-7b", "int4", 512): 9.84, ("qwen-7b", "int4", 2048): 7.25,
 
 def build(build_dir: Path, model: str, seq: int, mode: str, layers: int | None, dynamic: bool):
     """`doit combine` of the variant; its BuildConfig (where the bmodel and the seq's files are)."""
-    from pipeline.build_config import parse_build_config
+    from pipeline.graph.build_config import parse_build_config
 
     variables = {"model": model, "seq": str(seq), "mode": mode, "build_dir": str(build_dir),
                  "dist_dir": str(build_dir / "dist"), "dynamic": str(int(dynamic)),
@@ -54,8 +54,8 @@ def build(build_dir: Path, model: str, seq: int, mode: str, layers: int | None, 
 
 
 def measure(bmodel: Path, resident: bool, prompt: list[int], tokens: int, sampling: bool) -> dict:
+    from pipeline.toolchain.isolated_backend import IsolatedBmodelBackend
     from runtime.engine import Engine
-    from runtime.isolated_backend import IsolatedBmodelBackend
     from runtime.sampling import Sampler, SamplingParams
 
     params = SamplingParams(0.8, 40, 0.9, 1.1, seed=0) if sampling else SamplingParams()
@@ -121,7 +121,7 @@ def per_token_bytes(layers: int, hidden: int, kv_heads: int, head_dim: int, voca
 
 
 def _dims(model: str, layers: int | None) -> dict:
-    from pipeline.model_config import load_model_config
+    from pipeline.model.config import load_model_config
 
     arch = load_model_config(model).architecture
     return {"layers": layers or arch.num_layers, "hidden": arch.hidden_size, "kv_heads": arch.num_kv_heads,

@@ -20,7 +20,6 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.common import ROOT, publish  # noqa: E402
 
-
 RIGHT = 0.999  # a cosine below it is a wrong output (a right bf16 block_0 gives 0.99999)
 
 
@@ -32,9 +31,9 @@ def lengths(text: str) -> list[int]:
 def run_lengths(bmodel: Path, onnx, hidden: np.ndarray, ns: list[int], with_mask: bool) -> dict[int, tuple]:
     """Per length n: (NaN rows of the hidden output, its cosine against onnxruntime, the simulator's
     seconds for it)."""
-    from pipeline.verify import cosine_similarity
+    from pipeline.stages.verify import cosine_similarity
+    from pipeline.toolchain.isolated_backend import IsolatedBmodelBackend
     from runtime.engine import prefill_mask
-    from runtime.isolated_backend import IsolatedBmodelBackend
 
     found = {}
     with IsolatedBmodelBackend(bmodel, whole_model=False) as backend:
@@ -63,8 +62,8 @@ def main():
                         help="another block_0 bmodel with our inputs, in a column of its own")
     args = parser.parse_args()
 
-    from pipeline.build_config import parse_build_config
-    from pipeline.tasks import Paths
+    from pipeline.graph.build_config import parse_build_config
+    from pipeline.graph.tasks import Paths
     from runtime.engine import pad_ids
     from runtime.onnx_backend import OnnxBackend
 

@@ -19,6 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.common import ROOT, publish  # noqa: E402
+
 MODEL = "bench-qwen2-medium"
 
 
@@ -37,7 +38,7 @@ def doit(*args: str, build_dir: Path) -> tuple[float, float]:
 
 def sizes(build_dir: Path, name: str) -> tuple[float, float]:
     """(model, largest piece) in MiB of fp32 weights, from the checkpoint's headers."""
-    from pipeline.checkpoint import Checkpoint
+    from pipeline.model.checkpoint import Checkpoint
 
     ckpt = Checkpoint(Path(json.loads((build_dir / name / "source.json").read_text())["folder"]))
     per_tensor = {n: 4 * math.prod(info["shape"]) for n, (_, info) in ckpt.tensor_index.items()}
@@ -55,7 +56,7 @@ def main():
     rows = []
     for layers in args.layers:
         name = f"{MODEL}-{layers}l"
-        doit("patch", f"model={MODEL}", f"layers={layers}", build_dir=build_dir)  # generate + fingerprint
+        doit("map", f"model={MODEL}", f"layers={layers}", build_dir=build_dir)  # generate + fingerprint
         seconds, peak = doit("export", f"model={MODEL}", f"layers={layers}", build_dir=build_dir)
         model_mib, piece_mib = sizes(build_dir, name)
         pieces = 2 * layers + 3

@@ -30,7 +30,7 @@ GiB = 2**30
 
 def needs(model: str) -> tuple[int, int]:
     """(checkpoint bytes in bf16, largest piece's fp32 bytes), from the model's dimensions."""
-    from pipeline.model_config import load_model_config
+    from pipeline.model.config import load_model_config
 
     a = load_model_config(model).architecture
     h, f, v = a.hidden_size, a.intermediate_size, a.vocab_size
@@ -90,12 +90,12 @@ class PeakSampler:
 def export_all(model_dir: Path, seq: int, out_dir: Path) -> list[dict]:
     """Every piece exported in this process, one after the other, as `doit export` does; each
     one's ONNX deleted once measured."""
-    from pipeline.export import export_piece
     from pipeline.fsutil import read_json
-    from pipeline.pieces import model_pieces
+    from pipeline.model.pieces import model_pieces
+    from pipeline.stages.export import export_piece
 
     config = read_json(model_dir / f"seq{seq}" / "config.json")
-    mapping = read_json(model_dir / "patched" / "tensor_map.json")
+    mapping = read_json(model_dir / "canonical" / "tensor_map.json")
     source = Path(read_json(model_dir / "source.json")["folder"])
     pieces = model_pieces(config["num_hidden_layers"])
     rows = []
@@ -150,7 +150,7 @@ def main():
     variables = [f"model={args.model}", f"seq={args.seq}", f"build_dir={build_dir}"]
     try:
         stages = {}
-        for stage, what in (("checkpoint", "generate the checkpoint"), ("patch", "patch (fingerprint every layer)")):
+        for stage, what in (("checkpoint", "generate the checkpoint"), ("map", "map onto the canonical layout (fingerprint every layer)")):
             print(f"[{stage}] {what} ...", file=sys.stderr, flush=True)
             seconds, peak = timed_doit(stage, *variables)
             stages[what] = {"seconds": seconds, "peak_rss_mib": peak}

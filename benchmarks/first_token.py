@@ -18,6 +18,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.common import build_bmodel, model_options, publish  # noqa: E402
 
+
 def build(args, dynamic: bool) -> tuple[Path, float]:
     """The combined bmodel, and the seconds its block_i deploys took (what `dynamic` changes)."""
     bmodel, output = build_bmodel({"model": args.model, "layers": str(args.layers), "seq": str(args.seq),
@@ -30,8 +31,8 @@ def build(args, dynamic: bool) -> tuple[Path, float]:
 def first_tokens(bmodel: Path, prompts: list[int]) -> list[dict]:
     """Per prompt length: seconds from the prompt to the first token (greedy, chosen on the device),
     and the bytes the prefill sent."""
+    from pipeline.toolchain.isolated_backend import IsolatedBmodelBackend
     from runtime.engine import Engine
-    from runtime.isolated_backend import IsolatedBmodelBackend
     from runtime.sampling import Sampler, SamplingParams
 
     rows = []

@@ -22,7 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.common import RESULTS_DIR, ROOT, publish  # noqa: E402
 
-STAGES = ["patch", "export", "build", "verify"]  # build = ONNX verify + transform + deploy + combine
+STAGES = ["map", "export", "build", "verify"]  # build = ONNX verify + transform + deploy + combine
 DOIT = Path(sys.executable).parent / "doit"
 
 
@@ -88,7 +88,7 @@ def estimate(per_piece: dict[str, float], layers: int, full_layers: int) -> floa
 
 
 def measure(model: str, args, build_dir: Path) -> dict:
-    from pipeline.model_config import load_model_config
+    from pipeline.model.config import load_model_config
 
     config = load_model_config(model)
     variables = [f"model={model}", f"layers={args.layers}", f"mode={args.mode}", f"seq={args.seq}",

@@ -76,7 +76,7 @@ def main():
     parser.add_argument("--keep", action="store_true", help="keep the build (tens of GB)")
     parser.set_defaults(model="shape-qwen-14b")
     args = parser.parse_args()
-    from pipeline.memory_budget import default_budget
+    from pipeline.graph.memory_budget import default_budget
 
     build = (args.build_dir or Path(tempfile.mkdtemp(prefix="memory-bound-"))).resolve()
     variables = [f"model={args.model}", f"layers={args.layers}", f"seq={args.seq}", f"mode={args.mode}",

@@ -1,4 +1,4 @@
-"""What each mode costs in answers, on a real model: `doit quality` (pipeline/quality.py) as a user
+"""What each mode costs in answers, on a real model: `doit quality` (pipeline/stages/quality.py) as a user
 runs it, and its report recorded in benchmarks/results/ (the README's table quotes it).
 
     .venv/bin/python benchmarks/quality.py [--model smollm2-135m] [--seq 128]

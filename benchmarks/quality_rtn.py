@@ -1,7 +1,7 @@
 """Is a mode's loss in `doit quality` TPU-MLIR's, or that of quantizing by rounding at all? The fp32
 reference (transformers) scores the same windows with its decoder's matmul weights rounded to
 nearest by a textbook quantizer written here: asymmetric, a scale and a zero point per output row
-and group of input columns, as TPU-MLIR's W8/W4 weights are stored (pipeline/quantized_weights.py;
+and group of input columns, as TPU-MLIR's W8/W4 weights are stored (pipeline/stages/quantized_weights.py;
 its W8 weights too are in groups of 64 input columns, with no group size asked for).
 Where these rows match the report's `<mode>-weights` rows (TPU-MLIR's own quantized weights), the
 loss belongs to round-to-nearest at that width and group size, not to TPU-MLIR.
@@ -52,7 +52,7 @@ def decoder_matmuls(model) -> dict:
 def score(model, windows: list[list[int]], references: list[Path]) -> dict:
     import torch
 
-    from pipeline.quality import compare, summarize
+    from pipeline.stages.quality import compare, summarize
 
     parts = []
     for window, reference in zip(windows, references):
@@ -70,10 +70,10 @@ def main():
     parser.add_argument("--build-dir", type=Path, default=ROOT / "build")
     args = parser.parse_args()
 
-    from pipeline.build_config import parse_build_config
     from pipeline.fsutil import read_json
-    from pipeline.tasks import Paths
-    from pipeline.verify import reference_model
+    from pipeline.graph.build_config import parse_build_config
+    from pipeline.graph.tasks import Paths
+    from pipeline.stages.verify import reference_model
 
     build = parse_build_config({"model": args.model, "seq": str(args.seq), "build_dir": str(args.build_dir),
                                 "dist_dir": str(args.build_dir / "dist")})

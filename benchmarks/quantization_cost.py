@@ -2,7 +2,7 @@
 ways along the fp32 pipeline's greedy path (teacher forcing, as `doit verify` does on the simulator):
   fp32       the ONNX pieces (onnxruntime)
   weights    the same pieces with every block's weights as the bmodel holds them (TPU-MLIR's
-             quantized weights, dequantized: pipeline/quantized_weights.py)
+             quantized weights, dequantized: pipeline/stages/quantized_weights.py)
   simulator  the combined bmodel on the BM1684X cmodel, built and checked by `doit verify`
 Where `weights` already differs from fp32, the quantization costs it; where the simulator differs
 from `weights` at a step its top-2 margin does not make a near-tie, the build does.
@@ -24,13 +24,13 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.common import ROOT, publish  # noqa: E402
 
-TIE_MARGIN = 0.1  # as pipeline/verify_sim.py
+TIE_MARGIN = 0.1  # as pipeline/stages/verify_sim.py
 
 
 def verified(variables: dict[str, str]):
     """`doit verify` as a user runs it; the build's tasks and its simulator report."""
-    from pipeline.build_config import parse_build_config
-    from pipeline.tasks import DeployTasks, ExportTasks, Paths, TransformTasks
+    from pipeline.graph.build_config import parse_build_config
+    from pipeline.graph.tasks import DeployTasks, ExportTasks, Paths, TransformTasks
 
     doit = Path(sys.executable).parent / "doit"
     subprocess.run([str(doit), "verify", *(f"{k}={v}" for k, v in variables.items())], cwd=ROOT, check=True,
@@ -46,7 +46,7 @@ def quantized_pipeline(export, deploy, mode: str, out: Path) -> Path:
     """A copy of the ONNX folder whose block pieces hold the bmodel's weights."""
     import onnx
 
-    from pipeline.compile import weights_quantized
+    from pipeline.stages.compile import weights_quantized
 
     shutil.copytree(export.paths.onnx, out)
     for piece in export.pieces:
@@ -61,14 +61,14 @@ def greedy(logits: list) -> list[int]:
 
 
 def lowest_cosine(a: list, b: list) -> float:
-    from pipeline.verify import compare
+    from pipeline.stages.verify import compare
 
     return min(compare(x, y)["cosine"] for x, y in zip(a, b))
 
 
 def measure(variables: dict[str, str], mode: str, scratch: Path) -> dict:
+    from pipeline.toolchain.isolated_backend import IsolatedBmodelBackend
     from runtime.engine import Engine
-    from runtime.isolated_backend import IsolatedBmodelBackend
     from runtime.onnx_backend import OnnxBackend
 
     export, deploy, report = verified({**variables, "mode": mode})

@@ -21,7 +21,7 @@ def main():
     parser.add_argument("--models", nargs="+", default=["tiny-qwen-v1", "tiny-qwen2", "tiny-qwen3"])
     parser.add_argument("--modes", nargs="+", default=["f16", "bf16", "int8", "int4"])
     args = parser.parse_args()
-    from pipeline.build_config import parse_build_config
+    from pipeline.graph.build_config import parse_build_config
 
     rows = []
     with tempfile.TemporaryDirectory(prefix="verify-figures-") as tmp:

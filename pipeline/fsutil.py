@@ -1,7 +1,7 @@
 """Atomic file writes: every artifact appears whole under its final name, or not at all.
 
 Temporary files and folders are named `.<final name>.<random>.tmp` (and `.<final name>.old`) beside
-the artifact, so the next run of a killed task finds its leftovers (pipeline/task_state.py)."""
+the artifact, so the next run of a killed task finds its leftovers (pipeline/graph/task_state.py)."""
 import errno
 import fcntl
 import json

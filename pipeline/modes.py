@@ -1,5 +1,5 @@
 """Quantize modes: the names users type (`mode=`) and what TPU-MLIR's model_deploy calls them.
-Embedding and lm_head stay in the float type of the mode (pipeline/compile.py)."""
+Embedding and lm_head stay in the float type of the mode (pipeline/stages/compile.py)."""
 MODES = {
     "bf16": "BF16",
     "f16": "F16",

@@ -22,8 +22,9 @@ import warnings
 import numpy as np
 
 from .bmrt import DTYPES, Runtime, from_device_type, to_device_type
-from .native_output import output_to
 from .engine import decode_mask, decode_stage, pad_ids, penalty_window, prefill_plan
+from .native_output import output_to
+from .nets import token_as_logits
 from .toolchain import ToolchainError
 
 
@@ -314,7 +315,6 @@ class DeviceWalk:
     @_quiet
     def logits(self) -> np.ndarray:
         """The last step's logits [V] (float32), or a one-hot of the token a token head chose."""
-        from .bmodel_backend import token_as_logits
 
         values = self._read_head()
         return token_as_logits(values)[0] if self.info["head"] == "token" else values[0]

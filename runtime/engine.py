@@ -1,4 +1,4 @@
-"""Prefill + decode over the fixed-length KV cache of the net interface (see pipeline/pieces.py).
+"""Prefill + decode over the fixed-length KV cache of the net interface (see pipeline/model/pieces.py).
 
 The engine keeps the conversation's length and asks a walk over the nets for each step:
   - a backend with `walk()` gives its own (the bmodel backend's keeps the state on the device:
@@ -171,7 +171,7 @@ class HostWalk:
 
     def prompt_logits(self, first: int = 0) -> np.ndarray:
         """The logits [n - first, V] of positions first .. n-1 of the last prefill: each row of its
-        last run through lm_head (teacher forcing in one prefill: pipeline/quality.py)."""
+        last run through lm_head (teacher forcing in one prefill: pipeline/stages/quality.py)."""
         begin, hidden = self._last_run
         logits = []
         for row in scored_rows(first, begin, begin + hidden.shape[1]):

@@ -70,7 +70,7 @@ class OnnxBackend:
         return self._sessions[file]
 
     def _linear(self, net: str) -> bool:
-        """A linear-attention layer's block_i: static, its window of tokens (pipeline/pieces.py)."""
+        """A linear-attention layer's block_i: static, its window of tokens (pipeline/model/pieces.py)."""
         m = re.fullmatch(r"block_(\d+)", net)
         return bool(m) and int(m[1]) in self.info.get("linear_layers", ())
 

@@ -1,8 +1,8 @@
 """A prefill piece whose lengths follow its inputs: one rule for the export and for onnxruntime.
 
 torch's static export folds every shape into the graph: repeat_kv's Expand and Reshape targets
-hold the prompt's length as a number. The export frees them (free_lengths) and keeps the declared
-shapes static: the TPU compiler gets a static piece, and a dynamic bmodel compiled from it finds
+hold the prompt's length as a number. The export frees them (free_lengths in
+pipeline/stages/export.py) and keeps the declared shapes static: the TPU compiler gets a static piece, and a dynamic bmodel compiled from it finds
 the length by the inputs, not by value (a value equal to the head size was taken for both). On
 onnxruntime, OnnxBackend loads block_i and block_kv_i through exact_rows, which also makes the
 declared lengths symbolic, so a 16-token prompt runs at 16 rows on a seq-128 export."""
@@ -16,19 +16,6 @@ def load_graph(path: str):
     import onnx
 
     return onnx.load(path, load_external_data=False)
-
-
-def free_lengths(model):
-    """A prefill piece (block_i, block_kv_i) made in place to compute every length from its inputs,
-    its declared input and output shapes unchanged (the rewrite of exact_rows, then the declared
-    lengths put back)."""
-    declared = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim]
-                for v in [*model.graph.input, *model.graph.output]}
-    exact_rows(model)
-    for value in [*model.graph.input, *model.graph.output]:
-        for dim, length in zip(value.type.tensor_type.shape.dim, declared[value.name]):
-            dim.dim_value = length
-    return model
 
 
 def exact_rows(model):

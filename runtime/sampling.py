@@ -90,7 +90,7 @@ class Sampler:
 
     def distribution(self, logits: np.ndarray, seen: list[int]) -> np.ndarray:
         """The probability of each token under the rule (temperature > 0): what is drawn from, and
-        what a device's sample head (pipeline/torch_pieces.py SampleHeadNet) must reproduce."""
+        what a device's sample head (pipeline/model/torch_pieces.py SampleHeadNet) must reproduce."""
         p = self.params
         logits = self._penalized(logits, seen)
         # extreme penalties or temperatures overflow to inf: clip, then subtract the maximum before

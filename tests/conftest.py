@@ -16,9 +16,9 @@ import pytest
 from doit.cmd_base import ModuleTaskLoader
 from doit.doit_cmd import DoitMain
 
-from pipeline.build_config import parse_build_config
 from pipeline.families import FAMILIES
-from pipeline.tasks import doit_config, make_tasks
+from pipeline.graph.build_config import parse_build_config
+from pipeline.graph.tasks import doit_config, make_tasks
 
 ROOT = Path(__file__).resolve().parent.parent
 

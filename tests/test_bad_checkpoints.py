@@ -256,7 +256,7 @@ def test_non_finite_weights_are_named_at_the_patch_stage(tmp_path, generated_che
             f"model-00002-of-00002.safetensors): {count} of 8192 values; download model-00002-of-00002.safetensors "
             "again") in result.output, result.output
     assert "Traceback" not in result.output
-    assert result.ran == ["checkpoint:tiny-qwen2", "patch:tiny-qwen2/weights"]  # nothing exported
+    assert result.ran == ["checkpoint:tiny-qwen2", "map:tiny-qwen2/weights"]  # nothing exported
 
 
 def test_non_finite_outputs_fail_verification_saying_so(tmp_path, generated_checkpoint, monkeypatch):
@@ -325,7 +325,7 @@ def test_non_finite_part_of_a_fused_tensor_is_named_with_its_rows(tmp_path):
     tensors = load_file(shard)
     tensors[name][70, 3] = float("nan")
     save_file(tensors, shard, metadata={"format": "pt"})
-    result = run_doit(tmp_path / "build", ["patch"], model="tiny-qwen-v1", path=user)
+    result = run_doit(tmp_path / "build", ["map"], model="tiny-qwen-v1", path=user)
     assert result.code != 0
     assert (f"has corrupt weights: NaN or inf in rows 64..128 of tensor {name} (in {shard.name}): 1 of 4096 "
             "values") in result.output, result.output

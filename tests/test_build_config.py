@@ -1,7 +1,7 @@
 import pytest
 
-from pipeline.build_config import parse_build_config
 from pipeline.errors import PipelineError
+from pipeline.graph.build_config import parse_build_config
 
 from .conftest import run_cli
 
@@ -30,8 +30,8 @@ def sigint_restored():
 def test_parallel_by_default_within_the_memory_available(sigint_restored):
     import os
 
-    from pipeline.memory_budget import GIB
-    from pipeline.tasks import doit_config
+    from pipeline.graph.memory_budget import GIB
+    from pipeline.graph.tasks import doit_config
 
     build = parse_build_config({"model": "tiny-qwen2"})
     assert build.jobs == os.cpu_count() and GIB <= build.memory
@@ -109,7 +109,7 @@ def test_cli_reports_bad_variable_without_traceback(tmp_path):
 
 
 def test_an_int4_group_size_that_leaves_matmuls_unquantized_is_named():
-    from pipeline.build_config import group_size_warning
+    from pipeline.graph.build_config import group_size_warning
 
     def warning(**variables):
         return group_size_warning(parse_build_config({"model": "smollm2-135m", **variables}))

@@ -37,4 +37,4 @@ def test_restored_build_folder_in_a_fresh_clone_rebuilds_nothing(tmp_path):
                                                                  "verify")]
     assert compiled == [], ran
     # only the cheap re-check of the checkpoint's new file times, whose fingerprints are unchanged
-    assert all(t.split()[1].split(":")[0] in ("checkpoint", "patch") for t in ran), ran
+    assert all(t.split()[1].split(":")[0] in ("checkpoint", "map") for t in ran), ran

@@ -22,7 +22,7 @@ def models(tmp_path_factory):
     """tiny-qwen2 exported at its default seq (32) and at 128 (room for a few turns)."""
     build_dir = tmp_path_factory.mktemp("chat")
     for seq in (32, 128):
-        result = run_doit(build_dir, ["export", "patch"], model="tiny-qwen2", seq=seq)
+        result = run_doit(build_dir, ["export", "map"], model="tiny-qwen2", seq=seq)
         assert result.code == 0, result.output
     return {seq: build_dir / "tiny-qwen2" / f"seq{seq}" / "onnx" for seq in (32, 128)}
 

@@ -1,4 +1,4 @@
-"""Across machines (pipeline/cluster.py): a build's heavy actions on a Dask cluster, here a local one
+"""Across machines (pipeline/graph/cluster.py): a build's heavy actions on a Dask cluster, here a local one
 of 2 worker processes (each with a nanny that restarts it), doit deciding what is stale."""
 import os
 import re

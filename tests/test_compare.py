@@ -3,8 +3,8 @@ and side), all-zero outputs agree, and the simulator check words failures the sa
 import numpy as np
 import pytest
 
-from pipeline import verify, verify_sim
 from pipeline.families.base import THRESHOLDS
+from pipeline.stages import verify, verify_sim
 
 pytestmark = pytest.mark.fast
 FINE = np.linspace(-2.0, 2.0, 8, dtype=np.float32)

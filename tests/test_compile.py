@@ -9,9 +9,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from pipeline.pieces import model_pieces
-from pipeline.model_config import load_model_config
 from pipeline.families import get_family
+from pipeline.model.config import load_model_config
+from pipeline.model.pieces import model_pieces
 
 from .conftest import ROOT, SIMULATED_MODELS, DoitResult, copy_build, idle_cpu_seconds, run_cli, run_doit
 
@@ -249,9 +249,9 @@ class _AttentionCore(torch.nn.Module):
 def _wrong_lengths(bmodel, net: str, lengths, heads=9, head_dim=64) -> list[int]:
     """The lengths at which the dynamic net's output has NaN or a cosine below 0.999 against torch
     on the same inputs."""
-    from pipeline.verify import compare
+    from pipeline.stages.verify import compare
+    from pipeline.toolchain.isolated_backend import IsolatedBmodelBackend
     from runtime.engine import prefill_mask
-    from runtime.isolated_backend import IsolatedBmodelBackend
 
     rng, wrong = np.random.default_rng(0), []
     with IsolatedBmodelBackend(bmodel, whole_model=False) as backend:
@@ -270,8 +270,8 @@ def test_dynamic_prefill_attention_is_right_above_three_quarters_of_its_length(t
     at 128 rows at most lengths from 97 to 127 (found by doit quality on SmolLM2). The prefill
     nets are deployed without layer groups (compile.deploy_args): right at every length; and
     the same net with them is wrong at some, or this test could not see the defect."""
-    from pipeline.compile import deploy, deploy_args, transform
-    from pipeline.pieces import Piece
+    from pipeline.model.pieces import Piece
+    from pipeline.stages.compile import deploy, deploy_args, transform
 
     seq, piece = 128, Piece("block_0", "block", "layer_0", layer=0)
     inputs = [torch.zeros(1, 9, seq, 64)] * 3 + [torch.zeros(1, 1, seq, seq)]

@@ -6,11 +6,10 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from pipeline.export import example_inputs, export_piece
-from pipeline.pieces import Dims, model_pieces
-from pipeline.torch_pieces import build_piece
-from pipeline.checkpoint import Checkpoint
-from pipeline.patch import load_tensor
+from pipeline.model.checkpoint import Checkpoint
+from pipeline.model.pieces import Dims, model_pieces
+from pipeline.model.torch_pieces import build_piece
+from pipeline.stages.export import example_inputs, export_piece
 
 pytestmark = pytest.mark.fast
 
@@ -19,7 +18,7 @@ def test_large_piece_keeps_weights_in_one_external_data_file(tiny_builds, tmp_pa
     build_dir, _ = tiny_builds
     model_dir = build_dir / "tiny-qwen3"
     config = json.loads((model_dir / "seq32" / "config.json").read_text())
-    mapping = json.loads((model_dir / "patched" / "tensor_map.json").read_text())
+    mapping = json.loads((model_dir / "canonical" / "tensor_map.json").read_text())
     source = model_dir / "checkpoint"
     lm_head = next(p for p in model_pieces(2) if p.name == "lm_head")
     out = tmp_path / "lm_head.onnx"
@@ -31,7 +30,7 @@ def test_large_piece_keeps_weights_in_one_external_data_file(tiny_builds, tmp_pa
     assert (tmp_path / "lm_head.onnx.data").stat().st_mode & 0o777 == out.stat().st_mode & 0o777
 
     ckpt = Checkpoint(source)
-    module = build_piece("lm_head", None, config, lambda n: load_tensor(ckpt, mapping, n).float())
+    module = build_piece("lm_head", None, config, lambda n: ckpt.mapped(mapping, n).float())
     x = np.random.default_rng(0).standard_normal((1, config["hidden_size"])).astype(np.float32)
     (got,) = ort.InferenceSession(str(out)).run(None, {"hidden_states": x})
     with torch.no_grad():
@@ -51,7 +50,7 @@ def test_fingerprinting_keeps_one_group_of_the_checkpoint_mapped(generated_check
     """A fingerprint reads its tensors through mmap; the pages read stay resident while a file is
     open, so each group's files are unmapped once hashed (a whole 28 GB checkpoint stayed resident
     otherwise) and hashing again gives the same digest."""
-    from pipeline.patch import canonical_config, fingerprint, tensor_map
+    from pipeline.stages.mapping import canonical_config, fingerprint, tensor_map
 
     ckpt = Checkpoint(generated_checkpoint)
     config = canonical_config(ckpt.config, "qwen2")

@@ -4,9 +4,9 @@ import json
 import onnx
 import pytest
 
-from pipeline.export import OPSET
-from pipeline.model_config import load_model_config
-from pipeline.pieces import LINEAR_WINDOW, TOP_K_MAX, Dims, io_spec, model_pieces
+from pipeline.model.config import load_model_config
+from pipeline.model.pieces import LINEAR_WINDOW, TOP_K_MAX, Dims, io_spec, model_pieces
+from pipeline.stages.export import OPSET
 
 from .conftest import TINY_MODELS
 
@@ -81,13 +81,13 @@ def test_onnx_pieces_follow_the_net_interface(tiny_builds, model):
 
 def test_qwen_v1_patch_maps_onto_qwen2_without_touching_the_checkpoint(tiny_builds):
     build_dir, _ = tiny_builds
-    config = json.loads((build_dir / "tiny-qwen-v1" / "patched" / "config.json").read_text())
+    config = json.loads((build_dir / "tiny-qwen-v1" / "canonical" / "config.json").read_text())
     source = json.loads((build_dir / "tiny-qwen-v1" / "checkpoint" / "config.json").read_text())
     assert config["model_type"] == "qwen2" and source["model_type"] == "qwen"
     assert config["intermediate_size"] * 2 == source["intermediate_size"]
     assert config["num_key_value_heads"] == source["num_attention_heads"]
     assert config["rope_theta"] == source["rotary_emb_base"]
-    mapping = json.loads((build_dir / "tiny-qwen-v1" / "patched" / "tensor_map.json").read_text())
+    mapping = json.loads((build_dir / "tiny-qwen-v1" / "canonical" / "tensor_map.json").read_text())
     h = source["hidden_size"]
     assert mapping["model.layers.1.self_attn.k_proj.bias"] == {"name": "transformer.h.1.attn.c_attn.bias",
                                                               "rows": [h, 2 * h]}

@@ -1,12 +1,13 @@
-"""doit's file checks by content (pipeline/file_digest.py): what counts as a changed dependency, and
+"""doit's file checks by content (pipeline/graph/file_digest.py): what counts as a changed dependency, and
 that a file is read once while it is unchanged on disk."""
 import os
 
 import pytest
 from doit.dependency import MD5Checker
 
-from pipeline import file_digest
-from pipeline.file_digest import ContentChecker, file_digest as digest_of
+from pipeline.graph import file_digest
+from pipeline.graph.file_digest import ContentChecker
+from pipeline.graph.file_digest import file_digest as digest_of
 
 pytestmark = pytest.mark.fast
 

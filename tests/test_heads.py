@@ -1,4 +1,4 @@
-"""The heads that choose the next token on the device (pipeline/torch_pieces.py, exported and
+"""The heads that choose the next token on the device (pipeline/model/torch_pieces.py, exported and
 compiled like every piece) follow the host's rule (runtime/sampling.py) exactly, ties included:
 bf16 logits tie often, and a tie at a top-k or top-p cut must not depend on the order a TopK
 happens to give equal values."""
@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.pieces import TOP_K_MAX
-from pipeline.torch_pieces import GreedyHeadNet, SampleHeadNet
+from pipeline.model.pieces import TOP_K_MAX
+from pipeline.model.torch_pieces import GreedyHeadNet, SampleHeadNet
 from runtime.engine import penalty_window
 from runtime.sampling import Sampler, SamplingParams
 

@@ -31,7 +31,7 @@ def test_rebuild_rules(tmp_path):
     assert seq64.code == 0, seq64.output
     assert sorted(seq64.ran_basename("export")) == sorted(t.replace("seq32", "seq64") for t in
                                                           first.ran_basename("export"))
-    assert seq64.ran_basename("checkpoint") == [] and "patch:tiny-qwen2/weights" not in seq64.ran
+    assert seq64.ran_basename("checkpoint") == [] and "map:tiny-qwen2/weights" not in seq64.ran
     assert (tmp_path / MODEL / "seq32" / "onnx" / "block_0.onnx").exists()
 
     back = run_doit(tmp_path, ONNX, model=MODEL, seq=32)
@@ -76,7 +76,7 @@ def test_failed_export_leaves_no_artifact(tmp_path, monkeypatch):
     def broken_export(*args, **kwargs):
         raise RuntimeError("exporter crashed")
 
-    assert run_doit(tmp_path, ["patch"], model=MODEL).code == 0
+    assert run_doit(tmp_path, ["map"], model=MODEL).code == 0
     monkeypatch.setattr(torch.onnx, "export", broken_export)
     result = run_doit(tmp_path, ["export"], model=MODEL)
     assert result.code != 0 and "exporter crashed" in result.output

@@ -1,5 +1,5 @@
 """The later layers of a kind are made from the first one's export and transform
-(pipeline/layer_template.py): exactly what the exporter and model_transform.py make for them, or
+(pipeline/stages/layer_template.py): exactly what the exporter and model_transform.py make for them, or
 made by those, with the reason, when the first one's cannot serve."""
 import json
 import shutil
@@ -9,14 +9,14 @@ import numpy as np
 import onnx
 import pytest
 
-from pipeline import layer_template
-from pipeline.build_config import parse_build_config
-from pipeline.compile import transform
-from pipeline.export import export_piece
 from pipeline.families import get_family
 from pipeline.fsutil import read_json
-from pipeline.layer_template import graph_digest, initializers
-from pipeline.tasks import stages
+from pipeline.graph.build_config import parse_build_config
+from pipeline.graph.tasks import stages
+from pipeline.stages import layer_template
+from pipeline.stages.compile import transform
+from pipeline.stages.export import export_piece
+from pipeline.stages.layer_template import graph_digest, initializers
 
 from .conftest import TINY_MODELS, run_doit
 

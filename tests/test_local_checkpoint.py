@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.build_config import parse_build_config
 from pipeline.errors import PipelineError
-from pipeline.generate import generate_checkpoint
-from pipeline.model_config import load_model_config
+from pipeline.graph.build_config import parse_build_config
+from pipeline.model.config import load_model_config
+from pipeline.model.random_checkpoint import generate_checkpoint
 
 from .conftest import ROOT, run_doit
 

@@ -1,4 +1,4 @@
-"""The memory budget that bounds how many pieces build at once (pipeline/memory_budget.py)."""
+"""The memory budget that bounds how many pieces build at once (pipeline/graph/memory_budget.py)."""
 import os
 import re
 import signal
@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from pipeline.memory_budget import MemoryBudget
+from pipeline.graph.memory_budget import MemoryBudget
 
 from .conftest import ROOT, run_cli
 
@@ -59,7 +59,7 @@ def test_a_task_larger_than_the_budget_runs_alone_and_later_ones_wait_for_it(tmp
 
 def test_a_killed_holders_reservation_is_dropped(tmp_path):
     holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time; sys.path.insert(0, sys.argv[1]); from pipeline.memory_budget import MemoryBudget\n"
+        "import sys, time; sys.path.insert(0, sys.argv[1]); from pipeline.graph.memory_budget import MemoryBudget\n"
         "with MemoryBudget(sys.argv[2], 10).reserve('holder', 8):\n    print('held', flush=True); time.sleep(600)"),
         str(ROOT), str(tmp_path)], stdout=subprocess.PIPE, text=True)
     try:

@@ -1,10 +1,10 @@
 import pytest
 import yaml
 
-from pipeline import model_config
-from pipeline.families import FAMILIES, get_family
 from pipeline.errors import PipelineError
-from pipeline.model_config import known_models, load_model_config
+from pipeline.families import FAMILIES, get_family
+from pipeline.model import config as model_config
+from pipeline.model.config import known_models, load_model_config
 
 pytestmark = pytest.mark.fast
 

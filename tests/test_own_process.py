@@ -1,18 +1,19 @@
-"""Large pieces' export and ONNX check in processes of their own (pipeline/own_process.py): the
+"""Large pieces' export and ONNX check in processes of their own (pipeline/graph/own_process.py): the
 artifacts are the same, and a failure or a kill there is the task's failure."""
 import contextlib
 import os
 import signal
 import threading
 import time
+from functools import partial
 
 import psutil
 import pytest
 
-from pipeline import own_process
-from pipeline.build_config import parse_build_config
 from pipeline.errors import PipelineError
-from pipeline.tasks import stages
+from pipeline.graph import own_process
+from pipeline.graph.build_config import parse_build_config
+from pipeline.graph.tasks import stages
 
 from .conftest import ROOT, onnx_verify_task, run_doit
 
@@ -23,12 +24,13 @@ MODEL = "tiny-qwen2"
 def test_every_piece_can_export_and_check_in_a_process_of_its_own(tmp_path, monkeypatch):
     monkeypatch.setattr(own_process, "OWN_PROCESS_BYTES", 0)  # every piece counts as large
     ran, real = [], own_process.run_in_own_process
-    monkeypatch.setattr(own_process, "run_in_own_process", lambda *a: ran.append(a[1:3]) or real(*a))
+    monkeypatch.setattr(own_process, "run_in_own_process", lambda work, what: ran.append(what) or real(work, what))
     result = run_doit(tmp_path, [onnx_verify_task(MODEL)], model=MODEL)
     assert result.code == 0, result.output
     exported = result.ran_basename("export")
-    assert len(exported) == 9 and ran.count(("export", "work")) == 9
-    assert ("verify", "check_onnx") in ran
+    assert len(exported) == 9
+    assert sorted(w for w in ran if w.startswith("export ")) == sorted(f"export {t.split('/')[-1]}" for t in exported)
+    assert "verify on onnxruntime (the whole model, twice: torch and onnxruntime)" in ran
     assert (tmp_path / MODEL / "seq32" / "verify" / "report.json").is_file()
     assert not list((tmp_path / MODEL / "seq32" / "onnx").glob(".*tmp"))  # nothing half-written
 
@@ -41,14 +43,14 @@ def _export_stage(build_dir):
 
 
 def test_a_failure_there_is_the_tasks_failure_with_its_message(tmp_path):
-    assert run_doit(tmp_path, [f"patch:{MODEL}/seq32"], model=MODEL).code == 0
+    assert run_doit(tmp_path, [f"map:{MODEL}/seq32"], model=MODEL).code == 0
     build, export, piece = _export_stage(tmp_path)
     (tmp_path / MODEL / "seq32" / "config.json").write_text("{not json")  # the export config, damaged
     cwd = os.getcwd()
     os.chdir(ROOT)
     try:
         with pytest.raises(PipelineError, match="JSONDecodeError"):
-            own_process.run_in_own_process(build, "export", "work", (piece, 1))
+            own_process.run_in_own_process(partial(export.work, piece, 1), "export block_0")
     finally:
         os.chdir(cwd)
 
@@ -90,18 +92,18 @@ def _acting_on_the_spawned_process(act, after: float):
 
 
 def test_a_killed_process_is_reported_as_such(tmp_path):
-    assert run_doit(tmp_path, [f"patch:{MODEL}/seq32"], model=MODEL).code == 0
+    assert run_doit(tmp_path, [f"map:{MODEL}/seq32"], model=MODEL).code == 0
     build, export, piece = _export_stage(tmp_path)
-    with pytest.raises(PipelineError, match=r"the export process died \(exit -9\) \(SIGKILL.*out-of-memory"), \
+    with pytest.raises(PipelineError, match=r"the export block_0 process died \(exit -9\) \(SIGKILL.*out-of-memory"), \
             _acting_on_the_spawned_process(lambda process: os.kill(process.pid, signal.SIGKILL), after=0.5):
-        own_process.run_in_own_process(build, "export", "work", (piece, 1))
+        own_process.run_in_own_process(partial(export.work, piece, 1), "export block_0")
     assert not (tmp_path / MODEL / "seq32" / "onnx" / "block_0.onnx").exists()  # nothing half-written in place
 
 
 def test_ctrl_c_stops_the_process_and_leaves_nothing_half_written(tmp_path):
     """A terminal's Ctrl-C reaches the build process and its export process alike: the export stops,
     the build raises KeyboardInterrupt (doit's own Ctrl-C handling follows), and no process is left."""
-    assert run_doit(tmp_path, [f"patch:{MODEL}/seq32"], model=MODEL).code == 0
+    assert run_doit(tmp_path, [f"map:{MODEL}/seq32"], model=MODEL).code == 0
     build, export, piece = _export_stage(tmp_path)
     seen = []
 
@@ -119,7 +121,7 @@ def test_ctrl_c_stops_the_process_and_leaves_nothing_half_written(tmp_path):
     try:
         # 1 s: into its start or its work (its imports take ~3 s)
         with pytest.raises(KeyboardInterrupt), _acting_on_the_spawned_process(ctrl_c, after=1.0):
-            own_process.run_in_own_process(build, "export", "work", (piece, 1))
+            own_process.run_in_own_process(partial(export.work, piece, 1), "export block_0")
     finally:
         signal.signal(signal.SIGINT, inherited)
     assert seen and not seen[0].is_running()

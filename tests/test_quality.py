@@ -1,4 +1,4 @@
-"""What each mode costs in answers (pipeline/quality.py, `doit quality`): the figures themselves on
+"""What each mode costs in answers (pipeline/stages/quality.py, `doit quality`): the figures themselves on
 known distributions, the text, and the tasks on a tiny model (the ONNX control without the
 compiler; the modes' bmodels on the simulator)."""
 import json
@@ -7,8 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from pipeline import quality
 from pipeline.errors import PipelineError
+from pipeline.stages import quality
 
 from .conftest import run_doit
 

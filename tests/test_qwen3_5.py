@@ -7,10 +7,10 @@ import pytest
 
 from pipeline.families import get_family
 from pipeline.families.base import THRESHOLDS
-from pipeline.model_config import known_models, load_model_config
-from pipeline.patch import canonical_config, tensor_map
-from pipeline.checkpoint import Checkpoint
-from pipeline.pieces import LINEAR_WINDOW
+from pipeline.model.checkpoint import Checkpoint
+from pipeline.model.config import known_models, load_model_config
+from pipeline.model.pieces import LINEAR_WINDOW
+from pipeline.stages.mapping import canonical_config, tensor_map
 from runtime.engine import Engine
 from runtime.onnx_backend import OnnxBackend
 
@@ -76,7 +76,7 @@ def test_a_text_model_saved_alone_builds_as_the_published_layout(tiny_builds, sa
     """A qwen3_5_text checkpoint given by path= alone is a Qwen3.5: the same canonical config and,
     piece by piece, the same weights as the published layout it was saved from; its ONNX pieces
     pass the check against transformers' model of it."""
-    from pipeline.build_config import parse_build_config
+    from pipeline.graph.build_config import parse_build_config
 
     from .conftest import onnx_verify_task, run_doit
 
@@ -94,7 +94,7 @@ def test_a_text_model_saved_alone_builds_as_the_published_layout(tiny_builds, sa
     result = run_doit(tmp_path, [onnx_verify_task("My-Qwen3.5-text")], path=str(saved_alone), seq=32)
     assert result.code == 0, result.output
     fingerprints = {folder: {f.name: json.loads(f.read_text())["sha256"]
-                             for f in (folder / "patched" / "weights").glob("*.json")}
+                             for f in (folder / "canonical" / "weights").glob("*.json")}
                     for folder in (build_dir / MODEL, tmp_path / "My-Qwen3.5-text")}
     mine, published = fingerprints[tmp_path / "My-Qwen3.5-text"], fingerprints[build_dir / MODEL]
     assert len(mine) == 6 and mine == published  # embedding, 4 layers, head
@@ -106,7 +106,7 @@ def reference(tiny_builds):
     assert results[MODEL].code == 0, results[MODEL].output
     seq_dir = build_dir / MODEL / "seq32"
     config = json.loads((seq_dir / "config.json").read_text())
-    mapping = json.loads((build_dir / MODEL / "patched" / "tensor_map.json").read_text())
+    mapping = json.loads((build_dir / MODEL / "canonical" / "tensor_map.json").read_text())
     model = get_family("qwen3_5").reference_model(config, build_dir / MODEL / "checkpoint", mapping)
     return model, seq_dir / "onnx"
 
@@ -234,10 +234,10 @@ def test_a_build_error_is_not_taken_for_the_quantizations(sim_build_dir):
     give) still fails, and its failure names both comparisons."""
     import onnxruntime as ort
 
-    from pipeline.build_config import parse_build_config
-    from pipeline.tasks import DeployTasks, ExportTasks, Paths, TransformTasks
-    from pipeline.verify import piece_failures
-    from pipeline.verify_sim import explain_misses
+    from pipeline.graph.build_config import parse_build_config
+    from pipeline.graph.tasks import DeployTasks, ExportTasks, Paths, TransformTasks
+    from pipeline.stages.verify import piece_failures
+    from pipeline.stages.verify_sim import explain_misses
 
     _simulator_check(sim_build_dir, "int8", SIM_TOKENS)  # built (a no-op when the test above ran)
     build = parse_build_config({"model": MODEL, "mode": "int8", "build_dir": str(sim_build_dir),
@@ -265,12 +265,12 @@ def test_a_build_error_is_not_taken_for_the_quantizations(sim_build_dir):
 def test_dequantized_weights_are_within_a_step_of_the_originals(sim_build_dir):
     """The quantized weights read back from TPU-MLIR's lowering (layout, nibble order, zero points,
     group scales): each within one quantization step of the fp32 weight it stands for."""
+    import onnx
     from onnx import numpy_helper
 
-    import onnx
-    from pipeline.build_config import parse_build_config
-    from pipeline.quantized_weights import dequantize, lowered_weights, matmul_weights
-    from pipeline.tasks import DeployTasks, ExportTasks, Paths, TransformTasks
+    from pipeline.graph.build_config import parse_build_config
+    from pipeline.graph.tasks import DeployTasks, ExportTasks, Paths, TransformTasks
+    from pipeline.stages.quantized_weights import dequantize, lowered_weights, matmul_weights
 
     for mode, levels in (("int8", 255), ("int4", 15)):
         _simulator_check(sim_build_dir, mode, SIM_TOKENS)

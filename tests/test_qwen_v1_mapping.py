@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pipeline.verify import reference_model
+from pipeline.stages.verify import reference_model
 
 pytestmark = pytest.mark.fast
 
@@ -52,7 +52,7 @@ def test_mapped_qwen2_equals_independent_qwen_v1_forward(tiny_builds):
     assert results["tiny-qwen-v1"].code == 0
     model_dir = build_dir / "tiny-qwen-v1"
     config = json.loads((model_dir / "seq32" / "config.json").read_text())
-    mapping = json.loads((model_dir / "patched" / "tensor_map.json").read_text())
+    mapping = json.loads((model_dir / "canonical" / "tensor_map.json").read_text())
     ids = list(range(3, 3 + 29, 1))
     expected = qwen_v1_logits(model_dir / "checkpoint", ids)
     model = reference_model(config, model_dir / "checkpoint", mapping, "qwen")

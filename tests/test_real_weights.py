@@ -10,11 +10,11 @@ import sys
 
 import pytest
 
-from pipeline.build_config import parse_build_config
 from pipeline.errors import PipelineError
-from pipeline.verify_sim import TIE_MARGIN
-from pipeline.model_config import load_model_config
-from pipeline.package_weights import locate_gguf
+from pipeline.graph.build_config import parse_build_config
+from pipeline.model.config import load_model_config
+from pipeline.model.package_weights import locate_gguf
+from pipeline.stages.verify_sim import TIE_MARGIN
 
 from .conftest import ROOT, DoitResult, run_cli
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.code_keys import source_files
+from pipeline.graph.code_keys import source_files
 
 from .conftest import ROOT
 
@@ -136,14 +136,14 @@ def test_two_builds_of_one_folder_at_once_share_the_work(tmp_path):
 
 @pytest.mark.fast
 def test_code_keys_follow_imports_transitively():
-    compile_key = {str(p) for p in source_files("pipeline.compile")}
+    compile_key = {str(p) for p in source_files("pipeline.stages.compile")}
     # compile -> toolchain/tools -> toolchain/process -> worker.py (named, run as a script)
     # -> runtime/native_output.py (imported by the script)
     assert {"pipeline/toolchain/logs.py", "pipeline/toolchain/worker.py", "runtime/native_output.py"} <= compile_key
-    assert "pipeline/verify.py" not in compile_key and "pipeline/export.py" not in compile_key
-    export_key = {str(p) for p in source_files("pipeline.export")}
-    assert {"pipeline/torch_pieces.py", "pipeline/checkpoint.py", "pipeline/fsutil.py"} <= export_key
-    assert "runtime/serve.py" not in {str(p) for p in source_files("pipeline.verify_sim")}
+    assert "pipeline/stages/verify.py" not in compile_key and "pipeline/stages/export.py" not in compile_key
+    export_key = {str(p) for p in source_files("pipeline.stages.export")}
+    assert {"pipeline/model/torch_pieces.py", "pipeline/model/checkpoint.py", "pipeline/fsutil.py"} <= export_key
+    assert "runtime/serve.py" not in {str(p) for p in source_files("pipeline.stages.verify_sim")}
 
 
 @pytest.mark.sim
@@ -169,9 +169,9 @@ def test_editing_a_module_deep_in_a_stages_imports_reruns_that_stage_only(tmp_pa
     rerun = edit_and_build("runtime/native_output.py")  # four imports deep under transform and deploy
     assert sorted({t.split(":")[0] for t in rerun}) == ["combine", "deploy", "transform"]
     assert len([t for t in rerun if t.startswith(("transform:", "deploy:"))]) == 18
-    rerun = edit_and_build("pipeline/torch_pieces.py")  # export's, and the ONNX verification's
+    rerun = edit_and_build("pipeline/model/torch_pieces.py")  # export's, and the ONNX verification's
     assert {t.split(":")[0] for t in rerun} >= {"export", "verify"}
-    assert not [t for t in rerun if t.startswith("checkpoint") or t.startswith("patch")]
+    assert not [t for t in rerun if t.startswith("checkpoint") or t.startswith("map")]
 
 
 @pytest.mark.sim

@@ -9,12 +9,12 @@ import httpx
 import numpy as np
 import pytest
 
-from pipeline.compile import IO_CONFIG, combine, deploy, deploy_args
-from pipeline.pieces import model_pieces
+from pipeline.model.pieces import model_pieces
+from pipeline.stages.compile import IO_CONFIG, combine, deploy, deploy_args
+from pipeline.stages.verify_sim import TIE_MARGIN, teacher_forced
 from pipeline.toolchain.install import ensure_toolchain
-from pipeline.verify_sim import TIE_MARGIN, teacher_forced
+from pipeline.toolchain.isolated_backend import IsolatedBmodelBackend
 from runtime.device_walk import SlowCacheWarning
-from runtime.isolated_backend import IsolatedBmodelBackend
 from runtime.engine import Engine, HostWalk
 from runtime.onnx_backend import OnnxBackend
 from runtime.sampling import Sampler, SamplingParams
@@ -403,7 +403,7 @@ def test_the_copy_paths_bytes_grow_with_seq_and_layers_and_the_devices_do_not(bu
 
 
 def test_one_prefill_gives_the_logits_of_every_position_as_prefills_of_each_prefix(built):
-    """Engine.prompt_logits (teacher forcing in one prefill: pipeline/quality.py scores a text with
+    """Engine.prompt_logits (teacher forcing in one prefill: pipeline/stages/quality.py scores a text with
     it): the logits at position p are those a prefill of the first p + 1 tokens ends with."""
     _, onnx, bmodel, ids = built
     first = 3
@@ -448,7 +448,7 @@ def test_a_simulator_child_dies_with_its_parent_even_in_the_middle_of_a_request(
     bmodel = built[2]
     parent = subprocess.Popen([sys.executable, "-c", (
         f"import sys, time; sys.path.insert(0, {str(ROOT)!r}); "
-        "from runtime.isolated_backend import IsolatedBmodelBackend; "
+        "from pipeline.toolchain.isolated_backend import IsolatedBmodelBackend; "
         f"b = IsolatedBmodelBackend({str(bmodel)!r}); print(b._process.pid, flush=True); time.sleep(600)")],
         stdout=subprocess.PIPE, text=True)
     child = psutil.Process(int(parent.stdout.readline()))

@@ -65,7 +65,7 @@ def _serve(onnx, *options):
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     build_dir = tmp_path_factory.mktemp("serve")
-    result = run_doit(build_dir, ["export", "patch"], model=MODEL, layers=4, seq=256, history=1, chunk=32)
+    result = run_doit(build_dir, ["export", "map"], model=MODEL, layers=4, seq=256, history=1, chunk=32)
     assert result.code == 0, result.output
     with _serve(build_dir / f"{MODEL}-4l" / "seq256" / "onnx", "--max-queue", "1", "--name", "medium") as base:
         yield base
@@ -75,7 +75,7 @@ def server(tmp_path_factory):
 def tiny_onnx(tmp_path_factory):
     """The default model: tiny-qwen2 at seq 32."""
     build_dir = tmp_path_factory.mktemp("serve-tiny")
-    result = run_doit(build_dir, ["export", "patch"], model="tiny-qwen2")
+    result = run_doit(build_dir, ["export", "map"], model="tiny-qwen2")
     assert result.code == 0, result.output
     return build_dir / "tiny-qwen2" / "seq32" / "onnx"
 

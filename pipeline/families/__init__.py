@@ -49,10 +49,5 @@ def canonical_classes(model_type: str) -> FamilyClasses:
 
 
 def hf_config(canonical: dict, attn: str = "eager"):
-    """A transformers config object from a canonical config.json dict, with eager attention
-    (plain MatMul/Add/Softmax in the exported graph)."""
-    classes = canonical_classes(canonical["model_type"])
-    fields = {k: v for k, v in canonical.items() if k not in ("model_type", "transformers_version")}
-    config = classes.config(**fields)
-    config._attn_implementation = attn
-    return config
+    """A transformers config object from a canonical config.json dict (Family.hf_config)."""
+    return canonical_family(canonical["model_type"]).hf_config(canonical, attn)

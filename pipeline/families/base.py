@@ -81,6 +81,14 @@ class Family:
         """The classes that run the canonical config (a multimodal family's text classes)."""
         return self.classes()
 
+    def hf_config(self, canonical: dict, attn: str = "eager"):
+        """A transformers config object from a canonical config.json dict, with eager attention
+        (plain MatMul/Add/Softmax in the exported graph)."""
+        fields = {k: v for k, v in canonical.items() if k not in ("model_type", "transformers_version")}
+        config = self.canonical_classes().config(**fields)
+        config._attn_implementation = attn
+        return config
+
     def architecture(self, canonical: dict) -> dict:
         """The model's numbers (model_config.Architecture's fields) from its canonical config: what a
         checkpoint given by its folder alone is built with."""
@@ -150,5 +158,5 @@ class Family:
         return None
 
     def onnx_sim(self, kind: str) -> bool:
-        """Whether model_transform.py simplifies the piece's graph (pipeline/compile.py: off by default)."""
+        """Whether model_transform.py simplifies the piece's graph (pipeline/stages/compile.py: off by default)."""
         return False

@@ -37,15 +37,13 @@ class QwenV1(Family):
         """transformers' Qwen2 model filled through the mapping (the checkpoint has remote code only)."""
         import torch
 
-        from ..checkpoint import Checkpoint
         from ..errors import PipelineError
-        from ..patch import load_tensor
-        from . import hf_config
+        from ..model.checkpoint import Checkpoint
 
         ckpt = Checkpoint(source)
         with torch.device("meta"):
-            model = self.classes().causal_lm(hf_config(config))
-        weights = {name: load_tensor(ckpt, mapping, name).to(torch.float32) for name in mapping}
+            model = self.classes().causal_lm(self.hf_config(config))
+        weights = {name: ckpt.mapped(mapping, name).to(torch.float32) for name in mapping}
         missing = model.load_state_dict(weights, strict=False, assign=True).missing_keys
         if set(missing) - {"lm_head.weight"}:
             raise PipelineError(f"the mapped weights lack {sorted(missing)[:3]}")

@@ -14,7 +14,7 @@ TPU compiler needs (measured in notes/qwen3_5/qwen35_export_spike.md):
   - model_transform.py's ONNX simplification, which the other pieces skip: without it the
     transform aborts on the Pad's computed pads, or (pads fixed) the bmodel is wrong (cosine 0.22).
 Deployed, the delta rule's own ops (everything in linear_attn but its projections, which hold the
-weights the mode quantizes) stay float32, and so do the states between runs (pipeline/compile.py):
+weights the mode quantizes) stay float32, and so do the states between runs (pipeline/stages/compile.py):
 in bf16 on the TPU a window's recurrent state came out at cosine 0.9989 against onnxruntime, where
 torch's bf16 gives 0.99998; in float32, 0.99998.
 """
@@ -104,7 +104,7 @@ def _export_branch():
     """transformers' chunked delta rule as its export branch runs it, one chunk per window."""
     from transformers.models.qwen3_5 import modeling_qwen3_5 as modeling
 
-    from ..pieces import LINEAR_WINDOW
+    from ..model.pieces import LINEAR_WINDOW
 
     saved = modeling.is_torchdynamo_exporting, modeling.torch_chunk_gated_delta_rule
     modeling.is_torchdynamo_exporting = lambda: True

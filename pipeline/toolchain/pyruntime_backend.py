@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime.bmodel_backend import describe_nets, token_as_logits
+from runtime.nets import describe_nets, token_as_logits
 from runtime.toolchain import ToolchainError, find_toolchain
 
 from .process import ToolchainProcess

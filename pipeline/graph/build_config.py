@@ -7,12 +7,12 @@ from pathlib import Path
 
 from doit import get_var
 
-from . import PROJECT_ROOT
-from .errors import PipelineError
-from .local_model import local_model
-from .model_config import ModelConfig, load_model_config
-from .modes import MODES
-from .pieces import decode_stages
+from .. import PROJECT_ROOT
+from ..errors import PipelineError
+from ..model.config import ModelConfig, load_model_config
+from ..model.local import local_model
+from ..model.pieces import decode_stages
+from ..modes import MODES
 
 DEFAULT_MODEL = "tiny-qwen2"  # builds anywhere: the project generates its weights
 DEVICE_COUNTS = (1, 2, 4, 8)
@@ -44,8 +44,8 @@ class BuildConfig:
     history: bool = False  # block_kv nets: prefill against the cache (llm_convert --use_history_kv)
     chunk: int = 0         # block_kv's tokens per run and the first decode stage (llm_convert --chunk_length)
     jobs: int = 1          # tasks at once (doit's processes): the cores, by default
-    memory: int = 2**62    # bytes the tasks running at once may take together (pipeline/memory_budget.py)
-    cluster: str = ""      # a Dask scheduler's address: the heavy actions run on its workers (pipeline/cluster.py)
+    memory: int = 2**62    # bytes the tasks running at once may take together (pipeline/graph/memory_budget.py)
+    cluster: str = ""      # a Dask scheduler's address: the heavy actions run on its workers (pipeline/graph/cluster.py)
     # modes=: the (mode, group size) pairs this command builds, and `doit quality` scores; default: mode= alone
     modes: tuple[tuple[str, int], ...] = ()
     quality_tokens: int = 512  # the tokens `doit quality` scores per mode, at least

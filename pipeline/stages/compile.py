@@ -21,12 +21,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import PipelineError
-from .fsutil import atomic_dir, atomic_path, require_space, write_json, write_text
-from .modes import MODES
-from .pieces import DYNAMIC_KINDS, Piece
-from .toolchain.tools import run_binary, run_python_tool
-
+from ..errors import PipelineError
+from ..fsutil import atomic_dir, atomic_path, require_space, write_json, write_text
+from ..model.pieces import DYNAMIC_KINDS, Piece
+from ..modes import MODES
+from ..toolchain.tools import run_binary, run_python_tool
 
 # model_transform.py's ONNX simplification (onnxruntime constant folding, then onnxsim) is skipped:
 # torch's exporter has already folded the pieces' constants, so it changes nothing here (the same
@@ -44,7 +43,7 @@ def transform(piece: Piece, onnx: Path, out_dir: Path, log: Path, log_dir: Path,
               float32_ops=None, template: Path | None = None, is_template: bool = False) -> str:
     """<piece>.mlir + its weight file into `out_dir`, atomically: from `template` (the transform of
     the first piece of its kind) when it serves this graph, else by model_transform.py, which
-    `is_template` then records for the pieces that follow (pipeline/layer_template.py). With
+    `is_template` then records for the pieces that follow (pipeline/stages/layer_template.py). With
     `float32_ops` (a predicate on op names), the quantize table that keeps those ops float32.
     Returns how it was made."""
     from . import layer_template

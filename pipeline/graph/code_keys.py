@@ -9,7 +9,7 @@ import ast
 from functools import cache
 from pathlib import Path
 
-from . import PROJECT_ROOT
+from .. import PROJECT_ROOT
 
 PACKAGES = ("pipeline", "runtime")  # the project's own code; anything else is a pinned dependency
 

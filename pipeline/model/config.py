@@ -6,9 +6,9 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
-from . import PROJECT_ROOT
-from .errors import PipelineError
-from .families import FAMILIES
+from .. import PROJECT_ROOT
+from ..errors import PipelineError
+from ..families import FAMILIES
 
 MODEL_CONFIG_DIR = PROJECT_ROOT / "model_configs"
 

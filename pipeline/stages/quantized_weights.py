@@ -21,9 +21,9 @@ from typing import NamedTuple
 
 import numpy as np
 
+from ..errors import PipelineError
+from ..toolchain.tools import run_python_tool
 from .compile import deploy_scratch
-from .errors import PipelineError
-from .toolchain.tools import run_python_tool
 
 # deploy flags about addresses, not weights: a lowering without code generation reads no address file
 ADDRESS_FLAGS = ("--save_io_alone_config", "--use_io_alone_config")

@@ -6,7 +6,7 @@ the memory of that piece only. Modules are built on the meta device and filled w
 import torch
 from torch import nn
 
-from .families import canonical_classes, hf_config
+from ..families import canonical_classes, hf_config
 from .pieces import TOP_K_MAX
 
 

@@ -1,4 +1,4 @@
-"""Patch stage: the export-ready view of a checkpoint, without touching the checkpoint.
+"""The map stage: the export-ready view of a checkpoint, without touching the checkpoint.
 
 Writes (1) the canonical config (Qwen v1 mapped onto transformers' Qwen2 layout, following the
 data in patches/<family>.yaml), (2) a tensor map: canonical tensor name -> source tensor (and row
@@ -12,14 +12,14 @@ from pathlib import Path
 
 import yaml
 
-from .checkpoint import TOKENIZER_FILES, Checkpoint
-from .errors import PipelineError
-from .families import get_family
-from .families.base import PATCH_DIR
-from .fsutil import atomic_path, read_json, write_json, write_json_if_changed
-from .model_config import ModelConfig
-from .pieces import Dims
-from .progress import say
+from ..errors import PipelineError
+from ..families import get_family
+from ..families.base import PATCH_DIR
+from ..fsutil import atomic_path, read_json, write_json, write_json_if_changed
+from ..model.checkpoint import TOKENIZER_FILES, Checkpoint
+from ..model.config import ModelConfig
+from ..model.pieces import Dims
+from ..progress import say
 
 # canonical config key -> Architecture field: what a checkpoint must agree on with its YAML
 CHECKED_KEYS = {
@@ -148,7 +148,7 @@ def _check_complete(mapping: dict, config: dict, ckpt: Checkpoint) -> None:
     """The map must give exactly what transformers' model expects (checked on the meta device)."""
     import torch
 
-    from .families import canonical_classes, hf_config
+    from ..families import canonical_classes, hf_config
 
     with torch.device("meta"):
         model = canonical_classes(config["model_type"]).causal_lm(hf_config(config))
@@ -178,12 +178,6 @@ def weight_groups(num_layers: int, mapping: dict) -> dict[str, list[str]]:
     return groups
 
 
-def load_tensor(ckpt: Checkpoint, mapping: dict, canonical: str):
-    entry = mapping[canonical]
-    rows = tuple(entry["rows"]) if entry["rows"] else None
-    return ckpt.load(entry["name"], rows)
-
-
 def fingerprint(ckpt: Checkpoint, mapping: dict, names: list[str]) -> str:
     """sha256 over the names, dtypes, shapes and bytes of a group's tensors (one at a time), each
     checked for NaN and inf while it is loaded."""
@@ -194,7 +188,7 @@ def fingerprint(ckpt: Checkpoint, mapping: dict, names: list[str]) -> str:
     torch.set_num_threads(1)  # for the finiteness sums: more threads only spin beside the hashing
     try:
         for name in names:
-            tensor = load_tensor(ckpt, mapping, name).contiguous()
+            tensor = ckpt.mapped(mapping, name).contiguous()
             _check_finite(ckpt, mapping[name], tensor)
             h.update(f"{name}|{tensor.dtype}|{list(tensor.shape)}|".encode())
             h.update(tensor.view(-1).view(torch.uint8).numpy())  # the buffer itself, no copy
@@ -242,8 +236,8 @@ def copy_tokenizer(source: Path, dest: Path) -> None:
                 shutil.copyfile(source / name, tmp)
 
 
-def patch_weights(model_name: str, family: str, paths) -> None:
-    """The per-model patch stage: canonical config, tensor map, and a fingerprint per weight group.
+def map_weights(model_name: str, family: str, paths) -> None:
+    """The per-model map stage: canonical config, tensor map, and a fingerprint per weight group.
     Every group is hashed (and checked for NaN and inf) before any file is written, so a corrupt
     layer leaves nothing behind; a file whose content is the same keeps its mtime."""
     start = time.perf_counter()
@@ -254,16 +248,16 @@ def patch_weights(model_name: str, family: str, paths) -> None:
     fingerprints = {}
     for k, (group, names) in enumerate(groups.items(), 1):
         fingerprints[group] = {"sha256": fingerprint(ckpt, mapping, names), "tensors": names}
-        say(f"[patch] fingerprint {group} ({k}/{len(groups)})")
+        say(f"[map] fingerprint {group} ({k}/{len(groups)})")
     changed = [g for g, data in fingerprints.items() if write_json_if_changed(paths.fingerprint(g), data)]
     write_json_if_changed(paths.tensor_map, mapping)
     write_json_if_changed(paths.canonical_config, config)
-    say(f"[patch] {model_name}: {len(mapping)} tensors mapped, {len(changed)} weight groups new or changed, "
+    say(f"[map] {model_name}: {len(mapping)} tensors mapped, {len(changed)} weight groups new or changed, "
         f"{time.perf_counter() - start:.1f} s")
 
 
-def patch_seq(model_name: str, seq: int, paths) -> None:
-    """The per-seq patch stage: the export config, the tokenizer and the dims the runtime reads."""
+def map_seq(model_name: str, seq: int, paths) -> None:
+    """The per-seq map stage: the export config, the tokenizer and the dims the runtime reads."""
     config = export_config(read_json(paths.canonical_config), seq)
     write_json(paths.export_config, config)
     copy_tokenizer(Path(read_json(paths.source)["folder"]), paths.onnx)

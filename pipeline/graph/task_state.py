@@ -22,11 +22,11 @@ from pathlib import Path
 from doit.dependency import Dependency, SqliteDB
 from doit.exceptions import TaskFailed
 
-from runtime.lifetime import die_with_parent
+from pipeline.toolchain.lifetime import die_with_parent
 
-from .errors import PipelineError
-from .fsutil import FileLock, explain_os_error, leftovers, remove
-from .progress import say
+from ..errors import PipelineError
+from ..fsutil import FileLock, explain_os_error, leftovers, remove
+from ..progress import say
 
 _OWNER_PID = None  # the process whose doit records task states (not a `doit -n N` worker)
 _awaiting_commit: dict[str, FileLock] = {}  # task -> its lock, held until doit has recorded it

@@ -10,9 +10,9 @@ import json
 import zlib
 from pathlib import Path
 
-from .families import get_family
-from .fsutil import atomic_dir
-from .model_config import ModelConfig
+from ..families import get_family
+from ..fsutil import atomic_dir
+from .config import ModelConfig
 
 # Text the tiny tokenizer is trained on: English, Chinese, code, so real prompts encode sensibly.
 TOKENIZER_CORPUS = """\

@@ -6,13 +6,13 @@ hashing gigabytes), and what was checked. The user's folder is only ever read.
 """
 from pathlib import Path
 
-from .build_config import BuildConfig
-from .checkpoint import Checkpoint, read_json_object
-from .errors import PipelineError
-from .fsutil import write_json
-from .generate import generate_checkpoint
-from .patch import canonical_config, check_against_model_config
-from .progress import say
+from ..errors import PipelineError
+from ..fsutil import write_json
+from ..graph.build_config import BuildConfig
+from ..model.checkpoint import Checkpoint, read_json_object
+from ..model.random_checkpoint import generate_checkpoint
+from ..progress import say
+from .mapping import canonical_config, check_against_model_config
 
 # Only what the pipeline and the runtime read: config, weights, tokenizer, generation settings.
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.tiktoken", "*.txt", "*.model", "*.jinja"]
@@ -41,7 +41,7 @@ def fetch(build: BuildConfig) -> Path:
         generate_checkpoint(build.model, folder)
         return folder
     if spec["kind"] == "package":
-        from .package_weights import package_checkpoint
+        from ..model.package_weights import package_checkpoint
 
         return package_checkpoint(build.model)
     return hub_download(build)

@@ -12,12 +12,11 @@ import tempfile
 import warnings
 from pathlib import Path
 
+from ..families import canonical_family
+from ..fsutil import UMASK, require_space
+from ..model.checkpoint import Checkpoint
+from ..model.pieces import DYNAMIC_KINDS, Dims, Piece, io_spec
 from . import layer_template
-from .checkpoint import Checkpoint
-from .families import canonical_family
-from .fsutil import UMASK, require_space
-from .patch import load_tensor
-from .pieces import DYNAMIC_KINDS, Dims, Piece, io_spec
 
 OPSET = 15  # TPU-MLIR 1.30 rejects opset 18 (the dynamo exporter's only choice)
 EXTERNAL_DATA_BYTES = 1_800_000_000  # below protobuf's 2 GB limit, with room for the graph
@@ -38,11 +37,11 @@ def export_piece(piece: Piece, config: dict, source: Path, mapping: dict, out: P
     by torch's exporter, which `is_template` then records (layer_template.py). Returns how."""
     import torch
 
-    from .torch_pieces import build_piece
+    from ..model.torch_pieces import build_piece
 
     ckpt, family = Checkpoint(source), canonical_family(config["model_type"])
     module = build_piece(piece.kind, piece.layer, config,
-                         lambda name: load_tensor(ckpt, mapping, name).to(torch.float32))
+                         lambda name: ckpt.mapped(mapping, name).to(torch.float32))
     dims = Dims.from_config(config, piece.chunk).of(piece)
     inputs, outputs = io_spec(piece.kind, dims)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -108,8 +107,6 @@ def free_prefill_lengths(path: Path) -> None:
     size, repeat_kv's targets crashed the simulator; a head_dim-16 slice failed at 5 tokens)."""
     import onnx
 
-    from runtime.onnx_exact import free_lengths
-
     model = onnx.load(str(path), load_external_data=False)
     try:
         free_lengths(model)
@@ -160,3 +157,18 @@ def _publish(tmp: Path, out: Path) -> None:
         else:
             stale.unlink(missing_ok=True)
     os.replace(tmp / out.name, out)
+
+
+def free_lengths(model):
+    """A prefill piece (block_i, block_kv_i) made in place to compute every length from its inputs,
+    its declared input and output shapes unchanged (the rewrite of exact_rows, then the declared
+    lengths put back): TPU-MLIR compiles it dynamic from there."""
+    from runtime.onnx_exact import exact_rows
+
+    declared = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim]
+                for v in [*model.graph.input, *model.graph.output]}
+    exact_rows(model)
+    for value in [*model.graph.input, *model.graph.output]:
+        for dim, length in zip(value.type.tensor_type.shape.dim, declared[value.name]):
+            dim.dim_value = length
+    return model

@@ -13,13 +13,12 @@ from runtime.engine import Engine, HostWalk, penalty_window
 from runtime.onnx_backend import OnnxBackend
 from runtime.tokenizer import load_tokenizer
 
-from .checkpoint import Checkpoint
-from .errors import PipelineError
-from .families import get_family
-from .fsutil import read_json, write_json, write_text
-from .patch import load_tensor
-from .pieces import Dims, io_spec
-from .progress import say
+from ..errors import PipelineError
+from ..families import get_family
+from ..fsutil import read_json, write_json, write_text
+from ..model.checkpoint import Checkpoint
+from ..model.pieces import Dims, io_spec
+from ..progress import say
 
 PROMPT = "Give me a short introduction to large language models."
 SYSTEM = "You are a helpful assistant."
@@ -83,11 +82,11 @@ class _Pieces:
     def __init__(self, config: dict, source: Path, mapping: dict):
         import torch
 
-        from .torch_pieces import build_piece
+        from ..model.torch_pieces import build_piece
 
         ckpt = Checkpoint(source)
         self._build = lambda kind, layer: build_piece(
-            kind, layer, config, lambda n: load_tensor(ckpt, mapping, n).to(torch.float32))
+            kind, layer, config, lambda n: ckpt.mapped(mapping, n).to(torch.float32))
 
     def run(self, kind: str, layer: int | None, feeds: dict) -> list[np.ndarray]:
         import torch

@@ -3,11 +3,11 @@ every number come from its config.json, and the build is named after the folder 
 import re
 from pathlib import Path
 
+from ..errors import PipelineError
+from ..families import family_of_config
+from ..stages.mapping import canonical_config
 from .checkpoint import Checkpoint
-from .errors import PipelineError
-from .families import family_of_config
-from .model_config import Architecture, LocalSource, ModelConfig, SeqSpec, known_models
-from .patch import canonical_config
+from .config import Architecture, LocalSource, ModelConfig, SeqSpec, known_models
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 SEQ_DEFAULT = 512  # as the registered models; less where the checkpoint's context is shorter

@@ -6,7 +6,7 @@ Why Dask (`distributed`) and not Ray: each action is one Python call that writes
 nothing, which is what `Client.submit` runs; a worker is a plain Python process started from the
 project's own environment (`.venv/bin/dask worker ...`), light enough for a 2-core machine, with no
 object store or daemon of its own; a worker's memory is an abstract resource (`--resources
-MEMORY=<bytes>`) that each task asks for (its expected peak: pipeline/memory_budget.py), so a
+MEMORY=<bytes>`) that each task asks for (its expected peak: pipeline/graph/memory_budget.py), so a
 worker runs as many pieces at once as fit; and a task whose worker dies is given to another one
 (the scheduler's `allowed-failures`). Ray offers the same, with a heavier runtime.
 
@@ -23,9 +23,9 @@ import sys
 import time
 import uuid
 
-from .errors import PipelineError
+from ..errors import PipelineError
+from ..progress import say
 from .memory_budget import GIB
-from .progress import say
 
 _clients = {}
 CONNECT_SECONDS = 5
@@ -54,36 +54,36 @@ def largest_worker_memory(c) -> int:
     return int(max(sizes))
 
 
-def run_on_cluster(build, stage: str, method: str, args: tuple, what: str, need: int) -> None:
-    """`<stage object>.<method>(*args)` on a worker with `need` bytes of MEMORY free (at most the
-    largest worker's: then it runs alone there); its progress lines are printed here when done."""
-    c = client(build.cluster)
+def run_on_cluster(address: str, work, what: str, need: int) -> None:
+    """`work()` (picklable) on a worker of the scheduler at `address` with `need` bytes of MEMORY
+    free (at most the largest worker's: then it runs alone there); its progress lines are printed
+    here when done."""
+    c = client(address)
     need = min(need, largest_worker_memory(c))
     start = time.monotonic()
     say(f"[cluster] {what}: to a worker with {need / GIB:.1f} GiB free")
     from .task_state import current_outputs
 
-    future = c.submit(_execute, build, stage, method, args, current_outputs(), resources={"MEMORY": need}, pure=False,
+    future = c.submit(_execute, work, current_outputs(), resources={"MEMORY": need}, pure=False,
                       key=f"{what.replace(' ', '-')}-{uuid.uuid4().hex[:8]}")
     output, worker = future.result()
     sys.stderr.write(output)
     say(f"[cluster] {what}: done on {worker} in {time.monotonic() - start:.1f} s")
 
 
-def _execute(build, stage: str, method: str, args: tuple, outputs: list) -> tuple[str, str]:
+def _execute(work, outputs: list) -> tuple[str, str]:
     """On a worker: the stage's action, its progress lines captured. First the temporaries a
     killed attempt of the task left beside its outputs go: doit holds the task's lock meanwhile, so
     no one else writes them."""
     from distributed import get_worker
 
-    from . import PROJECT_ROOT
-    from .fsutil import leftovers, remove
-    from .tasks import stages
+    from .. import PROJECT_ROOT
+    from ..fsutil import leftovers, remove
 
     os.chdir(PROJECT_ROOT)  # the build's paths inside the checkout are relative to it
     for path in leftovers(outputs):
         remove(path)
     captured = io.StringIO()
     with contextlib.redirect_stderr(captured):
-        getattr(stages(build)[stage], method)(*args)
+        work()
     return captured.getvalue(), get_worker().address

@@ -11,21 +11,22 @@ collects them. Every artifact is keyed so that:
 import math
 import threading
 import time
+from functools import partial
 from importlib.metadata import version
 from pathlib import Path
 
 from doit.tools import config_changed
 
-from . import PROJECT_ROOT
+from .. import PROJECT_ROOT
+from ..families import get_family
+from ..fsutil import ensure_writable_dir, read_json
+from ..model.pieces import model_pieces, same_program
+from ..progress import say
+from ..toolchain.install import expected_version
 from .build_config import BuildConfig
 from .code_keys import source_files
-from .families import get_family
 from .file_digest import ContentChecker
-from .fsutil import ensure_writable_dir, read_json
-from .pieces import model_pieces, same_program
-from .progress import say
 from .task_state import stop_quietly_on_ctrl_c, task_action
-from .toolchain.install import expected_version
 
 
 def portable(path: Path) -> Path:
@@ -39,20 +40,20 @@ def portable(path: Path) -> Path:
 
 
 # What each stage's action runs: its code key is these modules' source files and everything they
-# import, transitively (pipeline/code_keys.py), plus the data files it reads.
+# import, transitively (pipeline/graph/code_keys.py), plus the data files it reads.
 STAGE_MODULES = {
-    "checkpoint": ["pipeline.download"],
-    "patch": ["pipeline.patch"],
-    "export": ["pipeline.export"],
-    "transform": ["pipeline.compile"],
-    "deploy": ["pipeline.compile"],
-    "combine": ["pipeline.compile"],
-    "verify": ["pipeline.verify"],
-    "verify_sim": ["pipeline.verify_sim", "pipeline.quantized_weights"],
-    "quality": ["pipeline.quality", "pipeline.verify", "pipeline.quantized_weights", "runtime.engine",
-                "runtime.isolated_backend"],
+    "checkpoint": ["pipeline.stages.checkpoint_source"],
+    "map": ["pipeline.stages.mapping"],
+    "export": ["pipeline.stages.export"],
+    "transform": ["pipeline.stages.compile"],
+    "deploy": ["pipeline.stages.compile"],
+    "combine": ["pipeline.stages.compile"],
+    "verify": ["pipeline.stages.verify"],
+    "verify_sim": ["pipeline.stages.verify_sim", "pipeline.stages.quantized_weights"],
+    "quality": ["pipeline.stages.quality", "pipeline.stages.verify", "pipeline.stages.quantized_weights", "runtime.engine",
+                "pipeline.toolchain.isolated_backend"],
 }
-STAGE_DATA = {"patch": [Path("patches/overrides.yaml")]}
+STAGE_DATA = {"map": [Path("patches/overrides.yaml")]}
 CODE = {stage: [*source_files(*modules), *STAGE_DATA.get(stage, [])] for stage, modules in STAGE_MODULES.items()}
 TOOL_VERSIONS = {name: version(name) for name in ("torch", "transformers", "onnx")}
 COMPILER = {"tpu-mlir": expected_version()}  # part of every compiled artifact's key
@@ -62,17 +63,17 @@ class Stage:
     """A task generator: its actions run under the task's lock, leftovers of killed runs removed."""
     build: BuildConfig
     paths: "Paths"
-    stage = ""  # the heavy ones: its name in stages() and pipeline/memory_budget.py's PEAK_FACTORS
+    stage = ""  # the heavy ones: its name in stages() and pipeline/graph/memory_budget.py's PEAK_FACTORS
     own_heap = False  # its work is in this process's memory (not the toolchain's): see own_process.py
 
     def action(self, fn):
         return task_action(fn, self.build.build_dir)
 
-    def execute(self, what: str, fp32_bytes: int, method: str, *args) -> None:
-        """`self.<method>(*args)` (a heavy action) where the memory allows: here, once its expected
-        peak fits in the build folder's budget (pipeline/memory_budget.py), or with `cluster=`, on
-        a worker of the cluster with that much free (pipeline/cluster.py). A large piece's work in
-        this process's own memory runs in a process of its own (pipeline/own_process.py)."""
+    def execute(self, what: str, fp32_bytes: int, work) -> None:
+        """`work()` (a heavy action: a picklable callable) where the memory allows: here, once its
+        expected peak fits in the build folder's budget (pipeline/graph/memory_budget.py), or with
+        `cluster=`, on a worker of the cluster with that much free (pipeline/graph/cluster.py). A large
+        piece's work in this process's own memory runs in a process of its own (pipeline/graph/own_process.py)."""
         from .memory_budget import MemoryBudget, expected_peak
         from .own_process import OWN_PROCESS_BYTES, run_in_own_process
 
@@ -80,12 +81,12 @@ class Stage:
         if self.build.cluster:
             from .cluster import run_on_cluster
 
-            return run_on_cluster(self.build, self.stage, method, args, label, need)
+            return run_on_cluster(self.build.cluster, work, label, need)
         with MemoryBudget(self.build.build_dir, self.build.memory).reserve(label, need):
             if self.own_heap and need > OWN_PROCESS_BYTES:
-                run_in_own_process(self.build, self.stage, method, args)
+                run_in_own_process(work, label)
             else:
-                getattr(self, method)(*args)
+                work()
 
 
 class Paths:
@@ -94,9 +95,9 @@ class Paths:
     def __init__(self, build: BuildConfig):
         self.model, self.seq = portable(build.model_dir), portable(build.seq_dir)
         self.source = self.model / "source.json"
-        self.canonical_config = self.model / "patched" / "config.json"
-        self.tensor_map = self.model / "patched" / "tensor_map.json"
-        self.weights = self.model / "patched" / "weights"
+        self.canonical_config = self.model / "canonical" / "config.json"
+        self.tensor_map = self.model / "canonical" / "tensor_map.json"
+        self.weights = self.model / "canonical" / "weights"
         self.export_config = self.seq / "config.json"
         self.onnx = self.seq / "onnx"
         self.logs = self.seq / "logs"
@@ -113,7 +114,7 @@ class Paths:
     def fp32_bytes(self, groups: list[str]) -> int:
         """The weight groups' size in fp32 (their tensors' shapes in the checkpoint): what a
         piece's memory follows."""
-        from .checkpoint import Checkpoint
+        from ..model.checkpoint import Checkpoint
 
         mapping, checkpoint = read_json(self.tensor_map), Checkpoint(Path(read_json(self.source)["folder"]))
         total = 0
@@ -138,7 +139,7 @@ class CheckpointTasks(Stage):
 
     def tasks(self):
         """find (download, generate or take path=) and check the checkpoint"""
-        from .download import source_spec
+        from ..stages.checkpoint_source import source_spec
 
         spec = source_spec(self.build)
         yaml = self.build.model.yaml_path
@@ -150,12 +151,12 @@ class CheckpointTasks(Stage):
                "uptodate": [config_changed(spec), self.files_unchanged], "clean": True}
 
     def run(self):
-        from .download import resolve
+        from ..stages.checkpoint_source import resolve
 
         resolve(self.build, self.paths.source)
 
     def files_unchanged(self, task, values):
-        from .download import current_signature
+        from ..stages.checkpoint_source import current_signature
 
         if not self.paths.source.exists():
             return False
@@ -163,8 +164,8 @@ class CheckpointTasks(Stage):
         return current_signature(recorded["folder"]) == recorded["signature"]
 
 
-class PatchTasks(Stage):
-    """patch: canonical config, tensor map and weight fingerprints (per model), export config (per seq)."""
+class MapTasks(Stage):
+    """map: canonical config, tensor map and weight fingerprints (per model), export config (per seq)."""
 
     def __init__(self, build: BuildConfig, paths: Paths):
         self.build, self.paths = build, paths
@@ -176,25 +177,25 @@ class PatchTasks(Stage):
         family_rules = get_family(self.build.model.family).patch_file.relative_to(PROJECT_ROOT)
         yield {"name": f"{name}/weights",
                "doc": "map the checkpoint onto the canonical layout; fingerprint each weight group",
-               "actions": [self.action(self.patch_weights)],
-               "file_dep": [self.paths.source, family_rules, *CODE["patch"]],
+               "actions": [self.action(self.map_weights)],
+               "file_dep": [self.paths.source, family_rules, *CODE["map"]],
                "targets": [self.paths.canonical_config, self.paths.tensor_map,
                            *(self.paths.fingerprint(g) for g in self.groups)], "clean": True}
         yield {"name": f"{name}/seq{self.build.seq}",
                "doc": "the export config for this seq_length",
-               "actions": [self.action(self.patch_seq)],
-               "file_dep": [self.paths.canonical_config, *CODE["patch"]],
+               "actions": [self.action(self.map_seq)],
+               "file_dep": [self.paths.canonical_config, *CODE["map"]],
                "targets": [self.paths.export_config, self.paths.onnx / "model.json"], "clean": True}
 
-    def patch_weights(self):
-        from .patch import patch_weights
+    def map_weights(self):
+        from ..stages.mapping import map_weights
 
-        patch_weights(self.build.model.name, self.build.model.family, self.paths)
+        map_weights(self.build.model.name, self.build.model.family, self.paths)
 
-    def patch_seq(self):
-        from .patch import patch_seq
+    def map_seq(self):
+        from ..stages.mapping import map_seq
 
-        patch_seq(self.build.model.name, self.build.seq, self.paths)
+        map_seq(self.build.model.name, self.build.seq, self.paths)
 
 
 class ExportTasks(Stage):
@@ -219,7 +220,7 @@ class ExportTasks(Stage):
 
     def plan(self, piece) -> Path:
         """A template's weights plan (layer_template.py)."""
-        from .layer_template import PLAN_SUFFIX
+        from ..stages.layer_template import PLAN_SUFFIX
 
         return self.paths.onnx / f"{piece.file}.onnx{PLAN_SUFFIX}"
 
@@ -236,10 +237,10 @@ class ExportTasks(Stage):
                    "uptodate": [config_changed(TOOL_VERSIONS)], "clean": True}
 
     def run(self, piece, index):
-        self.execute(piece.file, self.paths.piece_bytes(piece), "work", piece, index)
+        self.execute(piece.file, self.paths.piece_bytes(piece), partial(self.work, piece, index))
 
     def work(self, piece, index):
-        from .export import export_piece
+        from ..stages.export import export_piece
 
         start, log = time.perf_counter(), self.paths.logs / "export" / f"{piece.file}.log"
         say(f"[export {index}/{len(self.pieces)}] {piece.file} ...")
@@ -262,7 +263,7 @@ class TransformTasks(Stage):
         return self.paths.transform / piece.file / f"{piece.name}.mlir"
 
     def template_record(self, piece) -> Path:
-        from .layer_template import RECORD
+        from ..stages.layer_template import RECORD
 
         return self.mlir(piece).parent / RECORD
 
@@ -272,7 +273,7 @@ class TransformTasks(Stage):
 
     def qtable(self, piece) -> list[Path]:
         """The quantize table of a piece whose family keeps some of its ops float32 (none or one)."""
-        from .compile import qtable_name
+        from ..stages.compile import qtable_name
 
         keep = get_family(self.build.model.family).float32_ops(piece.kind)
         return [self.paths.transform / piece.file / qtable_name(piece)] if keep else []
@@ -291,10 +292,10 @@ class TransformTasks(Stage):
                    "uptodate": [config_changed(COMPILER)], "clean": [(_rmtree, [self.mlir(piece).parent])]}
 
     def run(self, piece, index):
-        self.execute(piece.file, self.paths.piece_bytes(piece), "work", piece, index)
+        self.execute(piece.file, self.paths.piece_bytes(piece), partial(self.work, piece, index))
 
     def work(self, piece, index):
-        from .compile import transform
+        from ..stages.compile import transform
 
         start, total = time.perf_counter(), len(self.export.pieces)
         log, family = self.paths.logs / "transform" / f"{piece.file}.log", get_family(self.build.model.family)
@@ -321,19 +322,19 @@ class DeployTasks(Stage):
     def io_config(self, piece) -> Path | None:
         """A cache net's io_alone addresses, saved by its whole-cache deploy and used by its decode
         stages' (so that every stage reads the cache where stage 0 keeps it)."""
-        from .compile import io_config_of
+        from ..stages.compile import io_config_of
 
         return io_config_of(piece, self.paths.deploy)
 
     def args(self, piece) -> list[str]:
-        from .compile import deploy_args
+        from ..stages.compile import deploy_args
 
         b = self.build
         return deploy_args(piece, b.mode, b.devices, b.chip, b.group_size, b.dynamic, bool(self.transform.qtable(piece)))
 
     def dequantized_net(self, piece):
-        """The piece's ONNX model with the weights its bmodel holds (pipeline/quantized_weights.py)."""
-        from .quantized_weights import dequantized_onnx, lowered_weights
+        """The piece's ONNX model with the weights its bmodel holds (pipeline/stages/quantized_weights.py)."""
+        from ..stages.quantized_weights import dequantized_onnx, lowered_weights
 
         mlir, log = self.transform.mlir(piece), self.paths.logs / "deploy" / self.build.variant / f"{piece.file}.lowered.log"
         weights = lowered_weights(piece.name, mlir.parent, self.args(piece), self.paths.deploy, log, self.paths.logs)
@@ -357,10 +358,10 @@ class DeployTasks(Stage):
                    "uptodate": [config_changed({**COMPILER, "args": args})], "clean": True}
 
     def run(self, piece, args, index):
-        self.execute(piece.file, self.paths.piece_bytes(piece), "work", piece, args, index)
+        self.execute(piece.file, self.paths.piece_bytes(piece), partial(self.work, piece, args, index))
 
     def work(self, piece, args, index):
-        from .compile import deploy
+        from ..stages.compile import deploy
 
         start, total = time.perf_counter(), len(self.pieces)
         log = self.paths.logs / "deploy" / self.build.variant / f"{piece.file}.log"
@@ -386,9 +387,9 @@ class CombineTasks(Stage):
                "uptodate": [config_changed(COMPILER)], "clean": True}
 
     def run(self):
+        from ..stages.compile import combine, describe
+        from ..stages.mapping import copy_tokenizer
         from .build_config import unquantized_widths
-        from .compile import combine, describe
-        from .patch import copy_tokenizer
 
         start, b = time.perf_counter(), self.build
         pieces = self.deploy.pieces
@@ -451,18 +452,18 @@ class VerifyTasks(Stage):
 
     def run(self):
         self.execute("on onnxruntime (the whole model, twice: torch and onnxruntime)", 2 * self.export.whole_model(),
-                     "check_onnx")
+                     self.check_onnx)
 
     def run_simulator(self):
-        self.execute(f"{self.build.mode} on the simulator", self.export.whole_model(), "check_simulator")
+        self.execute(f"{self.build.mode} on the simulator", self.export.whole_model(), self.check_simulator)
 
     def check_onnx(self):
-        from . import verify
+        from ..stages import verify
 
         verify.run(self.build, self.paths, self.export.pieces, TOOL_VERSIONS)
 
     def check_simulator(self):
-        from . import verify_sim
+        from ..stages import verify_sim
 
         verify_sim.run(self.build, self.paths, self.export.pieces, self.sim_report, {**TOOL_VERSIONS, **COMPILER},
                        self.deploy.dequantized_net)
@@ -471,7 +472,7 @@ class VerifyTasks(Stage):
 class QualityTasks(Stage):
     """quality: each mode of modes= (its combined bmodel, on the simulator), and the ONNX pieces as
     the control, score a text against the fp32 reference, a task per mode and window
-    (pipeline/quality.py); then the report of them all."""
+    (pipeline/stages/quality.py); then the report of them all."""
     stage, own_heap = "quality", True
 
     def __init__(self, build: BuildConfig, paths: Paths, export: ExportTasks):
@@ -506,7 +507,7 @@ class QualityTasks(Stage):
     def quantized(self, label: str) -> list:
         """The prefill pieces whose weights the mode quantizes (what a prefill runs: Engine.prompt_logits;
         as compile.weights_quantized: every block in a W8/W4 mode, embedding and lm_head in its float type)."""
-        from .modes import MODES
+        from ..modes import MODES
 
         if not MODES[self.modes[label].mode].startswith("W"):
             return []
@@ -546,10 +547,10 @@ class QualityTasks(Stage):
                "targets": [self.report, self.report.with_suffix(".md"), self.report.with_suffix(".png")]}
 
     def run_weights_net(self, label):
-        self.execute(f"{label}'s weights in fp32", self.export.whole_model(), "weights_net_work", label)
+        self.execute(f"{label}'s weights in fp32", self.export.whole_model(), partial(self.weights_net_work, label))
 
     def weights_net_work(self, label):
-        from .quality import dequantized_folder
+        from ..stages.quality import dequantized_folder
 
         start, deploy = time.perf_counter(), stages(self.modes[label])["deploy"]
         record = self.weights_record(label)
@@ -557,16 +558,16 @@ class QualityTasks(Stage):
         say(f"[quality] the ONNX pieces with the {label} bmodel's weights, in {time.perf_counter() - start:.1f} s")
 
     def write_text(self):
-        from .quality import write_windows
+        from ..stages.quality import write_windows
 
         write_windows(self.paths.onnx, self.build.seq, self.windows, self.text)
 
     def run_reference(self, k):
-        self.execute(f"reference w{k}", self.export.whole_model(), "reference_work", k)
+        self.execute(f"reference w{k}", self.export.whole_model(), partial(self.reference_work, k))
 
     def reference_work(self, k):
-        from .quality import reference_window
-        from .verify import reference_model
+        from ..stages.quality import reference_window
+        from ..stages.verify import reference_model
 
         start = time.perf_counter()
         model = reference_model(read_json(self.paths.export_config), Path(read_json(self.paths.source)["folder"]),
@@ -575,12 +576,12 @@ class QualityTasks(Stage):
         say(f"[quality] reference w{k + 1}/{self.windows} in {time.perf_counter() - start:.1f} s")
 
     def run_score(self, label, k):
-        self.execute(f"{label} w{k}", self.export.whole_model(), "score_work", label, k)
+        self.execute(f"{label} w{k}", self.export.whole_model(), partial(self.score_work, label, k))
 
     def score_work(self, label, k):
         from runtime.engine import Engine
 
-        from .quality import score_window
+        from ..stages.quality import score_window
 
         start, window = time.perf_counter(), read_json(self.text)["windows"][k]
         say(f"[quality] {label} w{k + 1}/{self.windows}: {len(window) - 1} positions ...")
@@ -590,14 +591,14 @@ class QualityTasks(Stage):
             folder = self.paths.onnx if label == "onnx" else self.folder / label / "onnx"
             score_window(Engine(OnnxBackend(folder)), window, self.reference(k), self.scored(label, k))
         else:
-            from runtime.isolated_backend import IsolatedBmodelBackend
+            from pipeline.toolchain.isolated_backend import IsolatedBmodelBackend
 
             with IsolatedBmodelBackend(Paths(self.modes[label]).dist) as backend:  # its simulator stops with it
                 score_window(Engine(backend), window, self.reference(k), self.scored(label, k))
         say(f"[quality] {label} w{k + 1}/{self.windows} done in {time.perf_counter() - start:.1f} s")
 
     def write_report(self, scored):
-        from .quality import report
+        from ..stages.quality import report
 
         data = report(self.build.model.name, self.build.seq, read_json(self.text), scored, self.report)
         say(f"[quality] {self.report.with_suffix('.md')}: " + "; ".join(
@@ -611,7 +612,7 @@ def stages(build: BuildConfig) -> dict:
     export = ExportTasks(build, paths)
     transform = TransformTasks(build, paths, export)
     deploy = DeployTasks(build, paths, transform)
-    return {"checkpoint": CheckpointTasks(build, paths), "patch": PatchTasks(build, paths), "export": export,
+    return {"checkpoint": CheckpointTasks(build, paths), "map": MapTasks(build, paths), "export": export,
             "transform": transform, "deploy": deploy, "combine": CombineTasks(build, paths, deploy),
             "verify": VerifyTasks(build, paths, export, deploy), "quality": QualityTasks(build, paths, export)}
 

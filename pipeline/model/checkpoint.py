@@ -9,7 +9,7 @@ import struct
 from functools import cached_property
 from pathlib import Path
 
-from .errors import PipelineError
+from ..errors import PipelineError
 
 INDEX_FILE = "model.safetensors.index.json"
 # Every dtype safetensors' torch loader reads, with its size in bytes.
@@ -199,3 +199,8 @@ class Checkpoint:
         if rows is None:
             return handle.get_tensor(name)
         return handle.get_slice(name)[rows[0]:rows[1]]
+
+    def mapped(self, tensor_map: dict, canonical: str):
+        """The tensor (or rows of one) that the tensor map (the mapping stage's) gives a canonical name."""
+        entry = tensor_map[canonical]
+        return self.load(entry["name"], tuple(entry["rows"]) if entry["rows"] else None)

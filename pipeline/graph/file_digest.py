@@ -35,7 +35,7 @@ def file_digest(path: str) -> str:
 
 
 class ContentChecker(FileChangedChecker):
-    """doit's `check_file_uptodate` for this project (pipeline/tasks.py: doit_config)."""
+    """doit's `check_file_uptodate` for this project (pipeline/graph/tasks.py: doit_config)."""
 
     def check_modified(self, file_path, file_stat, state):
         timestamp, size, digest = state

@@ -13,7 +13,7 @@ over its fp32 size, Qwen-7B- and 14B-wide):
                    the first one 4.6x, the embedding 3.5x)
   transform  4.4x (14B block 5.6 GiB; the embedding 4.2x)
   deploy     3.1x (the embedding 9.3 GiB for 2.9 GiB; a block 1.9x)
-Pieces that large run their export in a process of their own (pipeline/own_process.py): the memory
+Pieces that large run their export in a process of their own (pipeline/graph/own_process.py): the memory
 a build process would keep after them was in no reservation.
 """
 import contextlib
@@ -26,7 +26,7 @@ from pathlib import Path
 
 import psutil
 
-from .progress import say
+from ..progress import say
 
 GIB = 2**30
 PROCESS_BYTES = 3 * GIB // 4  # a build process with torch imported (0.35 GiB measured) and its toolchain worker (0.7 together)

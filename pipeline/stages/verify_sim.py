@@ -7,27 +7,27 @@ bmodel, and multi-device pieces, run through the BM runtime's C API (runtime/bmr
 process, the combined one with its state on the device as the chat runs it: pyruntime_bm aborts on
 multi-device nets, while bmrt_launch_tensor_ex runs every device's part on the one simulated chip. Either way the simulator gets a process of its own, stopped when the check ends: a
 process that loaded a bmodel on the simulator keeps both cores busy until it exits
-(runtime/isolated_backend.py), which would slow every later stage of the build."""
+(pipeline/toolchain/isolated_backend.py), which would slow every later stage of the build."""
 import re
 import time
 from pathlib import Path
 
 import numpy as np
 
+from pipeline.toolchain.isolated_backend import IsolatedBmodelBackend
 from runtime.engine import Engine
-from runtime.isolated_backend import IsolatedBmodelBackend
 from runtime.onnx_backend import OnnxBackend
 
+from ..errors import PipelineError
+from ..families import get_family
+from ..families.base import THRESHOLDS
+from ..fsutil import read_json, write_json, write_text
+from ..model.pieces import DYNAMIC_KINDS, Dims, program_key
+from ..progress import say
+from ..toolchain.install import ensure_toolchain
+from ..toolchain.pyruntime_backend import PyruntimeBackend
+from ..toolchain.tools import Worker
 from .compile import float_type, weights_quantized
-from .errors import PipelineError
-from .families import get_family
-from .families.base import THRESHOLDS
-from .fsutil import read_json, write_json, write_text
-from .pieces import DYNAMIC_KINDS, Dims, program_key
-from .progress import say
-from .toolchain.install import ensure_toolchain
-from .toolchain.pyruntime_backend import PyruntimeBackend
-from .toolchain.tools import Worker
 from .verify import compare, next_turn_tokens, piece_failures, pieces_table, walk_pieces
 
 LABELS = {"reference": "onnxruntime", "candidate": "simulator"}  # what compare() saw on each side, here
@@ -139,7 +139,7 @@ def lengths_to_check(length: int, window: int) -> list[int]:
 def explain_misses(mode: str, results: dict, runs: dict, onnx_dir: Path, dequantized_net) -> int:
     """In a quantized mode, each output that missed the mode's thresholds against fp32 is compared
     again: against the same net with the weights the bmodel holds (`dequantized_net(piece)`,
-    pipeline/quantized_weights.py), within the thresholds of the mode's float type. Matching it,
+    pipeline/stages/quantized_weights.py), within the thresholds of the mode's float type. Matching it,
     the loss is the quantization's, not the build's: the output passes, and its entry says so
     (`quantization`: the simulator against that net, and that net against fp32). Returns how many
     outputs were explained so."""
@@ -318,7 +318,7 @@ def markdown(report: dict) -> str:
              *([] if not report.get("quantization_explained") else [
                  "", f"{report['quantization_explained']} output(s) below them match the same net with the weights "
                  "the bmodel holds (TPU-MLIR's quantized weights, dequantized) within the float type's thresholds: "
-                 "their loss is the quantization's, not the build's (pipeline/quantized_weights.py)."]),
+                 "their loss is the quantization's, not the build's (pipeline/stages/quantized_weights.py)."]),
              "", *pieces_table(report["pieces"], 6)]
     if report.get("same_top1"):
         t = report["same_top1"]
@@ -368,7 +368,7 @@ def plot_layers(reports: list[dict], out: Path) -> None:
     """Cosine of each block's hidden output, per mode: where along the depth accuracy goes."""
     from matplotlib.ticker import MaxNLocator
 
-    from .figures import png_figure
+    from ..figures import png_figure
 
     with png_figure(out, ncols=2, figsize=(10, 4), sharey=True) as (fig, axes):
         for ax, kind in zip(axes, ("block", "block_cache")):

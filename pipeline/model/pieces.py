@@ -101,7 +101,7 @@ def program_key(piece: Piece) -> tuple:
 
 def same_program(pieces: list[Piece]) -> dict[Piece, Piece]:
     """Each piece whose program an earlier piece has -> that first one (its template;
-    pipeline/layer_template.py)."""
+    pipeline/stages/layer_template.py)."""
     firsts, followers = {}, {}
     for piece in pieces:
         first = firsts.setdefault(program_key(piece), piece)

@@ -1,0 +1,2 @@
+"""The stages of a build, one module each: find the checkpoint, map it onto the canonical
+layout, export, verify, compile (transform, deploy, combine), quality."""
