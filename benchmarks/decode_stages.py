@@ -62,7 +62,7 @@ def on_simulator(bmodel: Path, positions: list[int], steps: int) -> tuple[dict, 
     from runtime.engine import Engine
 
     with IsolatedBmodelBackend(bmodel) as backend:
-        return step_seconds(Engine(backend), positions, steps), backend.info["stages"]
+        return step_seconds(Engine(backend), positions, steps), backend.info.stages
 
 
 def on_onnxruntime(onnx_dir: Path, stages, positions: list[int], steps: int) -> dict:

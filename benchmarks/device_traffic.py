@@ -61,7 +61,7 @@ def measure(bmodel: Path, resident: bool, prompt: list[int], tokens: int, sampli
     params = SamplingParams(0.8, 40, 0.9, 1.1, seed=0) if sampling else SamplingParams()
     sampler = Sampler(params)
     with IsolatedBmodelBackend(bmodel, resident=resident) as backend:
-        engine, layers = Engine(backend), backend.info["num_layers"]
+        engine, layers = Engine(backend), backend.info.num_layers
         start = time.perf_counter()
         engine.prefill(prompt)
         out = [engine.next_token(sampler, prompt)]

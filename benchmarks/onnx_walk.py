@@ -18,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -66,19 +67,19 @@ class BoundWalk:
     traffic = None  # no device: nothing crosses
 
     def __init__(self, backend):
-        self.info = {**backend.info, "greedy_head": False, "sample_head": 0}  # the host chooses
+        self.info = replace(backend.info, greedy_head=False, sample_head=0)  # the host chooses
         info, net = self.info, backend.session
-        self.seq, self.layers = info["seq"], info["num_layers"]
-        cache = (1, self.seq, info["kv_heads"], info["head_dim"])
+        self.seq, self.layers = info.seq, info.num_layers
+        cache = (1, self.seq, info.kv_heads, info.head_dim)
         self.k = [np.zeros(cache, np.float32) for _ in range(self.layers)]
         self.v = [np.zeros(cache, np.float32) for _ in range(self.layers)]
         self.ids, self.mask_prefill = np.zeros((1, self.seq), np.int32), np.zeros((1, 1, self.seq, self.seq), np.float32)
         self.token_id, self.position = np.zeros((1, 1), np.int32), np.zeros((1, 1), np.int32)
         self.mask_decode = np.zeros((1, 1, 1, self.seq + 1), np.float32)
-        self.logits_out = np.zeros((1, info["vocab_size"]), np.float32)
+        self.logits_out = np.zeros((1, info.vocab_size), np.float32)
         # bound by address: every array stays referenced by the walk as long as its bindings
         self.positions = positions = np.arange(self.seq, dtype=np.int32)[None]
-        self.hidden = full, one = [[np.zeros((1, n, info["hidden_size"]), np.float32) for _ in range(2)]
+        self.hidden = full, one = [[np.zeros((1, n, info.hidden_size), np.float32) for _ in range(2)]
                                    for n in (self.seq, 1)]  # ping-pong buffers, prefill and decode
         self.full_rows, self.last_row = full[self.layers % 2], one[self.layers % 2]  # the last layer's output
 

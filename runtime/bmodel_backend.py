@@ -30,7 +30,7 @@ class BmodelBackend:
             raise FileNotFoundError(f"{bmodel} does not exist")
         self.runtime = Runtime(self.bmodel, list(devids))
         self.nets = self.runtime.nets
-        self.info = describe_nets(self.nets, self.bmodel) if whole_model else {}  # one-piece bmodels: the build
+        self.info = describe_nets(self.nets, self.bmodel) if whole_model else None  # one-piece bmodels: the build
         self.resident, self.seconds, self._walk = resident, 0.0, None
 
     @property
@@ -53,7 +53,7 @@ class BmodelBackend:
         start = time.perf_counter()
         values = self.runtime.run(net, [feeds[n] for n in names])
         self.seconds += time.perf_counter() - start
-        if net == "lm_head" and self.info.get("head") == "token":
+        if net == "lm_head" and self.info is not None and self.info.head == "token":
             return [token_as_logits(values[0])]
         return values
 

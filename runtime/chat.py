@@ -147,7 +147,7 @@ class Chat:
     def prompt(self, query: str, notes) -> list[int]:
         """The prompt ids; the history keeps only what fitted (so the past is not tokenized again
         turn after turn). Says on `notes` what was left out."""
-        seq, system = self.engine_info["seq"], self.args.system
+        seq, system = self.engine_info.seq, self.args.system
         prompt = fit_history(self.tokenizer, DEFAULT_SYSTEM if system is None else system or None, self.history,
                              query, seq, self.args.max_new_tokens, optional_system=system is None,
                              enable_thinking=False if self.args.no_think else None, use_template=not self.args.chatml)
@@ -203,7 +203,7 @@ def read_query() -> str | None:
 
 
 def interact(chat: Chat, args) -> None:
-    print(f"Chatting with {args.model} (seq_length {chat.engine_info['seq']}). /clear forgets the conversation, "
+    print(f"Chatting with {args.model} (seq_length {chat.engine_info.seq}). /clear forgets the conversation, "
           "/exit quits; Ctrl-C stops an answer, or quits at the prompt.", flush=True)
     while (query := read_query()) is not None:
         if query.strip() == "/exit":

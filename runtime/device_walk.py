@@ -24,7 +24,7 @@ import numpy as np
 from .bmrt import DTYPES, Runtime, from_device_type, to_device_type
 from .engine import decode_mask, decode_stage, pad_ids, penalty_window, prefill_plan
 from .native_output import output_to
-from .nets import token_as_logits
+from .nets import ModelInfo, token_as_logits
 from .toolchain import ToolchainError
 
 
@@ -49,11 +49,11 @@ class DeviceWalk:
     """prefill(ids) / decode(token, pos) over one loaded LLM bmodel; the head's answer stays on the
     device until logits() or token() reads it."""
 
-    def __init__(self, runtime: Runtime, info: dict):
+    def __init__(self, runtime: Runtime, info: ModelInfo):
         self.rt, self.info, self.own = runtime, info, []
-        self.seq, self.layers = info["seq"], info["num_layers"]
-        nets, self.linear = runtime.nets, info.get("linear_layers", [])
-        self.attn = attn = info.get("first_attention", 0)  # its nets' shapes every attention layer shares
+        self.seq, self.layers = info.seq, info.num_layers
+        nets, self.linear = runtime.nets, info.linear_layers
+        self.attn = attn = info.first_attention  # its nets' shapes every attention layer shares
         self.attn_cache, self.attn_block = f"block_cache_{attn}", f"block_{attn}"
         self.kv_bytes = self._size(self.attn_cache, 1, output=True)  # one token's K (or V) of one layer
         self.row_bytes = self._size(self.attn_cache, 0, output=True)  # one token's hidden state
@@ -65,7 +65,7 @@ class DeviceWalk:
                             for k in (1, 2)] for _ in range(2)] for i in self.linear}
         self.current = dict.fromkeys(self.linear, 0)
         if self.copied:
-            warnings.warn(f"{info['bmodel']}: its block_cache nets were not compiled with --addr_mode io_alone, so "
+            warnings.warn(f"{info.bmodel}: its block_cache nets were not compiled with --addr_mode io_alone, so "
                           "their inputs do not keep the K/V cache between launches: every token copies each "
                           "layer's whole cache into its net on the device (slower; rebuild with this project to "
                           "avoid it)", SlowCacheWarning, stacklevel=3)
@@ -73,14 +73,14 @@ class DeviceWalk:
         self.hidden = [self._alloc(hidden, self._device(self.attn_block, 0)) for _ in range(2)]  # ping-pong
         # the prefill's positions and mask, written once per run and read by every layer; sized for
         # block_i and block_kv_i, whichever is larger
-        prefill_nets = [self.attn_block] + ([f"block_kv_{attn}"] if info.get("history") else [])
+        prefill_nets = [self.attn_block] + ([f"block_kv_{attn}"] if info.history else [])
         self.positions = self._alloc(max(self._size(n, 1) for n in prefill_nets), self._device(self.attn_block, 1))
         masks = [n for n in prefill_nets if self._has_mask(n)]
         self.mask = self._alloc(max(self._size(n, 2) for n in masks), self._device(masks[0], 2)) if masks else None
         # block_kv's new K/V land here first, then their real rows go into the cache
         kv_net = f"block_kv_{attn}"
         self.kv_scratch = ([self._alloc(self._size(kv_net, k, output=True), self._device(kv_net, k, True))
-                            for k in (1, 2)] if info.get("history") else None)
+                            for k in (1, 2)] if info.history else None)
         # decode's position and mask: written once per step, read by every layer
         self.step_inputs = (self._kept_input(self.attn_cache, 1), self._kept_input(self.attn_cache, 2))
         self.stepped, self.sample_params = False, None
@@ -89,7 +89,7 @@ class DeviceWalk:
         self.logits_mem = self._alloc(self._size("lm_head", 0, output=True), self._device("lm_head", 0, True))
         # the sample head's inputs (the token window, the parameters) stay on the device between steps
         self.sample_inputs = ({i: self._kept_input("sample_head", i) for i in range(1, 6)}
-                              if info.get("sample_head") else None)
+                              if info.sample_head else None)
 
     def _kept_input(self, net: str, index: int):
         """Memory for a net's input that keeps its content between launches: the net's own where
@@ -151,7 +151,7 @@ class DeviceWalk:
                     rt.zero(mem, self._device(f"block_cache_{i}", 1))
         for c in prefill_plan(self.info, start, len(ids)):
             embed_in = rt.mems["embedding"][0][0]  # (the embedding is static: it pads, and costs little)
-            rt.h2d(embed_in, pad_ids(ids[c.begin:c.end], self.info.get("embed_rows", self.seq)),
+            rt.h2d(embed_in, pad_ids(ids[c.begin:c.end], self.info.embed_rows),
                    self._device("embedding", 0), "input_ids")
             rt.launch("embedding", [rt.tensor("embedding", 0, False, embed_in)],
                       [rt.tensor("embedding", 0, True, self.hidden[0])])
@@ -193,7 +193,7 @@ class DeviceWalk:
         """A linear-attention layer over the run's tokens, from one hidden buffer to the other:
         whole windows through block_i, the rest token by token through block_cache_i; rows past
         the tokens (a static prefill's padding) are copied over as they are."""
-        window, n, row = self.info["window"], c.end - c.begin, self.row_bytes
+        window, n, row = self.info.window, c.end - c.begin, self.row_bytes
         src, dst, t = self.hidden[i % 2], self.hidden[(i + 1) % 2], 0
         while t + window <= n:
             self._linear_run(i, f"block_{i}", self.rt.at(src, t * row, window * row), self.rt.at(dst, t * row, window * row))
@@ -303,8 +303,8 @@ class DeviceWalk:
         last run, still on the device, through lm_head (teacher forcing in one prefill)."""
         from .engine import scored_rows
 
-        if self.info["head"] == "token":
-            raise ValueError(f"{self.info['bmodel']}: its lm_head gives a token, not logits: it cannot be scored")
+        if self.info.head == "token":
+            raise ValueError(f"{self.info.bmodel}: its lm_head gives a token, not logits: it cannot be scored")
         begin, end = self.last_run
         last, logits = self.hidden[self.layers % 2], []
         for row in scored_rows(first, begin, end):
@@ -317,14 +317,14 @@ class DeviceWalk:
         """The last step's logits [V] (float32), or a one-hot of the token a token head chose."""
 
         values = self._read_head()
-        return token_as_logits(values)[0] if self.info["head"] == "token" else values[0]
+        return token_as_logits(values)[0] if self.info.head == "token" else values[0]
 
     @_quiet
     def token(self) -> int | None:
         """The greedy token chosen on the device (a token head, or a greedy head), else None."""
-        if self.info["head"] == "token":
+        if self.info.head == "token":
             return int(self._read_head().ravel()[0])
-        if not self.info.get("greedy_head"):
+        if not self.info.greedy_head:
             return None
         rt, out = self.rt, self.rt.mems["greedy_head"][1][0]
         rt.launch("greedy_head", [rt.tensor("greedy_head", 0, False, self.logits_mem)],

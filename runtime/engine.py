@@ -15,10 +15,11 @@ a server request that continues a conversation) prefills only what is new, with 
 prefill nets (`block_kv_i`, built with `history=1`) against the cache; a prompt longer than a chunk
 goes in chunks (prefill_plan).
 """
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
+from .nets import ModelInfo
 from .traffic import Traffic
 
 MASK_VALUE = -10000.0  # zeroes a softmax term, and stays finite in bf16/f16
@@ -77,32 +78,32 @@ class Chunk:
         return history_mask(self.begin, self.end - self.begin, self.rows, self.history)
 
 
-def prefill_plan(info: dict, start: int, n: int) -> list[Chunk]:
+def prefill_plan(info: ModelInfo, start: int, n: int) -> list[Chunk]:
     """The runs that prefill tokens [start, n) when the cache holds the first `start`.
     info: seq; prefill_rows (block_i's length, SEQ unless built shorter) and dynamic; history
     (block_kv's chunk length, 0 without those nets) and history_dynamic. From position 0 a static
     build prefers block_kv chunks when they run fewer rows than block_i's whole window."""
-    seq, block_rows, chunk = info["seq"], info.get("prefill_rows", info["seq"]), info.get("history", 0)
+    seq, block_rows, chunk = info.seq, info.prefill_rows, info.history
     runs, pos = [], start
-    if pos == 0 and not (chunk and not info.get("dynamic") and -(-n // chunk) * chunk < block_rows):
+    if pos == 0 and not (chunk and not info.dynamic and -(-n // chunk) * chunk < block_rows):
         end = min(n, block_rows)
-        runs.append(Chunk("block", 0, end, end if info.get("dynamic") else block_rows, 0))
+        runs.append(Chunk("block", 0, end, end if info.dynamic else block_rows, 0))
         pos = end
     while pos < n:
         if not chunk:
-            why = info.get("history_unusable") or "the bmodel has no history nets to prefill the rest"
+            why = info.history_unusable or "the bmodel has no history nets to prefill the rest"
             raise PromptTooLong(f"prompt of {n} tokens is longer than the prefill net ({block_rows} tokens), and {why} "
                                 "(build it with this project's history=1)")
-        end, dynamic = min(n, pos + chunk), info.get("history_dynamic")
+        end, dynamic = min(n, pos + chunk), info.history_dynamic
         runs.append(Chunk("block_kv", pos, end, end - pos if dynamic else chunk, pos if dynamic else seq))
         pos = end
     return runs
 
 
-def decode_stage(info: dict, pos: int) -> int:
+def decode_stage(info: ModelInfo, pos: int) -> int:
     """The cache length a step at `pos` attends over: the shortest decode stage that holds the `pos`
-    filled slots (info["stages"], built with chunk=C: C, 2C, 4C ... and SEQ), else SEQ."""
-    return min((k for k in info.get("stages", ()) if k >= pos), default=info["seq"])
+    filled slots (info.stages, built with chunk=C: C, 2C, 4C ... and SEQ), else SEQ."""
+    return min((k for k in info.stages if k >= pos), default=info.seq)
 
 
 def pad_ids(ids: list[int], seq: int) -> np.ndarray:
@@ -132,10 +133,10 @@ class HostWalk:
 
     def __init__(self, backend):
         self.backend = backend
-        self.info = {**backend.info, "greedy_head": False, "sample_head": 0}  # the host chooses
-        self.seq, self.layers = self.info["seq"], self.info["num_layers"]
-        self.linear = set(self.info.get("linear_layers", ()))
-        shape = (1, self.seq, self.info["kv_heads"], self.info["head_dim"])
+        self.info = replace(backend.info, greedy_head=False, sample_head=0)  # the host chooses
+        self.seq, self.layers = self.info.seq, self.info.num_layers
+        self.linear = set(self.info.linear_layers)
+        shape = (1, self.seq, self.info.kv_heads, self.info.head_dim)
         self.k = [None if i in self.linear else np.zeros(shape, np.float32) for i in range(self.layers)]
         self.v = [None if i in self.linear else np.zeros(shape, np.float32) for i in range(self.layers)]
         self.states = {}  # a linear-attention layer's (conv, recurrent) state
@@ -147,10 +148,10 @@ class HostWalk:
 
     def prefill(self, ids: list[int], start: int = 0) -> None:
         """Tokens ids[start:] at their positions, the cache holding the first `start` (prefill_plan)."""
-        run, embed_rows = self.backend.run, self.info.get("embed_rows", self.seq)
+        run, embed_rows = self.backend.run, self.info.embed_rows
         if start == 0:
-            self.states = {i: (np.zeros(self.info["conv_state"], np.float32),
-                               np.zeros(self.info["recurrent_state"], np.float32)) for i in self.linear}
+            self.states = {i: (np.zeros(self.info.conv_state, np.float32),
+                               np.zeros(self.info.recurrent_state, np.float32)) for i in self.linear}
         for c in prefill_plan(self.info, start, len(ids)):
             (hidden,) = run("embedding", {"input_ids": pad_ids(ids[c.begin:c.end], embed_rows)})
             hidden, feeds = hidden[:, :c.rows], {"position_ids": c.positions(self.seq), "attention_mask": c.mask()}
@@ -197,7 +198,7 @@ class HostWalk:
     def _linear(self, i: int, hidden: np.ndarray, n: int) -> np.ndarray:
         """A linear-attention layer over the first n rows: whole windows through block_i, the rest
         through block_cache_i token by token, its state carried along (padding rows pass as they are)."""
-        out, window, t = hidden.copy(), self.info["window"], 0
+        out, window, t = hidden.copy(), self.info.window, 0
         while t + window <= n:
             out[:, t:t + window] = self._linear_step(i, hidden[:, t:t + window], f"block_{i}")
             t += window
@@ -234,7 +235,7 @@ class Engine:
         """`walk`: instead of the backend's own (e.g. HostWalk(backend), to compare the two)."""
         self.backend = backend
         self.walk = walk or (backend.walk() if hasattr(backend, "walk") else HostWalk(backend))
-        self.seq, self.layers = self.walk.info["seq"], self.walk.info["num_layers"]
+        self.seq, self.layers = self.walk.info.seq, self.walk.info.num_layers
         self.length = 0
         self.tokens: list[int] = []  # what the cache holds, from position 0
         self.reused = 0  # the last prompt's tokens found in the cache (not run again)
@@ -269,9 +270,9 @@ class Engine:
             if a != b:
                 break
             same += 1
-        if same < len(self.tokens) and self.walk.info.get("linear_layers"):
+        if same < len(self.tokens) and self.walk.info.linear_layers:
             same = 0  # a linear-attention state holds every token so far: it cannot go back to fewer
-        self.missed = 0 if self.walk.info.get("history") else same  # a model without history nets runs them again
+        self.missed = 0 if self.walk.info.history else same  # a model without history nets runs them again
         return same - self.missed
 
     def forget(self) -> None:
@@ -283,7 +284,7 @@ class Engine:
         those alone, since a KV cache's later slots stay masked until a step overwrites them (the
         simulator's verify continues an answer's teacher-forced prefill from its question). A
         linear-attention state holds every token so far: it cannot go back."""
-        if self.walk.info.get("linear_layers"):
+        if self.walk.info.linear_layers:
             raise ValueError("a linear-attention layer's state holds every token so far: it cannot go back")
         if not 0 < n <= self.length:
             raise ValueError(f"cannot keep {n} tokens of a cache that holds {self.length}")
@@ -319,7 +320,7 @@ class Engine:
         return token
 
     def _choose(self, sampler, seen: list[int]) -> int:
-        p, token, head = sampler.params, None, self.walk.info.get("sample_head", 0)
+        p, token, head = sampler.params, None, self.walk.info.sample_head
         if sampler.greedy:
             token = self.walk.token()
         elif p.temperature == 0 and head:  # greedy after the repetition penalty: the head's top 1

@@ -1,6 +1,8 @@
-"""The net contract as the runtime reads it: what an LLM bmodel's nets say about the model (the
-engine's dims), and what a head that returns the chosen token means as logits."""
+"""The net contract as the runtime reads it: what the engine knows of a model's nets (ModelInfo),
+read from an LLM bmodel's nets (describe_nets) or from an ONNX folder's manifest (from_manifest),
+and what a head that returns the chosen token means as logits."""
 import re
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -8,7 +10,50 @@ import numpy as np
 from .toolchain import ToolchainError
 
 
-def describe_nets(nets: dict, bmodel: Path) -> dict:
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the engine's walk needs to know of a model's nets. Never changed in place: a backend that
+    chooses among the nets (a history chunk, decode stages) gives a copy with its choice
+    (dataclasses.replace)."""
+    seq: int                             # SEQ: the window, the K/V cache's slots
+    num_layers: int
+    hidden_size: int
+    kv_heads: int
+    head_dim: int
+    vocab_size: int = 0                  # 0 where the head returns the chosen token
+    model: str = ""                      # a bmodel's name (its file's stem)
+    bmodel: str = ""
+    first_attention: int = 0             # the first layer with a K/V cache: its nets' shapes every one shares
+    dynamic: bool = False                # the prefill nets run at the prompt's length (dynamic=1, --dynamic)
+    prefill_rows: int = 0                # block_i's length: SEQ, or llm_convert's --max_input_length (0: SEQ)
+    embed_rows: int = 0                  # the embedding's length (0: SEQ)
+    history: int = 0                     # block_kv_i's new tokens per run; 0: no history prefill nets
+    history_dynamic: bool = False
+    history_unusable: str | None = None  # why history nets there are cannot be used
+    stages: tuple[int, ...] = ()         # the decode stages' cache lengths, SEQ last (empty: SEQ alone)
+    head: str = "logits"                 # "token": lm_head returns the chosen token (llm_convert's)
+    greedy_head: bool = False            # the heads that choose on the device
+    sample_head: int = 0                 # the sample head's candidates (0: none)
+    linear_layers: tuple[int, ...] = ()  # linear-attention layers (Qwen3.5), with their window and states
+    window: int = 0
+    conv_state: tuple[int, ...] = ()
+    recurrent_state: tuple[int, ...] = ()
+
+    def __post_init__(self):
+        for name in ("prefill_rows", "embed_rows"):
+            if not getattr(self, name):
+                object.__setattr__(self, name, self.seq)
+
+    @classmethod
+    def from_manifest(cls, manifest: dict) -> "ModelInfo":
+        """From an ONNX folder's model.json (the export's Dims.runtime_info)."""
+        known = {f.name for f in fields(cls)}
+        given = {k: tuple(v) if isinstance(v, list) else v for k, v in manifest.items() if k in known}
+        linear = given.get("linear_layers", ())
+        return cls(**given, first_attention=next(i for i in range(given["num_layers"]) if i not in linear))
+
+
+def describe_nets(nets: dict, bmodel: Path) -> ModelInfo:
     """The engine's dims, read from the nets of an LLM bmodel."""
     blocks = sorted(int(m[1]) for n in nets if (m := re.fullmatch(r"block_(\d+)", n)))
     missing = [n for n in ("embedding", "embedding_cache", "lm_head", "block_0", "block_cache_0") if n not in nets]
@@ -40,25 +85,21 @@ def describe_nets(nets: dict, bmodel: Path) -> dict:
     head_out = nets["lm_head"]["outputs"][0]
     token_head = "i" in head_out["dtype"] or head_out["shape"][-1] == 1  # int32 [1, 1]: the chosen token
     prefill = nets[f"block_{attn}"]
-    info = {"model": Path(bmodel).stem, "seq": seq, "num_layers": len(blocks), "kv_heads": history[2],
-            "head_dim": history[3], "hidden_size": prefill["inputs"][0]["shape"][2],
-            "head": "token" if token_head else "logits", "bmodel": str(bmodel), "first_attention": attn,
-            # prefill nets compiled dynamic run at the prompt's length (llm_convert --dynamic, ours dynamic=1)
-            "dynamic": bool(prefill.get("dynamic")),
-            # block_i's length (SEQ, or llm_convert's --max_input_length), and the embedding's
-            "prefill_rows": prefill["inputs"][0]["shape"][1],
-            "embed_rows": nets["embedding"]["inputs"][0]["shape"][1],
-            "history": kv["inputs"][0]["shape"][1] if kv else 0, "history_dynamic": bool(kv and kv.get("dynamic")),
-            "history_unusable": unusable, "stages": tuple(sorted(stages)),
-            # the heads that choose on the device (llm_convert --do_sample's, and ours)
-            "greedy_head": "greedy_head" in nets and not token_head,
-            "sample_head": nets["sample_head"]["outputs"][0]["shape"][-1] if "sample_head" in nets and not token_head
-            else 0}
+    linear_dims = {}
     if linear:  # their window of tokens and their states' shapes (pipeline/model/pieces.py)
         step = nets[f"block_cache_{linear[0]}"]["inputs"]
-        info.update(linear_layers=linear, window=nets[f"block_{linear[0]}"]["inputs"][0]["shape"][1],
-                    conv_state=step[1]["shape"], recurrent_state=step[2]["shape"])
-    return info
+        linear_dims = dict(linear_layers=tuple(linear), window=nets[f"block_{linear[0]}"]["inputs"][0]["shape"][1],
+                           conv_state=tuple(step[1]["shape"]), recurrent_state=tuple(step[2]["shape"]))
+    return ModelInfo(
+        seq=seq, num_layers=len(blocks), hidden_size=prefill["inputs"][0]["shape"][2], kv_heads=history[2],
+        head_dim=history[3], vocab_size=0 if token_head else head_out["shape"][-1], model=Path(bmodel).stem,
+        bmodel=str(bmodel), first_attention=attn, dynamic=bool(prefill.get("dynamic")),
+        prefill_rows=prefill["inputs"][0]["shape"][1], embed_rows=nets["embedding"]["inputs"][0]["shape"][1],
+        history=kv["inputs"][0]["shape"][1] if kv else 0, history_dynamic=bool(kv and kv.get("dynamic")),
+        history_unusable=unusable, stages=tuple(sorted(stages)), head="token" if token_head else "logits",
+        greedy_head="greedy_head" in nets and not token_head,
+        sample_head=nets["sample_head"]["outputs"][0]["shape"][-1] if "sample_head" in nets and not token_head else 0,
+        **linear_dims)
 
 
 def token_as_logits(token: np.ndarray) -> np.ndarray:

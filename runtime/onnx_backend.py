@@ -9,10 +9,13 @@ on a seq-128 export runs 16 rows, not 128. The files on disk stay as exported.""
 import importlib.util
 import json
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
+
+from .nets import ModelInfo
 
 MANIFEST = "model.json"
 
@@ -26,28 +29,29 @@ class OnnxBackend:
         every one exported; () for none). `exact`: the prefill pieces run at the prompt's length and
         the cache's filled slots (else at their exported length, padded, as a static bmodel runs)."""
         self.folder = Path(folder)
-        self.info = json.loads((self.folder / MANIFEST).read_text(encoding="utf-8"))
+        manifest = ModelInfo.from_manifest(json.loads((self.folder / MANIFEST).read_text(encoding="utf-8")))
         self.threads = threads
-        self.info["dynamic"] = self.info["history_dynamic"] = self.exact = exact and _has_onnx()
+        self.exact = exact and _has_onnx()
         self._sessions = {}
         chunks = history_chunks(self.folder)
         if chunk and chunk not in chunks:
             raise FileNotFoundError(f"{self.folder} has no history prefill pieces of chunk {chunk} "
                                     f"(block_kv_0_c{chunk}.onnx; exported: {chunks or 'none'})")
-        self.info["history"] = chunk if chunk is not None else max(chunks, default=0)
+        history = chunk if chunk is not None else max(chunks, default=0)
         exported = exported_stages(self.folder)
         missing = sorted(set(stages or ()) - set(exported))
         if missing:
             raise FileNotFoundError(f"{self.folder} has no decode stages of cache length {missing} "
                                     f"(block_cache_0_kv<K>.onnx; exported: {exported or 'none'})")
-        self.info["stages"] = (*sorted(exported if stages is None else stages), self.info["seq"])
+        self.info = replace(manifest, dynamic=self.exact, history_dynamic=self.exact, history=history,
+                            stages=(*sorted(exported if stages is None else stages), manifest.seq))
 
     def _file(self, net: str, feeds: dict) -> Path:
         """The file of a net: a history prefill of the chosen chunk; a decode stage by the history
         it is given."""
         if net.startswith("block_kv_"):
-            return self.folder / f"{net}_c{self.info['history']}.onnx"
-        if net.startswith("block_cache_") and "history_k" in feeds and feeds["history_k"].shape[1] != self.info["seq"]:
+            return self.folder / f"{net}_c{self.info.history}.onnx"
+        if net.startswith("block_cache_") and "history_k" in feeds and feeds["history_k"].shape[1] != self.info.seq:
             return self.folder / f"{net}_kv{feeds['history_k'].shape[1]}.onnx"
         return self.folder / f"{net}.onnx"
 
@@ -72,7 +76,7 @@ class OnnxBackend:
     def _linear(self, net: str) -> bool:
         """A linear-attention layer's block_i: static, its window of tokens (pipeline/model/pieces.py)."""
         m = re.fullmatch(r"block_(\d+)", net)
-        return bool(m) and int(m[1]) in self.info.get("linear_layers", ())
+        return bool(m) and int(m[1]) in self.info.linear_layers
 
     def run(self, net: str, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         return self.session(self._file(net, feeds)).run(None, feeds)

@@ -94,7 +94,7 @@ class ChatService:
         self.engine = Engine(self.backend)
         self.traffic = {"prefill": Traffic(), "decode": Traffic(), "decode_steps": 0}  # totals, for /health
         self.tokenizer = load_tokenizer(tokenizer or default_tokenizer(model))
-        self.name, self.seq = name, self.backend.info["seq"]
+        self.name, self.seq = name, self.backend.info.seq
         self.max_queue, self.default_max_tokens = max_queue, default_max_tokens
         self.slot = asyncio.Semaphore(1)
         self.waiting = 0
@@ -365,7 +365,7 @@ def main(argv=None):
     p.add_argument("--max-tokens", type=at_least(1), default=256, help="default answer length")
     args = p.parse_args(argv)
     service = ChatService(args.model, "", args.tokenizer, args.max_queue, args.max_tokens, args.devid)
-    service.name = args.name or service.backend.info.get("model", args.model.name)
+    service.name = args.name or service.backend.info.model or args.model.name
     app = create_app(service)
     # Out of the collector's way: the loaded runtime's objects. A full collection, set off by a big
     # body's thousands of objects, then scans only those and holds the GIL (and the event loop)

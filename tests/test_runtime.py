@@ -23,6 +23,7 @@ from runtime.chat_format import (
 )
 from runtime.engine import Chunk, Engine, prefill_plan
 from runtime.generate import Result, generate
+from runtime.nets import ModelInfo
 from runtime.onnx_backend import OnnxBackend
 from runtime.onnx_exact import free_dim
 from runtime.sampling import Sampler, SamplingParams, sampling_problem
@@ -236,7 +237,7 @@ def test_a_chat_on_onnxruntime_prefills_each_turn_once_and_answers_as_a_fresh_pr
     window filling mid-answer; each as a fresh prefill of the whole conversation answers."""
     tok = load_tokenizer(tiny_onnx)
     kept, fresh = Engine(OnnxBackend(tiny_onnx)), Engine(OnnxBackend(tiny_onnx))
-    assert kept.walk.info["history"] == 16
+    assert kept.walk.info.history == 16
     users = [list(range(100, 120)), list(range(200, 241)), list(range(300, 310)), [7, 8]]
     turns = four_turns(kept, fresh, tok, users, 16)
     assert [t.finish_reason for t in turns] == ["length"] * 4 and len(turns[-1].tokens) < 16  # the window filled
@@ -273,7 +274,7 @@ def test_decode_attends_over_the_shortest_stage_that_holds_the_cache_and_answers
     """chunk=16 at seq 128 exports block_cache_i at cache lengths 16, 32 and 64 too: each step runs
     the shortest that holds the filled slots, and the logits are the whole cache's."""
     staged, whole = OnnxBackend(tiny_onnx), OnnxBackend(tiny_onnx, stages=())
-    assert (staged.info["stages"], whole.info["stages"]) == ((16, 32, 64, 128), (128,))
+    assert (staged.info.stages, whole.info.stages) == ((16, 32, 64, 128), (128,))
     seen = []
     run = staged.run
     staged.run = lambda net, feeds: seen.append(feeds["history_k"].shape[1]) or run(net, feeds) \
@@ -289,18 +290,21 @@ def test_decode_attends_over_the_shortest_stage_that_holds_the_cache_and_answers
 
 
 def test_the_prefill_plan_follows_the_nets_there_are():
-    static = {"seq": 128, "history": 16}
-    assert prefill_plan(static, 0, 20) == [Chunk("block_kv", 0, 16, 16, 128), Chunk("block_kv", 16, 20, 16, 128)]
-    assert prefill_plan(static, 0, 120) == [Chunk("block", 0, 120, 128, 0)]  # 8 chunks would run as many rows
-    assert prefill_plan({**static, "dynamic": True, "history_dynamic": True}, 0, 40) == \
+    def nets(**given):  # a model's nets at seq 128 (the plan reads nothing else)
+        return ModelInfo(seq=128, num_layers=1, hidden_size=8, kv_heads=1, head_dim=8, **given)
+
+    static = {"history": 16}
+    assert prefill_plan(nets(**static), 0, 20) == [Chunk("block_kv", 0, 16, 16, 128), Chunk("block_kv", 16, 20, 16, 128)]
+    assert prefill_plan(nets(**static), 0, 120) == [Chunk("block", 0, 120, 128, 0)]  # 8 chunks would run as many rows
+    assert prefill_plan(nets(**static, dynamic=True, history_dynamic=True), 0, 40) == \
         [Chunk("block", 0, 40, 40, 0)]
-    assert prefill_plan({**static, "dynamic": True, "history_dynamic": True}, 40, 60) == \
+    assert prefill_plan(nets(**static, dynamic=True, history_dynamic=True), 40, 60) == \
         [Chunk("block_kv", 40, 56, 16, 40), Chunk("block_kv", 56, 60, 4, 56)]
     # llm_convert's history build: block_i runs one chunk, the rest goes through block_kv
-    assert prefill_plan({"seq": 128, "prefill_rows": 16, "history": 16}, 0, 20) == \
+    assert prefill_plan(nets(prefill_rows=16, history=16), 0, 20) == \
         [Chunk("block", 0, 16, 16, 0), Chunk("block_kv", 16, 20, 16, 128)]
     with pytest.raises(ValueError, match="no history nets"):  # the engine's PromptTooLong
-        prefill_plan({"seq": 128, "prefill_rows": 16}, 0, 20)
+        prefill_plan(nets(prefill_rows=16), 0, 20)
     mask = Chunk("block_kv", 3, 5, 4, 8).mask()[0, 0]  # 2 new tokens after 3, a run of 4 rows, 8 slots given
     visible = (mask == 0).astype(int)
     assert visible.tolist() == [[1, 1, 1, 0, 0, 0, 0, 0, 1, 0, 0, 0],

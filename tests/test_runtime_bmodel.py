@@ -50,7 +50,7 @@ def test_bf16_bmodel_decodes_like_the_onnx_pipeline_with_the_state_on_the_device
         old = Engine(backend)
         assert old.greedy(ids, 16) == reference
     with IsolatedBmodelBackend(bmodel) as backend:
-        assert {k: backend.info[k] for k in ("seq", "num_layers", "kv_heads", "head_dim", "head", "greedy_head",
+        assert {k: getattr(backend.info, k) for k in ("seq", "num_layers", "kv_heads", "head_dim", "head", "greedy_head",
                                              "sample_head")} == \
             {"seq": SEQ, "num_layers": LAYERS, "kv_heads": KV_HEADS, "head_dim": HEAD_DIM, "head": "logits",
              "greedy_head": True, "sample_head": 51}  # read from the file's nets
@@ -96,7 +96,7 @@ def test_a_dynamic_prefill_runs_at_the_prompts_length_and_gives_the_static_bmode
         with IsolatedBmodelBackend(bmodel, resident=resident) as backend:
             engine = Engine(backend)
             logits[bmodel, resident] = [engine.logits_along(list(range(40, 40 + n)), 3) for n in (1, 9, 28)]
-            sent[bmodel, resident] = (backend.info["dynamic"], engine.prefill_traffic.h2d)
+            sent[bmodel, resident] = (backend.info.dynamic, engine.prefill_traffic.h2d)
     for run in ((dynamic, True), (dynamic, False)):
         for a, b in zip(logits[static, True], logits[run]):
             assert all(np.array_equal(x, y) for x, y in zip(a, b)), run
@@ -144,7 +144,7 @@ def test_history_nets_make_a_chat_prefill_each_turn_once_on_the_device(built):
     tokenizer = load_tokenizer(build_dir / "dist" / f"{MODEL}-tokenizer")
     with IsolatedBmodelBackend(bmodel) as one, IsolatedBmodelBackend(bmodel) as other:
         kept = Engine(one)
-        assert (kept.walk.info["history"], kept.walk.info["history_dynamic"]) == (8, False)
+        assert (kept.walk.info.history, kept.walk.info.history_dynamic) == (8, False)
         turns = four_turns(kept, Engine(other), tokenizer, [[40 + k for k in range(5)], list(range(60, 69)), [70, 71],
                                                             [72, 73]], 4)
         assert [len(t.tokens) for t in turns] == [4, 4, 4, 3] and kept.length == SEQ  # the window filled
@@ -173,7 +173,7 @@ def test_decode_stages_on_the_device_read_the_one_cache_and_answer_as_the_whole_
             engine = Engine(backend)
             logits[bmodel] = engine.logits_along(prompt, 24, tokens)
             tokens = tokens or [int(np.argmax(lg)) for lg in logits[bmodel]]
-            sent = (backend.info["stages"], engine.decode_traffic.h2d)
+            sent = (backend.info.stages, engine.decode_traffic.h2d)
     assert sent[0] == (8, 16, 32)
     positions = range(len(prompt), len(prompt) + 23)
     assert sent[1] == sum(STEP_IN + ((8 if p <= 8 else 16 if p <= 16 else 32) + 1) * BF16 for p in positions)
@@ -280,19 +280,19 @@ def test_llm_convert_bmodel_runs_in_our_runtime(built, tmp_path, options):
     bmodel = next((tmp_path / "out").glob("*.bmodel"))
     backend = IsolatedBmodelBackend(bmodel)
     sampling = "--do_sample" in options
-    assert backend.info["seq"] == 32 and backend.info["num_layers"] == 2
+    assert backend.info.seq == 32 and backend.info.num_layers == 2
     history = "--use_history_kv" in options
-    assert backend.info["dynamic"] == ("--dynamic" in options or history)
-    assert len(backend.nets["block_0"]["inputs"]) == (2 if backend.info["dynamic"] else 3)
-    assert (backend.info["history"], backend.info["prefill_rows"]) == ((0, 8) if history else (0, 32))
-    assert ("block_kv_0" in backend.nets) == history and bool(backend.info["history_unusable"]) == history
+    assert backend.info.dynamic == ("--dynamic" in options or history)
+    assert len(backend.nets["block_0"]["inputs"]) == (2 if backend.info.dynamic else 3)
+    assert (backend.info.history, backend.info.prefill_rows) == ((0, 8) if history else (0, 32))
+    assert ("block_kv_0" in backend.nets) == history and bool(backend.info.history_unusable) == history
     # its decode stages (the chunk, seq/4 with --use_history_kv, sets them) share the cache: they are used
-    assert backend.info["stages"] == ((8, 16, 32) if history else (32,))
+    assert backend.info.stages == ((8, 16, 32) if history else (32,))
     if history:  # the prompts block_i holds
         with backend, pytest.raises(ToolchainError, match="take no attention mask"):
             Engine(backend).prefill(ids[:9])
         backend, ids = IsolatedBmodelBackend(bmodel), ids[:8]
-    assert (backend.info["head"], backend.info["greedy_head"], backend.info["sample_head"]) == \
+    assert (backend.info.head, backend.info.greedy_head, backend.info.sample_head) == \
         (("logits", True, 50) if sampling else ("token", False, 0))
     # teacher-forced along the ONNX pipeline's greedy path: the same choice wherever it is not a near-tie
     reference = Engine(OnnxBackend(onnx)).logits_along(ids, 16)

@@ -157,7 +157,7 @@ class Dims:
 
     def runtime_info(self) -> dict:
         """What the runtime's engine reads about the net interface (the ONNX folder's model.json):
-        runtime/bmodel_backend.py reads the same from a bmodel's nets."""
+        runtime/nets.py reads it (ModelInfo.from_manifest), and the same from a bmodel's nets."""
         info = {"seq": self.seq, "num_layers": self.num_layers, "hidden_size": self.hidden,
                 "kv_heads": self.kv_heads, "head_dim": self.head_dim, "vocab_size": self.vocab}
         if self.linear_layers:

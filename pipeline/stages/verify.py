@@ -5,11 +5,13 @@ Real activations: a real prompt, tokenized by the checkpoint's tokenizer, passed
 torch pieces in order; each piece's ONNX gets exactly the inputs its torch module got.
 """
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
 from runtime.engine import Engine, HostWalk, penalty_window
+from runtime.nets import ModelInfo
 from runtime.onnx_backend import OnnxBackend
 from runtime.tokenizer import load_tokenizer
 
@@ -118,7 +120,7 @@ class _Compared:
     whole-cache net by the length of the history it is given."""
 
     def __init__(self, dims: Dims, reference, candidate, judge, progress):
-        self.info = dims.runtime_info()
+        self.info = ModelInfo.from_manifest(dims.runtime_info())
         self.dims, self.pieces = dims, {(p.name, p.stage): p for p in dims.pieces()}
         self.reference, self.candidate, self.judge, self.progress = reference, candidate, judge, progress
         self.results = {}
@@ -156,12 +158,12 @@ def walk_pieces(dims: Dims, ids: list[int], reference, candidate, judge, progres
     walk.decode(token, len(ids))
     filled = len(ids) + 1
     if dims.chunk:
-        walk.info["history"] = dims.chunk
+        walk.info = replace(walk.info, history=dims.chunk)
         conversation = next_turn(ids, token, dims)
         walk.prefill(conversation, filled)
         filled = len(conversation)
     for stage in (dims.seq, *reversed(dims.stages)):
-        walk.info["stages"] = (stage, dims.seq)
+        walk.info = replace(walk.info, stages=(stage, dims.seq))
         walk.decode(token, min(stage, filled))
     return compared.results
 

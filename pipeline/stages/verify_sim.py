@@ -279,7 +279,7 @@ def teacher_forced(engine: Engine, ids: list[int], reference: list[int]) -> list
     in one prefill of ids + reference[:-1] instead of a prefill and a decode step per token, or
     step by step where the bmodel prefills in chunks (history nets keep only the last chunk's
     rows). The decode nets have a check of their own (decode_check)."""
-    if engine.walk.info.get("history"):
+    if engine.walk.info.history:
         return engine.logits_along(ids, len(reference), reference)
     return list(engine.prompt_logits(ids + reference[:-1], len(ids) - 1))
 
@@ -445,7 +445,7 @@ def _whole_bmodel(build, paths, report: dict, ids: list[int], sim: Simulator) ->
     onnx = Engine(OnnxBackend(paths.onnx, chunk=build.history_chunk, stages=build.stages))
     answers = read_json(paths.report).get("answers") or []
     margins = [margins_of(onnx.logits_along(a["ids"], len(a["reference"]), a["reference"])) for a in answers]
-    continued = bool(answers) and not onnx.walk.info.get("linear_layers")
+    continued = bool(answers) and not onnx.walk.info.linear_layers
     decode_ids = answers[-1]["ids"] if continued else ids
     steps = min(build.sim_tokens, build.seq - len(decode_ids))  # the window holds the prompt and the new tokens
     ref_logits = onnx.logits_along(decode_ids, steps)

@@ -19,6 +19,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 
 from runtime import device_walk
+from runtime.nets import ModelInfo
 from runtime.toolchain import ToolchainError
 from runtime.traffic import Traffic
 
@@ -149,7 +150,7 @@ class IsolatedBmodelBackend:
 class RemoteWalk:
     """The engine's walk over the nets, run in the child (runtime/device_walk.py there)."""
 
-    def __init__(self, backend: IsolatedBmodelBackend, info: dict):
+    def __init__(self, backend: IsolatedBmodelBackend, info: ModelInfo):
         self.backend, self.info = backend, info
 
     @property

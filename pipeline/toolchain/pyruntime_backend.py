@@ -28,7 +28,7 @@ class PyruntimeBackend:
         self.owns_process = process is None
         self.process = process or ToolchainProcess(find_toolchain(), log or self.scratch / "toolchain.log")
         self.nets = self._request(op="net_info")["nets"]
-        self.info = describe_nets(self.nets, self.bmodel) if whole_model else {}  # one-piece bmodels: the build
+        self.info = describe_nets(self.nets, self.bmodel) if whole_model else None  # one-piece bmodels: the build
         self.seconds = 0.0
 
     def _request(self, **request) -> dict:
@@ -51,6 +51,6 @@ class PyruntimeBackend:
         self.seconds += answer["seconds"]
         with np.load(outputs) as out:
             values = [out[f"output_{k}"] for k in range(len(answer["names"]))]
-        if net == "lm_head" and self.info.get("head") == "token":
+        if net == "lm_head" and self.info is not None and self.info.head == "token":
             return [token_as_logits(values[0])]
         return values
