@@ -91,8 +91,8 @@ def export_all(model_dir: Path, seq: int, out_dir: Path) -> list[dict]:
     """Every piece exported in this process, one after the other, as `doit export` does; each
     one's ONNX deleted once measured."""
     from pipeline.fsutil import read_json
-    from pipeline.model.pieces import model_pieces
     from pipeline.stages.export import export_piece
+    from runtime.nets import model_pieces
 
     config = read_json(model_dir / f"seq{seq}" / "config.json")
     mapping = read_json(model_dir / "canonical" / "tensor_map.json")

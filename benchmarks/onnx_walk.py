@@ -26,6 +26,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.common import ROOT, publish  # noqa: E402
 from runtime.engine import decode_mask, pad_ids, prefill_mask  # noqa: E402
+from runtime.nets import block_cache_net, block_net  # noqa: E402
 
 DOIT = Path(sys.executable).parent / "doit"
 
@@ -84,12 +85,12 @@ class BoundWalk:
         self.full_rows, self.last_row = full[self.layers % 2], one[self.layers % 2]  # the last layer's output
 
         self.prefill_nets = [_Net(net("embedding"), {"input_ids": self.ids}, {"hidden_states": full[0]})] + [
-            _Net(net(f"block_{i}"),
+            _Net(net(block_net(i)),
                  {"input_states": full[i % 2], "position_ids": positions, "attention_mask": self.mask_prefill},
                  {"hidden_states": full[(i + 1) % 2], "past_k": self.k[i], "past_v": self.v[i]})
             for i in range(self.layers)]
         self.decode_nets = [_Net(net("embedding_cache"), {"input_ids": self.token_id}, {"hidden_states": one[0]})] + [
-            _Net(net(f"block_cache_{i}"),
+            _Net(net(block_cache_net(i)),
                  {"input_states": one[i % 2], "position_ids": self.position, "attention_mask": self.mask_decode,
                   "history_k": self.k[i], "history_v": self.v[i]},
                  {"hidden_states": one[(i + 1) % 2]})  # past_k, past_v: bound to the token's slot per step

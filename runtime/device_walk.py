@@ -24,7 +24,7 @@ import numpy as np
 from .bmrt import DTYPES, Runtime, from_device_type, to_device_type
 from .engine import decode_mask, decode_stage, pad_ids, penalty_window, prefill_plan
 from .native_output import output_to
-from .nets import ModelInfo, token_as_logits
+from .nets import ModelInfo, block_cache_net, block_kv_net, block_net, token_as_logits
 from .toolchain import ToolchainError
 
 
@@ -54,14 +54,14 @@ class DeviceWalk:
         self.seq, self.layers = info.seq, info.num_layers
         nets, self.linear = runtime.nets, info.linear_layers
         self.attn = attn = info.first_attention  # its nets' shapes every attention layer shares
-        self.attn_cache, self.attn_block = f"block_cache_{attn}", f"block_{attn}"
+        self.attn_cache, self.attn_block = block_cache_net(attn), block_net(attn)
         self.kv_bytes = self._size(self.attn_cache, 1, output=True)  # one token's K (or V) of one layer
         self.row_bytes = self._size(self.attn_cache, 0, output=True)  # one token's hidden state
         attention = [i for i in range(self.layers) if i not in self.linear]
-        self.copied = [i for i in attention if not nets[f"block_cache_{i}"]["io_alone"]]
+        self.copied = [i for i in attention if not nets[block_cache_net(i)]["io_alone"]]
         self.cache = [self._cache(i) if i in attention else None for i in range(self.layers)]
         # per linear layer: [conv, recurrent] buffers twice, and which pair holds the state now
-        self.states = {i: [[self._alloc(self._size(f"block_cache_{i}", k), self._device(f"block_cache_{i}", k))
+        self.states = {i: [[self._alloc(self._size(block_cache_net(i), k), self._device(block_cache_net(i), k))
                             for k in (1, 2)] for _ in range(2)] for i in self.linear}
         self.current = dict.fromkeys(self.linear, 0)
         if self.copied:
@@ -73,12 +73,12 @@ class DeviceWalk:
         self.hidden = [self._alloc(hidden, self._device(self.attn_block, 0)) for _ in range(2)]  # ping-pong
         # the prefill's positions and mask, written once per run and read by every layer; sized for
         # block_i and block_kv_i, whichever is larger
-        prefill_nets = [self.attn_block] + ([f"block_kv_{attn}"] if info.history else [])
+        prefill_nets = [self.attn_block] + ([block_kv_net(attn)] if info.history else [])
         self.positions = self._alloc(max(self._size(n, 1) for n in prefill_nets), self._device(self.attn_block, 1))
         masks = [n for n in prefill_nets if self._has_mask(n)]
         self.mask = self._alloc(max(self._size(n, 2) for n in masks), self._device(masks[0], 2)) if masks else None
         # block_kv's new K/V land here first, then their real rows go into the cache
-        kv_net = f"block_kv_{attn}"
+        kv_net = block_kv_net(attn)
         self.kv_scratch = ([self._alloc(self._size(kv_net, k, output=True), self._device(kv_net, k, True))
                             for k in (1, 2)] if info.history else None)
         # decode's position and mask: written once per step, read by every layer
@@ -118,7 +118,7 @@ class DeviceWalk:
 
     def _cache(self, layer: int):
         """(history_k, history_v, device, bytes) of a layer: the net's own input memory where it keeps it."""
-        net = f"block_cache_{layer}"
+        net = block_cache_net(layer)
         size, device = self._size(net, 3), self._device(net, 3)
         if layer in self.copied:
             k, v = self._alloc(size, device), self._alloc(size, device)
@@ -148,7 +148,7 @@ class DeviceWalk:
         if start == 0:  # a linear layer's state starts from zeros
             for i, pairs in self.states.items():
                 for mem in pairs[self.current[i]]:
-                    rt.zero(mem, self._device(f"block_cache_{i}", 1))
+                    rt.zero(mem, self._device(block_cache_net(i), 1))
         for c in prefill_plan(self.info, start, len(ids)):
             embed_in = rt.mems["embedding"][0][0]  # (the embedding is static: it pads, and costs little)
             rt.h2d(embed_in, pad_ids(ids[c.begin:c.end], self.info.embed_rows),
@@ -182,7 +182,7 @@ class DeviceWalk:
 
     def _block(self, i: int, c) -> None:
         """block_i from position 0: its K/V of the run's rows land in the cache itself."""
-        rt, net = self.rt, f"block_{i}"
+        rt, net = self.rt, block_net(i)
         k, v, _, _ = self.cache[i]
         rt.launch(net, self._inputs(net, c),
                   [rt.tensor(net, 0, True, self.hidden[(i + 1) % 2], self._rows(net, 0, c.rows, True)),
@@ -196,12 +196,12 @@ class DeviceWalk:
         window, n, row = self.info.window, c.end - c.begin, self.row_bytes
         src, dst, t = self.hidden[i % 2], self.hidden[(i + 1) % 2], 0
         while t + window <= n:
-            self._linear_run(i, f"block_{i}", self.rt.at(src, t * row, window * row), self.rt.at(dst, t * row, window * row))
+            self._linear_run(i, block_net(i), self.rt.at(src, t * row, window * row), self.rt.at(dst, t * row, window * row))
             t += window
         for t in range(t, n):
-            self._linear_run(i, f"block_cache_{i}", self.rt.at(src, t * row, row), self.rt.at(dst, t * row, row))
+            self._linear_run(i, block_cache_net(i), self.rt.at(src, t * row, row), self.rt.at(dst, t * row, row))
         if c.rows > n:
-            self.rt.d2d(dst, n * row, src, n * row, (c.rows - n) * row, self._device(f"block_{i}", 0))
+            self.rt.d2d(dst, n * row, src, n * row, (c.rows - n) * row, self._device(block_net(i), 0))
 
     def _linear_run(self, i: int, net: str, hidden_in, hidden_out) -> None:
         """One run of a linear layer's net: the state from the current pair of buffers into the other."""
@@ -216,7 +216,7 @@ class DeviceWalk:
     def _block_kv(self, i: int, c) -> None:
         """block_kv_i: the run's tokens against the first `c.history` cache slots; the new K/V of
         its real rows then go into the cache at their positions (padding rows never reach it)."""
-        rt, net = self.rt, f"block_kv_{i}"
+        rt, net = self.rt, block_kv_net(i)
         k, v, device, _ = self.cache[i]
         history = [1, c.history, *self.rt.nets[net]["inputs"][-1]["shape"][2:]]
         scratch_k, scratch_v = self.kv_scratch
@@ -249,7 +249,7 @@ class DeviceWalk:
                "attention_mask")
         history = [1, stage, *rt.nets[first]["inputs"][3]["shape"][2:]]
         for i in range(self.layers):
-            net = f"block_cache_{i}"
+            net = block_cache_net(i)
             inputs, outputs = rt.mems[net]
             if i in self.states:
                 self._linear_run(i, net, hidden, outputs[0])

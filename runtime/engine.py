@@ -1,4 +1,4 @@
-"""Prefill + decode over the fixed-length KV cache of the net interface (see pipeline/model/pieces.py).
+"""Prefill + decode over the fixed-length KV cache of the net interface (see runtime/nets.py).
 
 The engine keeps the conversation's length and asks a walk over the nets for each step:
   - a backend with `walk()` gives its own (the bmodel backend's keeps the state on the device:
@@ -19,7 +19,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from .nets import ModelInfo
+from .nets import ModelInfo, block_cache_net, block_kv_net, block_net
 from .traffic import Traffic
 
 MASK_VALUE = -10000.0  # zeroes a softmax term, and stays finite in bf16/f16
@@ -159,10 +159,10 @@ class HostWalk:
                 if i in self.linear:
                     hidden = self._linear(i, hidden, c.end - c.begin)
                 elif c.net == "block":
-                    hidden, k, v = run(f"block_{i}", {"input_states": hidden, **feeds})
+                    hidden, k, v = run(block_net(i), {"input_states": hidden, **feeds})
                     self.k[i][:, :c.rows], self.v[i][:, :c.rows] = k, v
                 else:
-                    hidden, k, v = run(f"block_kv_{i}", {"input_states": hidden, **feeds,
+                    hidden, k, v = run(block_kv_net(i), {"input_states": hidden, **feeds,
                                                          "history_k": self.k[i][:, :c.history],
                                                          "history_v": self.v[i][:, :c.history]})
                     new = c.end - c.begin  # the real rows: padding rows never reach the cache
@@ -189,7 +189,7 @@ class HostWalk:
             if i in self.linear:
                 hidden = self._linear_step(i, hidden)
                 continue
-            hidden, k, v = run(f"block_cache_{i}", {
+            hidden, k, v = run(block_cache_net(i), {
                 "input_states": hidden, "position_ids": position, "attention_mask": mask,
                 "history_k": self.k[i][:, :stage], "history_v": self.v[i][:, :stage]})
             self.k[i][:, pos], self.v[i][:, pos] = k[:, 0], v[:, 0]
@@ -200,7 +200,7 @@ class HostWalk:
         through block_cache_i token by token, its state carried along (padding rows pass as they are)."""
         out, window, t = hidden.copy(), self.info.window, 0
         while t + window <= n:
-            out[:, t:t + window] = self._linear_step(i, hidden[:, t:t + window], f"block_{i}")
+            out[:, t:t + window] = self._linear_step(i, hidden[:, t:t + window], block_net(i))
             t += window
         for t in range(t, n):
             out[:, t:t + 1] = self._linear_step(i, hidden[:, t:t + 1])
@@ -208,7 +208,7 @@ class HostWalk:
 
     def _linear_step(self, i: int, hidden: np.ndarray, net: str = "") -> np.ndarray:
         conv, recurrent = self.states[i]
-        hidden, conv, recurrent = self.backend.run(net or f"block_cache_{i}", {
+        hidden, conv, recurrent = self.backend.run(net or block_cache_net(i), {
             "input_states": np.ascontiguousarray(hidden), "conv_state": conv, "recurrent_state": recurrent})
         self.states[i] = (conv, recurrent)
         return hidden

@@ -74,7 +74,7 @@ class OnnxBackend:
         return self._sessions[file]
 
     def _linear(self, net: str) -> bool:
-        """A linear-attention layer's block_i: static, its window of tokens (pipeline/model/pieces.py)."""
+        """A linear-attention layer's block_i: static, its window of tokens (runtime/nets.py)."""
         m = re.fullmatch(r"block_(\d+)", net)
         return bool(m) and int(m[1]) in self.info.linear_layers
 

@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 
 from pipeline.families import get_family
 from pipeline.model.config import load_model_config
-from pipeline.model.pieces import model_pieces
+from runtime.nets import model_pieces
 
 from .conftest import ROOT, SIMULATED_MODELS, DoitResult, copy_build, idle_cpu_seconds, run_cli, run_doit
 
@@ -270,8 +270,8 @@ def test_dynamic_prefill_attention_is_right_above_three_quarters_of_its_length(t
     at 128 rows at most lengths from 97 to 127 (found by doit quality on SmolLM2). The prefill
     nets are deployed without layer groups (compile.deploy_args): right at every length; and
     the same net with them is wrong at some, or this test could not see the defect."""
-    from pipeline.model.pieces import Piece
     from pipeline.stages.compile import deploy, deploy_args, transform
+    from runtime.nets import Piece
 
     seq, piece = 128, Piece("block_0", "block", "layer_0", layer=0)
     inputs = [torch.zeros(1, 9, seq, 64)] * 3 + [torch.zeros(1, 1, seq, seq)]

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from pipeline.model.checkpoint import Checkpoint
-from pipeline.model.pieces import Dims, model_pieces
 from pipeline.model.torch_pieces import build_piece
 from pipeline.stages.export import example_inputs, export_piece
+from runtime.nets import Dims, model_pieces
 
 pytestmark = pytest.mark.fast
 

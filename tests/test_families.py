@@ -5,8 +5,8 @@ import onnx
 import pytest
 
 from pipeline.model.config import load_model_config
-from pipeline.model.pieces import LINEAR_WINDOW, TOP_K_MAX, Dims, io_spec, model_pieces
 from pipeline.stages.export import OPSET
+from runtime.nets import LINEAR_WINDOW, TOP_K_MAX, Dims, io_spec, model_pieces
 
 from .conftest import TINY_MODELS
 

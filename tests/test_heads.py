@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.model.pieces import TOP_K_MAX
 from pipeline.model.torch_pieces import GreedyHeadNet, SampleHeadNet
 from runtime.engine import penalty_window
+from runtime.nets import TOP_K_MAX
 from runtime.sampling import Sampler, SamplingParams
 
 pytestmark = pytest.mark.fast  # the heads in torch, against the host's rule: no compiler

@@ -9,9 +9,9 @@ from pipeline.families import get_family
 from pipeline.families.base import THRESHOLDS
 from pipeline.model.checkpoint import Checkpoint
 from pipeline.model.config import known_models, load_model_config
-from pipeline.model.pieces import LINEAR_WINDOW
 from pipeline.stages.mapping import canonical_config, tensor_map
 from runtime.engine import Engine
+from runtime.nets import LINEAR_WINDOW
 from runtime.onnx_backend import OnnxBackend
 
 MODEL = "tiny-qwen3.5"

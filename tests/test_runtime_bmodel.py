@@ -9,13 +9,13 @@ import httpx
 import numpy as np
 import pytest
 
-from pipeline.model.pieces import model_pieces
 from pipeline.stages.compile import IO_CONFIG, combine, deploy, deploy_args
 from pipeline.stages.verify_sim import TIE_MARGIN, teacher_forced
 from pipeline.toolchain.install import ensure_toolchain
 from pipeline.toolchain.isolated_backend import IsolatedBmodelBackend
 from runtime.device_walk import SlowCacheWarning
 from runtime.engine import Engine, HostWalk
+from runtime.nets import model_pieces
 from runtime.onnx_backend import OnnxBackend
 from runtime.sampling import Sampler, SamplingParams
 from runtime.toolchain import ToolchainError

@@ -21,9 +21,10 @@ torch's bf16 gives 0.99998; in float32, 0.99998.
 import contextlib
 import functools
 
+from runtime.nets import LINEAR_KINDS, LINEAR_WINDOW
+
 from .base import Family, FamilyClasses
 
-LINEAR_KINDS = ("linear_block", "linear_cache")
 NEG_INF_STANDIN = -1e4  # exp() of it is 0 in float32 and bf16, as exp(-inf)
 # a vision tower for the generated checkpoint, as small as transformers allows: the published
 # layout carries one, and the build must ignore it
@@ -103,8 +104,6 @@ def _delta_rule_op(name: str) -> bool:
 def _export_branch():
     """transformers' chunked delta rule as its export branch runs it, one chunk per window."""
     from transformers.models.qwen3_5 import modeling_qwen3_5 as modeling
-
-    from ..model.pieces import LINEAR_WINDOW
 
     saved = modeling.is_torchdynamo_exporting, modeling.torch_chunk_gated_delta_rule
     modeling.is_torchdynamo_exporting = lambda: True

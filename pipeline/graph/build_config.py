@@ -7,11 +7,12 @@ from pathlib import Path
 
 from doit import get_var
 
+from runtime.nets import decode_stages
+
 from .. import PROJECT_ROOT
 from ..errors import PipelineError
 from ..model.config import ModelConfig, load_model_config
 from ..model.local import local_model
-from ..model.pieces import decode_stages
 from ..modes import MODES
 
 DEFAULT_MODEL = "tiny-qwen2"  # builds anywhere: the project generates its weights

@@ -17,11 +17,13 @@ from pathlib import Path
 
 from doit.tools import config_changed
 
+from runtime.nets import model_pieces
+
 from .. import PROJECT_ROOT
 from ..families import get_family
 from ..fsutil import ensure_writable_dir, read_json
-from ..model.pieces import model_pieces, same_program
 from ..progress import say
+from ..stages.layer_template import same_program
 from ..toolchain.install import expected_version
 from .build_config import BuildConfig
 from .code_keys import source_files

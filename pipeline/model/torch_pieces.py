@@ -6,8 +6,9 @@ the memory of that piece only. Modules are built on the meta device and filled w
 import torch
 from torch import nn
 
+from runtime.nets import LINEAR_KINDS, TOP_K_MAX
+
 from ..families import canonical_classes, hf_config
-from .pieces import TOP_K_MAX
 
 
 class _RecordingCache:
@@ -169,7 +170,7 @@ def build_piece(kind: str, layer: int | None, config: dict, load) -> nn.Module:
         decoder = classes.decoder_layer(hf, layer)
     prefix = f"model.layers.{layer}."
     decoder = _filled(decoder, {k: load(prefix + k) for k in decoder.state_dict()})
-    if kind in ("linear_block", "linear_cache"):
+    if kind in LINEAR_KINDS:
         return LinearBlockNet(decoder).eval()
     rotary = classes.rotary_embedding(hf)
     positions = torch.arange(config["seq_length"])[None]

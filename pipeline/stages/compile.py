@@ -21,9 +21,10 @@ from pathlib import Path
 
 import numpy as np
 
+from runtime.nets import DYNAMIC_KINDS, LINEAR_KINDS, Piece
+
 from ..errors import PipelineError
 from ..fsutil import atomic_dir, atomic_path, require_space, write_json, write_text
-from ..model.pieces import DYNAMIC_KINDS, Piece
 from ..modes import MODES
 from ..toolchain.tools import run_binary, run_python_tool
 
@@ -130,7 +131,7 @@ def deploy_args(piece: Piece, mode: str, devices: int, chip: str, group_size: in
     else:
         quantize = MODES[mode]
         args = ["--quantize", quantize, "--quant_input", "--quant_output"]
-        if piece.kind in ("linear_block", "linear_cache"):  # the hidden state in the mode's float type,
+        if piece.kind in LINEAR_KINDS:  # the hidden state in the mode's float type,
             args += ["--quant_input_list", "1", "--quant_output_list", "1"]  # the layer's states float32
         if quantize.startswith("W4"):
             args += ["--q_group_size", str(group_size)]

@@ -12,10 +12,11 @@ import tempfile
 import warnings
 from pathlib import Path
 
+from runtime.nets import DYNAMIC_KINDS, Dims, Piece, io_spec
+
 from ..families import canonical_family
 from ..fsutil import UMASK, require_space
 from ..model.checkpoint import Checkpoint
-from ..model.pieces import DYNAMIC_KINDS, Dims, Piece, io_spec
 from . import layer_template
 
 OPSET = 15  # TPU-MLIR 1.30 rejects opset 18 (the dynamo exporter's only choice)

@@ -24,6 +24,25 @@ from pathlib import Path
 
 import numpy as np
 
+from runtime.nets import Piece
+
+
+def program_key(piece: Piece) -> tuple:
+    """The pieces with one key are one compiled program at the same shapes: the layers of a kind
+    differ only in their weights."""
+    return piece.kind, piece.chunk, piece.stage
+
+
+def same_program(pieces: list[Piece]) -> dict[Piece, Piece]:
+    """Each piece whose program an earlier piece has -> that first one (its template)."""
+    firsts, followers = {}, {}
+    for piece in pieces:
+        first = firsts.setdefault(program_key(piece), piece)
+        if first is not piece:
+            followers[piece] = first
+    return followers
+
+
 RECORD = "template.json"  # beside the template's MLIR
 PLAN_SUFFIX = ".plan.json"  # beside the template's ONNX file: <piece>.onnx.plan.json
 

@@ -12,13 +12,14 @@ from pathlib import Path
 
 import yaml
 
+from runtime.nets import Dims
+
 from ..errors import PipelineError
 from ..families import get_family
 from ..families.base import PATCH_DIR
 from ..fsutil import atomic_path, read_json, write_json, write_json_if_changed
 from ..model.checkpoint import TOKENIZER_FILES, Checkpoint
 from ..model.config import ModelConfig
-from ..model.pieces import Dims
 from ..progress import say
 
 # canonical config key -> Architecture field: what a checkpoint must agree on with its YAML

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from runtime.engine import Engine, HostWalk, penalty_window
-from runtime.nets import ModelInfo
+from runtime.nets import Dims, ModelInfo, io_spec
 from runtime.onnx_backend import OnnxBackend
 from runtime.tokenizer import load_tokenizer
 
@@ -19,7 +19,6 @@ from ..errors import PipelineError
 from ..families import get_family
 from ..fsutil import read_json, write_json, write_text
 from ..model.checkpoint import Checkpoint
-from ..model.pieces import Dims, io_spec
 from ..progress import say
 
 PROMPT = "Give me a short introduction to large language models."

@@ -16,18 +16,19 @@ import numpy as np
 
 from pipeline.toolchain.isolated_backend import IsolatedBmodelBackend
 from runtime.engine import Engine
+from runtime.nets import DYNAMIC_KINDS, Dims
 from runtime.onnx_backend import OnnxBackend
 
 from ..errors import PipelineError
 from ..families import get_family
 from ..families.base import THRESHOLDS
 from ..fsutil import read_json, write_json, write_text
-from ..model.pieces import DYNAMIC_KINDS, Dims, program_key
 from ..progress import say
 from ..toolchain.install import ensure_toolchain
 from ..toolchain.pyruntime_backend import PyruntimeBackend
 from ..toolchain.tools import Worker
 from .compile import float_type, weights_quantized
+from .layer_template import program_key
 from .verify import compare, next_turn_tokens, piece_failures, pieces_table, walk_pieces
 
 LABELS = {"reference": "onnxruntime", "candidate": "simulator"}  # what compare() saw on each side, here
