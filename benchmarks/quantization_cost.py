@@ -67,6 +67,7 @@ def lowest_cosine(a: list, b: list) -> float:
 
 
 def measure(variables: dict[str, str], mode: str, scratch: Path) -> dict:
+    from pipeline.stages.verify_sim import margins_of
     from pipeline.toolchain.isolated_backend import IsolatedBmodelBackend
     from runtime.engine import Engine
     from runtime.onnx_backend import OnnxBackend
@@ -78,7 +79,7 @@ def measure(variables: dict[str, str], mode: str, scratch: Path) -> dict:
         ids, len(path), path)
     with IsolatedBmodelBackend(ROOT / export.paths.dist) as backend:
         simulator = Engine(backend).logits_along(ids, len(path), path)
-    margins = [float(np.diff(np.sort(lg)[-2:])[0]) for lg in weights]
+    margins = margins_of(weights)
     chosen = {name: greedy(logits) for name, logits in (("fp32", fp32), ("weights", weights), ("simulator", simulator))}
     same = {pair: sum(a == b for a, b in zip(chosen[pair[0]], chosen[pair[1]]))
             for pair in (("weights", "fp32"), ("simulator", "fp32"), ("simulator", "weights"))}

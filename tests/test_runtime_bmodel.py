@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from pipeline.stages.compile import IO_CONFIG, combine, deploy, deploy_args
-from pipeline.stages.verify_sim import TIE_MARGIN, teacher_forced
+from pipeline.stages.verify_sim import TIE_MARGIN, margins_of, teacher_forced
 from pipeline.toolchain.install import ensure_toolchain
 from pipeline.toolchain.isolated_backend import IsolatedBmodelBackend
 from runtime.device_walk import SlowCacheWarning
@@ -297,7 +297,7 @@ def test_llm_convert_bmodel_runs_in_our_runtime(built, tmp_path, options):
     # teacher-forced along the ONNX pipeline's greedy path: the same choice wherever it is not a near-tie
     reference = Engine(OnnxBackend(onnx)).logits_along(ids, 16)
     tokens = [int(np.argmax(lg)) for lg in reference]
-    margins = [float(np.diff(np.sort(lg)[-2:])[0]) for lg in reference]
+    margins = margins_of(reference)
     with backend:
         engine = Engine(backend)
         chosen = [int(np.argmax(lg)) for lg in engine.logits_along(ids, 16, tokens)]
